@@ -1,0 +1,52 @@
+# Two commands: `make serve` (service on the bundled models) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 0.0.0.0
+PORT ?= 8000
+# onnxruntime build for the service: cpu (default) or gpu (onnxruntime-gpu, CUDA/TensorRT hosts)
+ORT ?= cpu
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: serve install install-test test lint format train bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The service install: torch-free.
+install: $(BIN)/python
+	$(PIP) install --quiet -e ".[$(ORT)]"
+
+serve: install
+	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+
+# Tests also train tiny models of every family, so they need the training extra (torch 2.14.1
+# and torchvision 0.29.1 come from this machine's disk).
+install-test: $(BIN)/python
+	$(PIP) install --quiet -e ".[cpu,train,test]"
+
+lint: install-test
+	$(BIN)/ruff check app training tests bench
+	$(BIN)/ruff format --check app training tests bench
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+format: install-test
+	$(BIN)/ruff check --fix app training tests bench
+	$(BIN)/ruff format app training tests bench
+
+# Retrain every shipped model from its recipe (CPU: a few hours; see README).
+train: install-test
+	$(BIN)/python -m training cropper --config training/configs/cropper.yaml
+	$(BIN)/python -m training simclr --config training/configs/simclr.yaml
+	$(BIN)/python -m training yolo --config training/configs/yolo.yaml
+	$(BIN)/python -m training frcnn --config training/configs/frcnn.yaml
+	$(BIN)/python -m training dino --config training/configs/dino.yaml
+
+bench: install
+	$(BIN)/python bench/latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""The model cards of what is served, with the execution provider each one runs on."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from app.core.errors import ApiError
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models", summary="model cards of every served model")
+async def list_models(request: Request) -> dict:
+    state = request.app.state.fracture
+    if state.registry is None:
+        raise ApiError(503, "not_ready", state.not_ready_reason)
+    s = state.settings
+    defaults = {s.default_classifier, s.default_detector}
+    models = []
+    for m in state.registry.models.values():
+        models.append(
+            {
+                "role": m.role,
+                "default": m.name in defaults or len(state.registry.by_role(m.role)) == 1,
+                **m.describe(),
+            }
+        )
+    return {"models": models}

@@ -1,0 +1,58 @@
+"""The service's settings: one class, read from the environment (prefix FRACTURE_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FRACTURE_", env_file=None)
+
+    models_dir: Path = Field(REPO_MODELS, description="folder of ONNX models and their JSON cards")
+    default_classifier: str = Field(
+        "classifier-simclr-resnet18", description="classifier used when a request names none"
+    )
+    default_detector: str = Field(
+        "detector-yolov8n", description="detector used when a request names none"
+    )
+    execution_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(
+        "auto", description="auto: TensorRT, then CUDA, then CPU, whichever onnxruntime offers"
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime intra-op threads (0: its default)"
+    )
+    inference_workers: int = Field(
+        2, ge=1, description="requests whose models run at the same time"
+    )
+    max_body_bytes: int = Field(
+        128 * 1024 * 1024, ge=1024, description="largest request body (413 above)"
+    )
+    max_image_pixels: int = Field(
+        60_000_000, ge=1, description="largest image in pixels (413 above)"
+    )
+    max_images_per_request: int = Field(
+        32, ge=1, description="most images in one study request (413 above)"
+    )
+    crop_margin: float = Field(
+        0.05, ge=0, le=0.5, description="crop box growth, as a share of its size"
+    )
+    default_fp_per_image: float = Field(
+        0.4, description="operating point when a request gives none"
+    )
+    allowed_modalities: list[str] = Field(
+        default_factory=lambda: ["CR", "DX", "RG"],
+        description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",
+    )
+    log_level: str = Field("INFO", description="Python log level")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

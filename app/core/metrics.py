@@ -1,0 +1,55 @@
+"""Prometheus metrics: fracture_ prefix, base units, no per-request labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+STAGES = ("decode", "crop", "classify", "detect")
+
+
+class Metrics:
+    """One registry per app, so tests can build several apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fracture_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "fracture_request_duration_seconds",
+            "HTTP request duration",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "fracture_stage_duration_seconds",
+            "Pipeline stage duration per batch",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("fracture_images", "Images by outcome", ["outcome"], registry=r)
+        self.in_flight = Gauge("fracture_requests_in_flight", "Requests being served", registry=r)
+        self.batch_size = Histogram(
+            "fracture_inference_batch_size",
+            "Images per model run",
+            ["stage"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "fracture_model_info",
+            "Loaded models (value 1)",
+            ["role", "name", "version", "sha256_prefix", "execution_provider"],
+            registry=r,
+        )
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+        for outcome in ("fracture", "no_fracture", "rejected"):
+            self.images.labels(outcome)

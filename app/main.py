@@ -1,0 +1,142 @@
+"""Builds the FastAPI app: settings, models loaded once at start-up, routes, middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from app.api.routes import health, metrics, models, predict
+from app.core.config import Settings, get_settings
+from app.core.errors import error_response, install_handlers
+from app.core.metrics import Metrics
+from app.runtime import ModelLoadError, ModelRegistry
+from app.state import AppState
+
+log = logging.getLogger("app")
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+class LimitsAndMetricsMiddleware:
+    """Pure ASGI: refuses bodies over the limit (413, before or while reading) and records
+    request counts, durations and in-flight requests by route template (never by request)."""
+
+    def __init__(self, app: Any, state: AppState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.state.settings.max_body_bytes
+        m = self.state.metrics
+        started = time.perf_counter()
+        status = {"code": 500}
+        m.in_flight.inc()
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                await _send_error(
+                    send_wrapper,
+                    413,
+                    "body_too_large",
+                    f"the body is over the limit of {limit} bytes",
+                )
+                return
+            received = 0
+
+            async def receive_limited() -> dict:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLargeError()
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_wrapper)
+            except BodyTooLargeError:
+                await _send_error(
+                    send_wrapper,
+                    413,
+                    "body_too_large",
+                    f"the body is over the limit of {limit} bytes",
+                )
+        finally:
+            m.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            m.requests.labels(endpoint, str(status["code"])).inc()
+            m.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+
+
+async def _send_error(send: Any, status: int, code: str, detail: str) -> None:
+    response = error_response(status, code, detail)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def load_models(state: AppState) -> None:
+    """Load every card's model, check sha256, warm up; readiness follows the outcome."""
+    s = state.settings
+    t0 = time.perf_counter()
+    try:
+        registry = ModelRegistry(s.models_dir)
+        state.registry = registry
+        registry.load_all(s.execution_provider, s.intra_op_threads)
+        for role in ("classifier", "detector"):
+            registry.get(role, None, getattr(s, f"default_{role}"))
+    except (ModelLoadError, OSError, ValueError, KeyError) as exc:
+        state.ready = False
+        state.not_ready_reason = f"models failed to load: {exc}"
+        log.error(state.not_ready_reason)
+        return
+    for mdl in registry.models.values():
+        state.metrics.model_info.labels(
+            mdl.role, mdl.name, mdl.version, mdl.card["sha256"][:12], mdl.provider
+        ).set(1)
+    state.ready = True
+    log.info("ready in %.2f s with %d models", time.perf_counter() - t0, len(registry.models))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    state = AppState(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.inference_slots = asyncio.Semaphore(settings.inference_workers)
+        load_models(state)
+        yield
+
+    app = FastAPI(
+        title="Fracture detection service",
+        version="0.1.0",
+        description="Musculoskeletal radiographs (DICOM, PNG, JPEG) in; fracture probability and "
+        "boxes per image and per study out, at an operating point in false positives per image.",
+        lifespan=lifespan,
+    )
+    app.state.fracture = state
+    install_handlers(app)
+    for module in (predict, models, health, metrics):
+        app.include_router(module.router)
+    app.add_middleware(LimitsAndMetricsMiddleware, state=state)
+    return app

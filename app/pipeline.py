@@ -1,0 +1,134 @@
+"""decode -> crop -> classify -> detect, for the images of one study, a batch per model.
+
+Each stage stacks the inputs of every image of the request and runs its model once, so that the
+same code serves a micro-batcher that stacks images of several requests later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.decoding import DecodedImage
+from app.operating_point import OperatingPoint
+from app.postprocess import rcnn_detections, yolo_detections
+from app.preprocessing import Placement, crop_box_from_logits, model_input, stretch_grey
+from app.runtime import OnnxModel
+
+StageTimer = Callable[[str, float, int], None]
+
+
+@dataclass
+class ImageWork:
+    image: DecodedImage
+    decode_ms: float
+    crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    crop_fallback: bool = False
+    crop: np.ndarray | None = None
+    probability: float = 0.0
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _timed(stage: str, n: int, works: list[ImageWork], on_stage: StageTimer | None):
+    class _Timer:
+        def __enter__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            seconds = time.perf_counter() - self.t0
+            for w in works:
+                w.timings[stage] = round(1000 * seconds / max(n, 1), 2)
+            if on_stage is not None and exc[0] is None:
+                on_stage(stage, seconds, n)
+
+    return _Timer()
+
+
+def run_study(
+    works: list[ImageWork],
+    cropper: OnnxModel,
+    classifier: OnnxModel,
+    detector: OnnxModel,
+    operating_point: OperatingPoint,
+    crop_margin: float,
+    on_stage: StageTimer | None = None,
+) -> None:
+    """Fill crop boxes, probabilities and detections of every image in place."""
+    n = len(works)
+    with _timed("crop", n, works, on_stage):
+        batch = np.stack(
+            [model_input(stretch_grey(w.image.pixels), cropper.spec)[0] for w in works]
+        )
+        logits = cropper.run(batch)[0]
+        for w, lg in zip(works, logits, strict=True):
+            h, wd = w.image.height, w.image.width
+            box = crop_box_from_logits(lg[0], h, wd, crop_margin)
+            w.crop_fallback = box is None
+            w.crop_box = box or (0, 0, wd, h)
+            x1, y1, x2, y2 = w.crop_box
+            # The crop is stretched on its own, as the models were trained.
+            w.crop = stretch_grey(w.image.pixels[y1:y2, x1:x2])
+    with _timed("classify", n, works, on_stage):
+        batch = np.stack([model_input(w.crop, classifier.spec)[0] for w in works])
+        probs = classifier.run(batch)[0]
+        for w, p in zip(works, probs, strict=True):
+            w.probability = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
+    with _timed("detect", n, works, on_stage):
+        inputs: list[np.ndarray] = []
+        placements: list[Placement] = []
+        for w in works:
+            x, placement = model_input(w.crop, detector.spec)
+            inputs.append(x)
+            placements.append(placement)
+        outputs = detector.run(np.stack(inputs))
+        kind = detector.card["output"].get("postprocess", "yolo")
+        for i, (w, placement) in enumerate(zip(works, placements, strict=True)):
+            if kind == "yolo":
+                boxes, scores = yolo_detections(outputs[0][i], operating_point.detector_threshold)
+            else:
+                boxes, scores = rcnn_detections(
+                    outputs[i][0], outputs[i][2], operating_point.detector_threshold
+                )
+            x1, y1, x2, y2 = w.crop_box
+            if len(boxes):
+                boxes = placement.to_image(boxes)
+                boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, x2 - x1) + x1
+                boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, y2 - y1) + y1
+                keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+                boxes, scores = boxes[keep], scores[keep]
+            w.boxes, w.scores = boxes, scores
+
+
+def image_answer(index: int, w: ImageWork, decision_threshold: float) -> dict[str, Any]:
+    img = w.image
+    return {
+        "index": index,
+        "filename": img.filename,
+        "sop_instance_uid": img.sop_instance_uid,
+        "study_instance_uid": img.study_instance_uid,
+        "series_instance_uid": img.series_instance_uid,
+        "source": img.source,
+        "width": img.width,
+        "height": img.height,
+        "pixel_spacing": img.pixel_spacing,
+        "crop_box": [int(v) for v in w.crop_box],
+        "crop_fallback": w.crop_fallback,
+        "notes": img.notes + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"]),
+        "fracture_probability": round(w.probability, 6),
+        "fracture": w.probability >= decision_threshold,
+        "detections": [
+            {
+                "box": [round(float(v), 1) for v in b],
+                "score": round(float(s), 6),
+                "label": "fracture",
+            }
+            for b, s in zip(w.boxes, w.scores, strict=True)
+        ],
+        "timings_ms": {"decode": w.decode_ms, **w.timings},
+    }

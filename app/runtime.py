@@ -1,0 +1,156 @@
+"""Models at run time: cards read from models/, one onnxruntime session per model.
+
+Each OnnxModel owns exactly one session and runs stacked batches (N x C x H x W), so a
+micro-batcher can later sit in front of `run` without changing the pipeline. Sessions are
+thread-safe for concurrent `run` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("app.runtime")
+
+ROLES = {"segmentation": "cropper", "classification": "classifier", "detection": "detector"}
+
+
+class ModelLoadError(RuntimeError):
+    """A shipped model cannot be served (missing file, wrong sha256, failed warm-up)."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def choose_providers(preference: str) -> list[str]:
+    """Execution providers in order: TensorRT, CUDA, CPU, as far as onnxruntime offers them."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    order = {
+        "auto": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider"],
+        "cpu": [],
+    }[preference]
+    return [p for p in order if p in available] + ["CPUExecutionProvider"]
+
+
+@dataclass
+class OnnxModel:
+    card: dict[str, Any]
+    path: Path
+    session: Any = None
+    provider: str = "CPUExecutionProvider"
+    input_name: str = "input"
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def version(self) -> str:
+        return str(self.card["version"])
+
+    @property
+    def role(self) -> str:
+        return ROLES[self.card["task"]]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.card["input"]
+
+    @property
+    def batched(self) -> bool:
+        """False for graphs that take one CHW image (torchvision detection exports)."""
+        return bool(self.spec.get("batch", True))
+
+    def load(self, providers: list[str], intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        if not self.path.is_file():
+            raise ModelLoadError(f"{self.name}: file {self.path.name} is missing")
+        actual = sha256_of(self.path)
+        if actual != self.card["sha256"]:
+            raise ModelLoadError(
+                f"{self.name}: sha256 {actual[:12]} does not match its card ({self.card['sha256'][:12]})"
+            )
+        options = ort.SessionOptions()
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(
+            str(self.path), sess_options=options, providers=providers
+        )
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs for a stacked batch; unbatched graphs are looped, outputs kept per image."""
+        if self.batched:
+            return self.session.run(None, {self.input_name: batch})
+        return [self.session.run(None, {self.input_name: x}) for x in batch]
+
+    def warm_up(self) -> None:
+        h, w = self.spec["size"]
+        dummy = np.zeros((1, int(self.spec.get("channels", 1)), h, w), dtype=np.float32)
+        self.run(dummy)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.card,
+            "execution_provider": self.provider,
+            "loaded": self.session is not None,
+        }
+
+
+class ModelRegistry:
+    """Every model card in a folder, by role and name."""
+
+    def __init__(self, models_dir: Path):
+        self.models_dir = models_dir
+        self.models: dict[str, OnnxModel] = {}
+        for card_path in sorted(models_dir.glob("*.json")):
+            card = json.loads(card_path.read_text())
+            if card.get("task") not in ROLES:
+                continue
+            self.models[card["name"]] = OnnxModel(card=card, path=models_dir / card["file"])
+
+    def by_role(self, role: str) -> dict[str, OnnxModel]:
+        return {n: m for n, m in self.models.items() if m.role == role}
+
+    def get(self, role: str, name: str | None, default: str) -> OnnxModel:
+        """The model of `role` called `name` (or the default; or the only one there is)."""
+        candidates = self.by_role(role)
+        if name is not None:
+            if name not in candidates:
+                raise KeyError(name)
+            return candidates[name]
+        if default in candidates:
+            return candidates[default]
+        if len(candidates) == 1:
+            return next(iter(candidates.values()))
+        raise ModelLoadError(f"no default {role}: set FRACTURE_DEFAULT_{role.upper()}")
+
+    def load_all(self, provider_preference: str, intra_op_threads: int) -> None:
+        providers = choose_providers(provider_preference)
+        for role in ROLES.values():
+            if not self.by_role(role):
+                raise ModelLoadError(f"no {role} model in {self.models_dir}")
+        for model in self.models.values():
+            model.load(providers, intra_op_threads)
+            model.warm_up()
+            log.info("loaded %s %s on %s", model.name, model.version, model.provider)

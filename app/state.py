@@ -1,0 +1,20 @@
+"""What the app holds between requests: settings, models, metrics, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from app.core.config import Settings
+from app.core.metrics import Metrics
+from app.runtime import ModelRegistry
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry | None = None
+    ready: bool = False
+    not_ready_reason: str = "models are loading"
+    inference_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))

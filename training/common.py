@@ -1,0 +1,106 @@
+"""What every family shares: recipe loading, seeding, offline mode, checkpoints, the run log."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO / "models"
+RUNS_DIR = REPO / "runs"
+FRACATLAS_ATTRIBUTION = (
+    "FracAtlas (Abedeen et al., Scientific Data 10:521, 2023; figshare 10.6084/m9.figshare.22363012),"
+    " CC BY 4.0; fixed train/val/test splits of the 3,471-image copy"
+)
+
+
+def go_offline() -> None:
+    """Make every hub and ultralytics stay off the network (no pretrained downloads here)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TORCH_HOME", str(REPO / ".cache" / "torch"))
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(REPO / ".cache" / "ultralytics"))
+    Path(os.environ["YOLO_CONFIG_DIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe; `overrides` (dotted keys) win, for smoke runs and tests."""
+    recipe = yaml.safe_load(Path(path).read_text())
+    for key, value in (overrides or {}).items():
+        node = recipe
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return recipe
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class RunLog:
+    """Append-only JSON-lines log of a run: hardware, recipe, per-epoch losses and times."""
+
+    def __init__(self, run_dir: Path, recipe: dict[str, Any]):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "log.jsonl"
+        self.started = time.time()
+        self.write(event="start", hardware=hardware(), recipe=recipe)
+
+    def write(self, **fields: Any) -> None:
+        fields.setdefault("elapsed_s", round(time.time() - self.started, 2))
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(fields, default=str) + "\n")
+        if fields.get("event") == "epoch":
+            print(json.dumps(fields, default=str), flush=True)
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a killed run never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    import torch
+
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,108 @@
+"""What both detector families share: crops as detector inputs, ONNX evaluation, FROC table, card.
+
+Detectors see the same crop the service gives them (the anatomy crop); evaluation runs the
+exported ONNX graph through the service's own post-processing, so the card's operating-point
+table holds for what is served. The table is calibrated on val; test is only reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.preprocessing import model_input, stretch_grey
+from training import metrics, plots
+from training.data import CachedImage, crop_item
+
+# score threshold used when collecting boxes for FROC / AP: low, to trace the whole curve
+COLLECT_THRESHOLD = 0.001
+
+Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+"""A detector on one stretched grey crop in [0, 1] -> (boxes xyxy in crop pixels, scores)."""
+
+
+def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
+    """Run an exported detector the way the service does (model_input + app.postprocess)."""
+    import onnxruntime as ort
+
+    from app.postprocess import rcnn_detections, yolo_detections
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def detect(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, placement = model_input(crop, spec)
+        outs = session.run(None, {name: x[None]})
+        if kind == "yolo":
+            boxes, scores = yolo_detections(outs[0][0], COLLECT_THRESHOLD)
+        else:
+            boxes, scores = rcnn_detections(outs[0], outs[1], COLLECT_THRESHOLD)
+        boxes = placement.to_image(boxes) if len(boxes) else boxes
+        h, w = crop.shape
+        if len(boxes):
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        return boxes, scores
+
+    return detect
+
+
+def run_on_items(detect: Detect, items: list[CachedImage]) -> dict[str, Any]:
+    """Detections and ground truth in label-free crop pixels, per item."""
+    preds, gts, sizes, crops = [], [], [], []
+    for it in items:
+        crop_u8, boxes = crop_item(it, use_boxes=False)
+        crop = stretch_grey(crop_u8)
+        h, w = crop.shape
+        preds.append(detect(crop))
+        gts.append(boxes * np.array([w, h, w, h], dtype=np.float32))
+        sizes.append((w, h))
+        crops.append(crop_u8)
+    return {
+        "preds": preds,
+        "gts": gts,
+        "sizes": sizes,
+        "crops": crops,
+        "labels": [int(it.fractured) for it in items],
+    }
+
+
+def detection_metrics(run: dict[str, Any], report_dir: Path | None, prefix: str) -> dict[str, Any]:
+    """AP50, AP50-95, FROC (recall at 0.1..0.5 FP/image, CPM), image AUROC from max box score."""
+    f = metrics.froc(run["preds"], run["gts"])
+    ap = metrics.coco_ap(run["preds"], run["gts"], run["sizes"])
+    image_scores = [float(s.max()) if len(s) else 0.0 for _, s in run["preds"]]
+    image = metrics.classification_metrics(run["labels"], image_scores, 0.5)
+    out = {
+        **ap,
+        "n_images": f.n_images,
+        "n_lesions": f.n_lesions,
+        "froc_table": f.table(),
+        "froc_cpm": f.cpm(),
+        "recall_at_0.4_fp": f.recall_at(0.4),
+        "image_auroc_max_box_score": image["auroc"],
+    }
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plots.froc_plot(f.fp_per_image, f.recall, report_dir, prefix)
+        shown = [i for i, g in enumerate(run["gts"]) if len(g)][:8] + [
+            i for i, g in enumerate(run["gts"]) if not len(g)
+        ][:4]
+        samples = []
+        for i in shown:
+            boxes, scores = run["preds"][i]
+            top = scores >= max(0.1, float(scores.max()) if len(scores) else 1.0) - 1e-9
+            samples.append((run["crops"][i], run["gts"][i], boxes[top][:3], scores[top][:3]))
+        plots.detection_grid(samples, report_dir / f"{prefix}_detections.png")
+    return out
+
+
+def froc_operating_points(val_metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The card's table: FP/image -> threshold, recall, precision, calibrated on val."""
+    return [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+        for row in val_metrics["froc_table"]
+    ]

@@ -1,0 +1,127 @@
+"""One exporter for every family: ONNX with a dynamic batch axis, a parity check, a model card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CARD_FIELDS = (
+    "name",
+    "version",
+    "task",
+    "file",
+    "sha256",
+    "input",
+    "output",
+    "data",
+    "recipe",
+    "licence",
+    "metrics",
+)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_onnx(
+    model: Any,
+    example: Any,
+    path: Path,
+    input_names: Sequence[str] = ("input",),
+    output_names: Sequence[str] = ("output",),
+    dynamic_batch: bool = True,
+    opset: int = 17,
+) -> Path:
+    """Export a torch module to ONNX (legacy tracer: stable for CNNs, opset >= 17)."""
+    import torch
+
+    model.eval()
+    axes = {n: {0: "batch"} for n in (*input_names, *output_names)} if dynamic_batch else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+def check_parity(model: Any, path: Path, batch: np.ndarray, tolerance: float) -> float:
+    """Max abs difference between torch and onnxruntime on `batch`; raises above tolerance."""
+    import onnxruntime as ort
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(batch))
+    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {session.get_inputs()[0].name: batch})
+    diff = max(
+        float(np.max(np.abs(r.numpy() - o))) if r.numel() else 0.0
+        for r, o in zip(refs, outs, strict=True)
+    )
+    if diff > tolerance:
+        raise RuntimeError(
+            f"ONNX parity failed for {path.name}: max abs diff {diff:.3g} > {tolerance}"
+        )
+    return diff
+
+
+def onnx_outputs(path: Path, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """First output of an ONNX graph on a batch, on the CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [session.run(None, {name: batch[i : i + chunk]})[0] for i in range(0, len(batch), chunk)]
+    )
+
+
+def quantize_int8(model: Any, path: Path, batch: np.ndarray, tolerance: float) -> float:
+    """Replace an fp32 ONNX file by its dynamically int8-quantised version; checks the drift."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = path.with_suffix(".fp32.onnx")
+    path.replace(fp32)
+    quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+    fp32.unlink()
+    return check_parity(model, path, batch, tolerance)
+
+
+def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
+    """Write <model>.json next to the ONNX file, with the file's sha256; refuses missing fields."""
+    card = {**card, "file": onnx_path.name, "sha256": sha256_of(onnx_path)}
+    missing = [f for f in CARD_FIELDS if f not in card]
+    if missing:
+        raise ValueError(f"model card for {onnx_path.name} misses {missing}")
+    out = onnx_path.with_suffix(".json")
+    out.write_text(json.dumps(card, indent=2, default=_jsonable) + "\n")
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value)}")

@@ -1,0 +1,243 @@
+"""Faster R-CNN detector (Xie et al.): torchvision ResNet-FPN, backbone from our SimCLR ResNet.
+
+The exported graph takes one CHW image in [0, 1] (normalisation and NMS are inside the graph)
+and returns boxes, labels, scores in input pixels. torchvision's detection graphs export with a
+batch of one image: the service loops over images for this family (see app/runtime.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.preprocessing import model_input, stretch_grey
+from training import common, detection, export
+from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
+from training.weights import load_verified_state_dict
+
+
+def input_spec(size: int) -> dict[str, Any]:
+    return {
+        "size": [size, size],
+        "resize": "letterbox",
+        "pad_value": 0.0,
+        "channels": 3,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "batch": False,
+    }
+
+
+def build_model(recipe: dict[str, Any]) -> Any:
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    size = recipe["input_size"]
+    backbone = resnet_fpn_backbone(
+        backbone_name=recipe["backbone"], weights=None, trainable_layers=5
+    )
+    anchors = AnchorGenerator(
+        sizes=tuple((s,) for s in recipe["anchor_sizes"]),
+        aspect_ratios=((0.5, 1.0, 2.0),) * len(recipe["anchor_sizes"]),
+    )
+    return FasterRCNN(
+        backbone,
+        num_classes=2,
+        min_size=size,
+        max_size=size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+        rpn_anchor_generator=anchors,
+        box_score_thresh=detection.COLLECT_THRESHOLD,
+        box_detections_per_img=100,
+    )
+
+
+def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str:
+    """Start the FPN body from our SimCLR checkpoint, else a verified file, else from scratch."""
+    path, sha = recipe.get("init_weights"), recipe.get("init_sha256")
+    if path:
+        state = load_verified_state_dict(path, sha)
+        source = f"verified file {path}"
+    else:
+        ssl = common.RUNS_DIR / recipe["ssl_run"] / "ssl_backbone.pt"
+        if not ssl.exists():
+            log.write(event="init", weights="scratch")
+            return "scratch"
+        import torch
+
+        state = torch.load(ssl, map_location="cpu", weights_only=True)
+        source = f"SimCLR backbone {ssl.relative_to(common.REPO)}"
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = model.backbone.body.load_state_dict(body, strict=False)
+    log.write(event="init", weights=source, missing=result.missing_keys)
+    return source
+
+
+def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
+    import torch
+
+    out = []
+    for it in items:
+        crop, boxes = crop_item(it, use_boxes=use_boxes)
+        x, placement = model_input(stretch_grey(crop), spec)
+        h, w = crop.shape
+        # image pixels -> letterboxed input pixels
+        px = boxes.reshape(-1, 4) * np.array([w, h, w, h], dtype=np.float32) * placement.scale
+        px[:, [0, 2]] += placement.pad_x
+        px[:, [1, 3]] += placement.pad_y
+        keep = (px[:, 2] - px[:, 0] > 1) & (px[:, 3] - px[:, 1] > 1)
+        out.append(
+            (
+                torch.from_numpy((x[0] * 255).round().astype(np.uint8)),
+                torch.from_numpy(px[keep].astype(np.float32)),
+            )
+        )
+    return out
+
+
+def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
+    import torch
+
+    common.go_offline()
+    common.seed_everything(recipe["seed"])
+    cache = Path(recipe.get("cache", DEFAULT_CACHE))
+    build_cache(cache=cache, limit=recipe.get("limit"))
+    run_dir = common.RUNS_DIR / recipe["name"]
+    log = common.RunLog(run_dir, recipe)
+    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    spec = input_spec(recipe["input_size"])
+    rng = np.random.default_rng(recipe["seed"])
+    pos = [it for it in items["train"] if it.fractured]
+    neg = [it for it in items["train"] if not it.fractured]
+    k = min(len(neg), round(len(pos) * recipe["negatives_per_positive"]))
+    train_items = pos + [neg[i] for i in rng.choice(len(neg), size=k, replace=False)]
+    data = _tensors(train_items, spec, use_boxes=True)
+
+    model = build_model(recipe)
+    init = init_backbone(model, recipe, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"]
+    )
+    steps = recipe["epochs"] * -(-len(data) // recipe["batch_size"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.1
+    )
+    ckpt_path = run_dir / "last.pt"
+    start = 0
+    if (state := common.load_checkpoint(ckpt_path)) is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["epoch"] + 1
+    for epoch in range(start, recipe["epochs"]):
+        model.train()
+        t0, losses = time.time(), []
+        for idx in torch.randperm(len(data)).split(recipe["batch_size"]):
+            images, targets = [], []
+            for i in idx.tolist():
+                img, boxes = data[i]
+                img = img.float().div(255).expand(3, -1, -1)
+                if torch.rand(1) < 0.5:  # horizontal flip, boxes with it
+                    img = img.flip(-1)
+                    boxes = boxes.clone()
+                    boxes[:, [0, 2]] = img.shape[-1] - boxes[:, [2, 0]]
+                images.append(img)
+                targets.append(
+                    {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+                )
+            loss = sum(model(images, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        log.write(
+            event="epoch",
+            epoch=epoch,
+            loss=float(np.mean(losses)),
+            epoch_s=round(time.time() - t0, 1),
+        )
+        common.save_checkpoint(
+            ckpt_path,
+            model=model.state_dict(),
+            opt=opt.state_dict(),
+            sched=sched.state_dict(),
+            epoch=epoch,
+        )
+
+    model.eval()
+    onnx_path = out_dir / f"{recipe['name']}.onnx"
+    example = torch.rand(3, recipe["input_size"], recipe["input_size"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            ([example],),
+            str(onnx_path),
+            input_names=["image"],
+            output_names=["boxes", "labels", "scores"],
+            opset_version=17,
+            dynamo=False,
+        )
+    parity = _parity(model, onnx_path, items["val"][:4], spec)
+    detect = detection.onnx_detector(onnx_path, spec, "rcnn")
+    val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
+    test = detection.detection_metrics(
+        detection.run_on_items(detect, items["test"]), run_dir, "test"
+    )
+    card = {
+        "name": recipe["name"],
+        "version": recipe["version"],
+        "task": "detection",
+        "architecture": f"Faster R-CNN, {recipe['backbone']} FPN (torchvision)",
+        "input": spec,
+        "output": {
+            "boxes": "k x 4 xyxy input pixels",
+            "labels": "k",
+            "scores": "k",
+            "postprocess": "rcnn",
+        },
+        "operating_points": detection.froc_operating_points(val),
+        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
+        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
+        "recipe": {"config": "training/configs/frcnn.yaml", **recipe},
+        "backbone_init": init,
+        "licence": "Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
+        "metrics": {"test": test, "val": val, "onnx_parity_max_abs_diff": parity},
+        "trained_on": common.hardware(),
+        "train_time_s": round(time.time() - log.started, 1),
+    }
+    export.write_card(onnx_path, card)
+    log.write(event="done", metrics=card["metrics"])
+    return card
+
+
+def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
+    """Max abs difference of boxes and scores, torch against onnxruntime, on real crops."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for it in items:
+        crop, _ = crop_item(it, use_boxes=False)
+        x, _ = model_input(stretch_grey(crop), spec)
+        with torch.no_grad():
+            ref = model([torch.from_numpy(x)])[0]
+        boxes, _, scores = session.run(None, {"image": x})
+        n = min(len(boxes), len(ref["boxes"]))
+        if n:
+            worst = max(
+                worst,
+                float(np.abs(boxes[:n] - ref["boxes"][:n].numpy()).max()),
+                float(np.abs(scores[:n] - ref["scores"][:n].numpy()).max()),
+            )
+    if worst > 1e-2:
+        raise RuntimeError(f"Faster R-CNN ONNX parity failed: {worst}")
+    return worst

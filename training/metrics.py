@@ -1,0 +1,206 @@
+"""Metrics of every family: Dice, classification at a threshold, AUROC, AP (COCO), FROC.
+
+Boxes are xyxy in one frame per image. A detection "hits" a lesion when their IoU reaches
+`iou_threshold` (0.5, as AP50). FROC: lesion recall against mean false positives per image,
+over all images (negatives count: that is where most false positives happen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FP_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice of two binary masks; two empty masks agree perfectly."""
+    p, t = pred.astype(bool), target.astype(bool)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2 * np.logical_and(p, t).sum() / denom)
+
+
+def youden_threshold(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Threshold maximising sensitivity + specificity - 1 (the rule our cards use, on val)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(np.asarray(labels), np.asarray(scores))
+    best = int(np.argmax(tpr - fpr))
+    return float(min(1.0, thr[best]))
+
+
+def classification_metrics(
+    labels: Sequence[int], scores: Sequence[float], threshold: float
+) -> dict:
+    """Accuracy, precision, recall (sensitivity), specificity, F1, AUROC, confusion matrix."""
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=float)
+    pred = (s >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    out = {
+        "n": int(len(y)),
+        "threshold": float(threshold),
+        "accuracy": (tp + tn) / len(y) if len(y) else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "auroc": None,
+    }
+    if 0 < y.sum() < len(y):
+        from sklearn.metrics import roc_auc_score
+
+        out["auroc"] = float(roc_auc_score(y, s))
+    return out
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of xyxy boxes, shape (len(a), len(b))."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
+    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+@dataclass
+class Froc:
+    """FROC as step functions of the score threshold (descending)."""
+
+    thresholds: np.ndarray
+    recall: np.ndarray
+    fp_per_image: np.ndarray
+    precision: np.ndarray
+    n_images: int
+    n_lesions: int
+
+    def operating_point(self, fp_rate: float) -> dict:
+        """Lowest threshold whose mean false positives per image stay within fp_rate."""
+        ok = np.flatnonzero(self.fp_per_image <= fp_rate + 1e-12)
+        if ok.size == 0:
+            return {"fp_per_image": fp_rate, "threshold": 1.0, "recall": 0.0, "precision": 1.0}
+        i = int(ok[-1])
+        return {
+            "fp_per_image": fp_rate,
+            "threshold": float(self.thresholds[i]),
+            "recall": float(self.recall[i]),
+            "precision": float(self.precision[i]),
+            "achieved_fp_per_image": float(self.fp_per_image[i]),
+        }
+
+    def table(self, rates: Sequence[float] = FP_RATES) -> list[dict]:
+        return [self.operating_point(r) for r in rates]
+
+    def recall_at(self, fp_rate: float) -> float:
+        return self.operating_point(fp_rate)["recall"]
+
+    def cpm(self, rates: Sequence[float] = (0.125, 0.25, 0.5, 1, 2, 4, 8)) -> float:
+        """Competition performance metric: mean recall at the standard FP rates."""
+        return float(np.mean([self.recall_at(r) for r in rates]))
+
+
+def froc(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    iou_threshold: float = 0.5,
+) -> Froc:
+    """predictions[i] = (boxes (k, 4), scores (k,)); ground_truth[i] = boxes (m, 4)."""
+    pred_scores, pred_hit, lesion_best = [], [], []
+    for (boxes, scores), gt in zip(predictions, ground_truth, strict=True):
+        boxes = np.asarray(boxes).reshape(-1, 4)
+        scores = np.asarray(scores, dtype=float).reshape(-1)
+        gt = np.asarray(gt).reshape(-1, 4)
+        iou = box_iou(boxes, gt) if len(gt) else np.zeros((len(boxes), 0))
+        hits = iou >= iou_threshold
+        pred_scores.append(scores)
+        pred_hit.append(hits.any(axis=1) if len(gt) else np.zeros(len(boxes), bool))
+        for j in range(len(gt)):
+            lesion_best.append(scores[hits[:, j]].max() if hits[:, j].any() else -np.inf)
+    scores = np.concatenate(pred_scores) if pred_scores else np.zeros(0)
+    hit = np.concatenate(pred_hit) if pred_hit else np.zeros(0, bool)
+    best = np.asarray(lesion_best, dtype=float)
+    n_images, n_lesions = len(ground_truth), len(best)
+    thresholds = np.unique(scores)[::-1]
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_hit = scores[order], hit[order]
+    # Counts of predictions with score >= t, for each threshold t.
+    upto = np.searchsorted(-sorted_scores, -thresholds, side="right")
+    cum_fp = np.concatenate([[0], np.cumsum(~sorted_hit)])[upto]
+    cum_tp = np.concatenate([[0], np.cumsum(sorted_hit)])[upto]
+    lesion_sorted = np.sort(best)
+    found = len(best) - np.searchsorted(lesion_sorted, thresholds, side="left")
+    recall = found / n_lesions if n_lesions else np.zeros_like(thresholds)
+    precision = np.where(upto > 0, cum_tp / np.maximum(upto, 1), 1.0)
+    return Froc(
+        thresholds=thresholds,
+        recall=np.asarray(recall, dtype=float),
+        fp_per_image=cum_fp / max(n_images, 1),
+        precision=precision,
+        n_images=n_images,
+        n_lesions=n_lesions,
+    )
+
+
+def coco_ap(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    sizes: Sequence[tuple[int, int]],
+) -> dict:
+    """AP50 and AP50-95 (COCO definition, one class) with faster-coco-eval."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    images, gts, dts = [], [], []
+    for i, ((boxes, scores), gt, (w, h)) in enumerate(
+        zip(predictions, ground_truth, sizes, strict=True)
+    ):
+        images.append({"id": i, "width": int(w), "height": int(h)})
+        for b in np.asarray(gt).reshape(-1, 4):
+            bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
+            gts.append(
+                {
+                    "id": len(gts) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [float(b[0]), float(b[1]), bw, bh],
+                    "area": bw * bh,
+                }
+            )
+        for b, s in zip(
+            np.asarray(boxes).reshape(-1, 4), np.asarray(scores).reshape(-1), strict=True
+        ):
+            dts.append(
+                {
+                    "image_id": i,
+                    "category_id": 1,
+                    "score": float(s),
+                    "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                }
+            )
+    if not gts:
+        return {"ap50": None, "ap50_95": None}
+    coco_gt = COCO(
+        {"images": images, "annotations": gts, "categories": [{"id": 1, "name": "fracture"}]}
+    )
+    if not dts:
+        return {"ap50": 0.0, "ap50_95": 0.0}
+    coco_dt = coco_gt.loadRes(dts)
+    ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *a, **k: None)
+    ev.params.maxDets = [1, 10, 100]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return {"ap50": max(0.0, float(ev.stats[1])), "ap50_95": max(0.0, float(ev.stats[0]))}

@@ -1,0 +1,134 @@
+"""PNG plots of the evaluation report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def crop_grid(samples: Sequence[tuple], path: Path) -> Path:
+    """image / predicted mask / crop box (green) / fracture boxes (red), 4 per row."""
+    plt = _plt()
+    cols = 4
+    rows = -(-len(samples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (grey, mask, box, boxes) in zip(axes.flat, samples, strict=False):
+        h, w = grey.shape
+        ax.imshow(grey, cmap="gray")
+        ax.imshow(np.ma.masked_where(~mask, mask), alpha=0.3, cmap="autumn")
+        _rect(ax, box, "lime")
+        for b in boxes:
+            _rect(ax, b * np.array([w, h, w, h]), "red")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _rect(ax, box, colour: str, label: str | None = None) -> None:
+    import matplotlib.patches as patches
+
+    x1, y1, x2, y2 = (float(v) for v in box)
+    ax.add_patch(
+        patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=1.5)
+    )
+    if label:
+        ax.text(x1, y1, label, color=colour, fontsize=7, va="bottom")
+
+
+def roc_pr_plots(
+    labels: Sequence[int], scores: Sequence[float], out_dir: Path, prefix: str
+) -> None:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = _plt()
+    y, s = np.asarray(labels), np.asarray(scores)
+    if 0 < y.sum() < len(y):
+        fpr, tpr, _ = roc_curve(y, s)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(fpr, tpr)
+        ax.plot([0, 1], [0, 1], "--", color="grey")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{prefix} ROC")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{prefix}_roc.png", dpi=100)
+        plt.close(fig)
+        prec, rec, _ = precision_recall_curve(y, s)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(rec, prec)
+        ax.set(xlabel="recall", ylabel="precision", title=f"{prefix} PR")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{prefix}_pr.png", dpi=100)
+        plt.close(fig)
+
+
+def confusion_plot(cm: dict, out_dir: Path, prefix: str) -> None:
+    plt = _plt()
+    grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+    fig, ax = plt.subplots(figsize=(3.5, 3.5))
+    ax.imshow(grid, cmap="Blues")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["no fracture", "fracture"],
+        yticklabels=["no fracture", "fracture"],
+        xlabel="predicted",
+        ylabel="true",
+        title=prefix,
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{prefix}_confusion.png", dpi=100)
+    plt.close(fig)
+
+
+def froc_plot(fp_per_image: np.ndarray, recall: np.ndarray, out_dir: Path, prefix: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.step(fp_per_image, recall, where="post")
+    ax.set(
+        xscale="symlog",
+        xlabel="mean false positives per image",
+        ylabel="lesion recall",
+        title=f"{prefix} FROC",
+        ylim=(0, 1),
+    )
+    ax.axvline(0.4, ls="--", color="grey")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{prefix}_froc.png", dpi=100)
+    plt.close(fig)
+
+
+def detection_grid(samples: Sequence[tuple], path: Path) -> Path:
+    """image with ground truth (red) and detections (cyan, with scores), 4 per row."""
+    plt = _plt()
+    cols = 4
+    rows = max(1, -(-len(samples) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (grey, gt, boxes, scores) in zip(axes.flat, samples, strict=False):
+        ax.imshow(grey, cmap="gray")
+        for b in gt:
+            _rect(ax, b, "red")
+        for b, s in zip(boxes, scores, strict=True):
+            _rect(ax, b, "cyan", f"{s:.2f}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,141 @@
+"""SimCLR ResNet-18 classifier (Thorat et al.): self-supervised pretraining, then fine-tuning.
+
+Pretraining sees train+val radiographs without labels (never test): two augmented views per
+image, a 128-d projection head, NT-Xent with cosine similarity and a temperature, SGD.
+Augmentations are X-ray-sensible: crops, rotation, translation, flips, brightness/contrast, blur;
+no colour. The backbone is saved on its own so the Faster R-CNN family can start from it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import classifier, common
+from training.data import DEFAULT_CACHE, build_cache, load_cache
+from training.weights import load_verified_state_dict
+
+
+def build_resnet18() -> Any:
+    """torchvision ResNet-18 without its fc layer: N x 3 x H x W -> N x 512."""
+    import torchvision
+    from torch import nn
+
+    net = torchvision.models.resnet18(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+def ssl_views(x_u8: Any, size: int) -> tuple[Any, Any]:
+    """Two independent augmentations of each uint8 image, as float tensors in [0, 1]."""
+    import torch
+    from torchvision.transforms import v2
+
+    aug = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(0.3),
+            v2.RandomAffine(degrees=20, translate=(0.1, 0.1)),
+            v2.ColorJitter(brightness=0.4, contrast=0.4),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.4),
+        ]
+    )
+
+    def one() -> Any:
+        return torch.stack([aug(img.unsqueeze(0)) for img in x_u8]).float() / 255.0
+
+    return one(), one()
+
+
+def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[Any, dict[str, Any]]:
+    """NT-Xent pretraining of a ResNet-18; resumable from runs/<name>/ssl_last.pt."""
+    import torch
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    cfg = recipe["pretrain"]
+    backbone = build_resnet18()
+    if recipe.get("init_weights"):
+        state = load_verified_state_dict(recipe["init_weights"], recipe.get("init_sha256"))
+        missing = backbone.load_state_dict(
+            {k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False
+        )
+        log.write(event="init", weights=recipe["init_weights"], missing=missing.missing_keys)
+    if cfg["epochs"] == 0:
+        return backbone, {"epochs": 0}
+    head = SimCLRProjectionHead(512, 512, cfg["projection_dim"])
+    criterion = NTXentLoss(temperature=cfg["temperature"])
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    steps_per_epoch = len(items) // cfg["batch_size"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch, pct_start=0.1
+    )
+    x_all = torch.from_numpy(classifier.crops_as_array(items, cfg["source_size"], use_boxes=False))
+    mean, std = 0.5, 0.25
+    ckpt_path = log.run_dir / "ssl_last.pt"
+    start = 0
+    if (state := common.load_checkpoint(ckpt_path)) is not None:
+        backbone.load_state_dict(state["backbone"])
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start = state["epoch"] + 1
+    for epoch in range(start, cfg["epochs"]):
+        backbone.train()
+        head.train()
+        t0, losses = time.time(), []
+        perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]
+        for idx in perm.split(cfg["batch_size"]):
+            v1, v2 = ssl_views(x_all[idx], cfg["input_size"])
+            z1 = head(backbone(((v1 - mean) / std).expand(-1, 3, -1, -1)))
+            z2 = head(backbone(((v2 - mean) / std).expand(-1, 3, -1, -1)))
+            loss = criterion(z1, z2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        log.write(
+            event="epoch",
+            stage="simclr",
+            epoch=epoch,
+            loss=float(np.mean(losses)),
+            lr=sched.get_last_lr()[0],
+            epoch_s=round(time.time() - t0, 1),
+        )
+        common.save_checkpoint(
+            ckpt_path,
+            backbone=backbone.state_dict(),
+            head=head.state_dict(),
+            opt=opt.state_dict(),
+            sched=sched.state_dict(),
+            epoch=epoch,
+        )
+    torch.save(backbone.state_dict(), log.run_dir / "ssl_backbone.pt")
+    summary = {"method": "SimCLR (NT-Xent)", "images": len(items), **cfg}
+    return backbone, summary
+
+
+def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
+    common.go_offline()
+    common.seed_everything(recipe["seed"])
+    cache = Path(recipe.get("cache", DEFAULT_CACHE))
+    build_cache(cache=cache, limit=recipe.get("limit"))
+    log = common.RunLog(common.RUNS_DIR / recipe["name"], recipe)
+    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    backbone, summary = pretrain(recipe, items["train"] + items["val"], log)
+    return classifier.finetune(
+        backbone,
+        512,
+        recipe,
+        items,
+        log,
+        out_dir,
+        architecture="ResNet-18 (torchvision), SimCLR-pretrained, linear head",
+        pretraining=summary,
+    )

@@ -1,0 +1,205 @@
+"""YOLOv8 detector (FractuVision) with ultralytics, from yolov8n.yaml or a verified local .pt.
+
+The dataset ultralytics trains on is written from the cache: stretched grey crops (the service's
+preprocessing) as PNG, labels in YOLO format. Train crops are widened to hold every box; val
+crops are label-free. Export: ONNX without NMS (see app/postprocess.py), dynamic batch axis.
+Models trained with ultralytics are AGPL-3.0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.preprocessing import stretch_grey
+from training import common, detection, export
+from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
+from training.weights import verify_sha256
+
+PAD_VALUE = 114 / 255  # ultralytics' letterbox grey
+
+
+def input_spec(size: int) -> dict[str, Any]:
+    return {
+        "size": [size, size],
+        "resize": "letterbox",
+        "pad_value": PAD_VALUE,
+        "channels": 3,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+    }
+
+
+def write_dataset(
+    items: dict[str, list], root: Path, negatives_per_positive: float, seed: int
+) -> Path:
+    """YOLO folder layout: images/{train,val}/*.png, labels/{train,val}/*.txt, data.yaml."""
+    rng = np.random.default_rng(seed)
+    for split, rows in items.items():
+        img_dir, lbl_dir = root / "images" / split, root / "labels" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        lbl_dir.mkdir(parents=True, exist_ok=True)
+        if split == "train" and negatives_per_positive >= 0:
+            pos = [r for r in rows if r.fractured]
+            neg = [r for r in rows if not r.fractured]
+            k = min(len(neg), round(len(pos) * negatives_per_positive))
+            rows = pos + [neg[i] for i in rng.choice(len(neg), size=k, replace=False)]
+        for it in rows:
+            crop, boxes = crop_item(it, use_boxes=split == "train")
+            Image.fromarray((stretch_grey(crop) * 255).round().astype(np.uint8)).save(
+                img_dir / f"{it.image_id}.png"
+            )
+            lines = [
+                f"0 {(b[0] + b[2]) / 2:.6f} {(b[1] + b[3]) / 2:.6f} {b[2] - b[0]:.6f} {b[3] - b[1]:.6f}"
+                for b in boxes
+                if b[2] > b[0] and b[3] > b[1]
+            ]
+            (lbl_dir / f"{it.image_id}.txt").write_text("\n".join(lines))
+    data_yaml = root / "data.yaml"
+    data_yaml.write_text(
+        f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: fracture\n"
+    )
+    return data_yaml
+
+
+def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
+    common.go_offline()
+    common.seed_everything(recipe["seed"])
+    from ultralytics import YOLO
+    from ultralytics.utils import SETTINGS
+
+    SETTINGS.update({"sync": False})
+    cache = Path(recipe.get("cache", DEFAULT_CACHE))
+    build_cache(cache=cache, limit=recipe.get("limit"))
+    run_dir = common.RUNS_DIR / recipe["name"]
+    log = common.RunLog(run_dir, recipe)
+    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    ds_root = common.REPO / ".cache" / "yolo" / recipe["name"]
+    if not (ds_root / "data.yaml").exists():
+        shutil.rmtree(ds_root, ignore_errors=True)
+        write_dataset(
+            {"train": items["train"], "val": items["val"]},
+            ds_root,
+            recipe["negatives_per_positive"],
+            recipe["seed"],
+        )
+    data_yaml = ds_root / "data.yaml"
+
+    last = run_dir / "ultralytics" / "weights" / "last.pt"
+    if recipe.get("init_weights"):
+        model = YOLO(str(verify_sha256(recipe["init_weights"], recipe.get("init_sha256"))))
+    else:
+        model = YOLO(recipe["model"])
+    train_args = dict(recipe["train"])
+    t0 = time.time()
+    if last.exists() and not (run_dir / "ultralytics" / "weights" / "best.pt").exists():
+        YOLO(str(last)).train(resume=True)
+    elif not last.exists():
+        model.train(
+            data=str(data_yaml),
+            project=str(run_dir),
+            name="ultralytics",
+            exist_ok=True,
+            seed=recipe["seed"],
+            device=common.pick_device() if common.pick_device() == "cpu" else 0,
+            pretrained=bool(recipe.get("init_weights")),
+            plots=False,
+            verbose=False,
+            **train_args,
+        )
+    log.write(event="trained", seconds=round(time.time() - t0, 1))
+    best = run_dir / "ultralytics" / "weights" / "best.pt"
+    trained = YOLO(str(best if best.exists() else last))
+    exported = Path(
+        trained.export(
+            format="onnx",
+            imgsz=train_args["imgsz"],
+            dynamic=True,
+            simplify=False,
+            opset=17,
+            half=False,
+            nms=False,
+            device="cpu",
+        )
+    )
+    onnx_path = out_dir / f"{recipe['name']}.onnx"
+    shutil.copyfile(exported, onnx_path)
+    spec = input_spec(train_args["imgsz"])
+    parity = parity_with_ultralytics(trained, onnx_path, items["val"][:6], spec)
+
+    detect = detection.onnx_detector(onnx_path, spec, "yolo")
+    val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
+    test = detection.detection_metrics(
+        detection.run_on_items(detect, items["test"]), run_dir, "test"
+    )
+    card = {
+        "name": recipe["name"],
+        "version": recipe["version"],
+        "task": "detection",
+        "architecture": f"YOLOv8 ({recipe['model']}), one class, ultralytics",
+        "input": spec,
+        "output": {
+            "output0": "N x 5 x anchors: cx, cy, w, h (input pixels), fracture score; no NMS",
+            "postprocess": "yolo",
+            "nms_iou": 0.7,
+        },
+        "operating_points": detection.froc_operating_points(val),
+        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
+        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
+        "recipe": {"config": "training/configs/yolo.yaml", **recipe},
+        "licence": "AGPL-3.0 (trained with ultralytics); training data CC BY 4.0 (FracAtlas)",
+        "metrics": {"test": test, "val": val, "parity_vs_ultralytics": parity},
+        "trained_on": common.hardware(),
+        "train_time_s": round(time.time() - log.started, 1),
+    }
+    export.write_card(onnx_path, card)
+    log.write(event="done", metrics=card["metrics"])
+    return card
+
+
+def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict[str, Any]) -> dict:
+    """Our ONNX + numpy post-processing against ultralytics' own predict on the same inputs.
+
+    Both see the same letterboxed tensor; boxes above 0.05 are matched by rank.
+    """
+    import torch
+
+    from app.postprocess import yolo_detections
+    from app.preprocessing import model_input
+
+    net = model.model.float().eval()
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from ultralytics.utils.nms import non_max_suppression
+
+    worst_box, worst_score, count_mismatch = 0.0, 0.0, 0
+    for it in items:
+        crop, _ = crop_item(it, use_boxes=False)
+        x, _ = model_input(stretch_grey(crop), spec)
+        ours_raw = session.run(None, {"images": x[None]})[0]
+        ours_boxes, ours_scores = yolo_detections(ours_raw[0], 0.05)
+        with torch.no_grad():
+            raw = net(torch.from_numpy(x[None]))
+            raw = raw[0] if isinstance(raw, (list, tuple)) else raw
+        ref = non_max_suppression(raw, conf_thres=0.05, iou_thres=0.7)[0].numpy()
+        if len(ref) != len(ours_boxes):
+            count_mismatch += 1
+        n = min(len(ref), len(ours_boxes))
+        if n:
+            worst_box = max(worst_box, float(np.abs(ref[:n, :4] - ours_boxes[:n]).max()))
+            worst_score = max(worst_score, float(np.abs(ref[:n, 4] - ours_scores[:n]).max()))
+    result = {
+        "images": len(items),
+        "max_box_diff_px": worst_box,
+        "max_score_diff": worst_score,
+        "images_with_count_mismatch": count_mismatch,
+    }
+    if worst_box > 1.0 or worst_score > 1e-3:
+        raise RuntimeError(f"YOLO post-processing parity failed: {result}")
+    return result
