@@ -9,7 +9,6 @@ Patient identifiers are never read into the result, so they cannot reach a log o
 
 from __future__ import annotations
 
-import contextlib
 import io
 import warnings
 from collections.abc import Sequence
@@ -226,7 +225,11 @@ def _to_presentation(ds, arr: np.ndarray, photometric: str) -> tuple[np.ndarray,
     notes: list[str] = []
     bits_stored = int(ds.get("BitsStored", 0) or 0)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    if not signed and 0 < bits_stored < arr.dtype.itemsize * 8 and np.issubdtype(arr.dtype, np.integer):
+    if (
+        not signed
+        and 0 < bits_stored < arr.dtype.itemsize * 8
+        and np.issubdtype(arr.dtype, np.integer)
+    ):
         # Overlays or junk in the unused high bits must not become pixel values.
         arr = arr & np.asarray((1 << bits_stored) - 1, dtype=arr.dtype)
     with warnings.catch_warnings():

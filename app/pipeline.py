@@ -119,7 +119,8 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> dict[st
         "pixel_spacing": img.pixel_spacing,
         "crop_box": [int(v) for v in w.crop_box],
         "crop_fallback": w.crop_fallback,
-        "notes": img.notes + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"]),
+        "notes": img.notes
+        + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"]),
         "fracture_probability": round(w.probability, 6),
         "fracture": w.probability >= decision_threshold,
         "detections": [

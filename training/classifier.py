@@ -89,6 +89,22 @@ class ProbabilityModel:
         return _Model()
 
 
+def fold_head(model: Any) -> None:
+    """Fold the head's BatchNorm (running statistics) into its Linear: same outputs in eval
+    mode, and a graph every exporter handles."""
+    import torch
+    from torch import nn
+
+    bn, linear = model.head[0], model.head[1]
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    folded = nn.Linear(linear.in_features, linear.out_features)
+    with torch.no_grad():
+        folded.weight.copy_(linear.weight * scale)
+        folded.bias.copy_(linear.bias - (linear.weight * scale * bn.running_mean).sum(dim=1))
+    model.head = folded
+    model.eval()
+
+
 def _scores(model: Any, x_u8: Any, spec: dict[str, Any], batch: int = 64) -> np.ndarray:
     import torch
 
@@ -185,6 +201,7 @@ def finetune(
     y_test = np.array([int(it.fractured) for it in items["test"]])
     test_scores = _scores(model, x_test, spec)
 
+    fold_head(model)
     onnx_path = out_dir / f"{recipe['name']}.onnx"
     example = to_input(x_val[:2], spec)
     export.export_onnx(model, example, onnx_path, ("image",), ("probability",))

@@ -9,7 +9,6 @@ keep the ONNX file small.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,14 @@ def pretrain(
     from lightly.utils.scheduler import cosine_schedule
 
     cfg = recipe["pretrain"]
-    student = torch.nn.Sequential(
-        backbone, DINOProjectionHead(EMBED_DIM, 512, 64, cfg["output_dim"])
-    )
-    teacher = copy.deepcopy(student)
+
+    def head() -> Any:
+        return DINOProjectionHead(EMBED_DIM, 512, 64, cfg["output_dim"])
+
+    student = torch.nn.Sequential(backbone, head())
+    # Built, not deep-copied: the head's weight-normalised layer cannot be deep-copied.
+    teacher = torch.nn.Sequential(build_vit(recipe["finetune"]["input_size"]), head())
+    teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(
         output_dim=cfg["output_dim"], warmup_teacher_temp_epochs=max(1, cfg["epochs"] // 3)

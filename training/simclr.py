@@ -29,6 +29,25 @@ def build_resnet18() -> Any:
     return net
 
 
+def build_simclr(backbone: Any, projection_dim: int, temperature: float) -> Any:
+    """backbone + 128-d projection head + NT-Xent: module(view1, view2) -> loss."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from torch import nn
+
+    class SimCLR(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.head = SimCLRProjectionHead(512, 512, projection_dim)
+            self.criterion = NTXentLoss(temperature=temperature)
+
+        def forward(self, v1: Any, v2: Any) -> Any:
+            return self.criterion(self.head(self.backbone(v1)), self.head(self.backbone(v2)))
+
+    return SimCLR()
+
+
 def ssl_views(x_u8: Any, size: int) -> tuple[Any, Any]:
     """Two independent augmentations of each uint8 image, as float tensors in [0, 1]."""
     import torch
@@ -54,8 +73,6 @@ def ssl_views(x_u8: Any, size: int) -> tuple[Any, Any]:
 def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[Any, dict[str, Any]]:
     """NT-Xent pretraining of a ResNet-18; resumable from runs/<name>/ssl_last.pt."""
     import torch
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
 
     cfg = recipe["pretrain"]
     backbone = build_resnet18()
@@ -67,10 +84,10 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
         log.write(event="init", weights=recipe["init_weights"], missing=missing.missing_keys)
     if cfg["epochs"] == 0:
         return backbone, {"epochs": 0}
-    head = SimCLRProjectionHead(512, 512, cfg["projection_dim"])
-    criterion = NTXentLoss(temperature=cfg["temperature"])
-    params = list(backbone.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    model = build_simclr(backbone, cfg["projection_dim"], cfg["temperature"])
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"]
+    )
     steps_per_epoch = len(items) // cfg["batch_size"]
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch, pct_start=0.1
@@ -80,21 +97,19 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
     ckpt_path = log.run_dir / "ssl_last.pt"
     start = 0
     if (state := common.load_checkpoint(ckpt_path)) is not None:
-        backbone.load_state_dict(state["backbone"])
-        head.load_state_dict(state["head"])
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         start = state["epoch"] + 1
     for epoch in range(start, cfg["epochs"]):
-        backbone.train()
-        head.train()
+        model.train()
         t0, losses = time.time(), []
         perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]
         for idx in perm.split(cfg["batch_size"]):
             v1, v2 = ssl_views(x_all[idx], cfg["input_size"])
-            z1 = head(backbone(((v1 - mean) / std).expand(-1, 3, -1, -1)))
-            z2 = head(backbone(((v2 - mean) / std).expand(-1, 3, -1, -1)))
-            loss = criterion(z1, z2)
+            loss = model(
+                ((v1 - mean) / std).expand(-1, 3, -1, -1), ((v2 - mean) / std).expand(-1, 3, -1, -1)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,8 +125,7 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
         )
         common.save_checkpoint(
             ckpt_path,
-            backbone=backbone.state_dict(),
-            head=head.state_dict(),
+            model=model.state_dict(),
             opt=opt.state_dict(),
             sched=sched.state_dict(),
             epoch=epoch,

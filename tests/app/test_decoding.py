@@ -78,7 +78,9 @@ def test_window_that_saturates_is_ignored_and_said(dicom_dir):
 # --- DICOMs written here ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless], ids=lambda u: u.name)
+@pytest.mark.parametrize(
+    "syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless], ids=lambda u: u.name
+)
 def test_compressed_syntaxes_round_trip_exactly(syntax):
     pixels = ramp(bits=12)
     ds = make_dataset(pixels, bits_stored=12)
@@ -92,7 +94,9 @@ def test_uncompressed_16_bit_and_bits_stored_masking():
     image = dec(to_bytes(make_dataset(junk, bits_stored=10)))
     assert np.array_equal(image.pixels, pixels.astype(np.float32))
     full = (np.arange(64 * 48).reshape(64, 48) * 997 % 65536).astype(np.uint16)
-    assert np.array_equal(dec(to_bytes(make_dataset(full, bits_stored=16))).pixels, full.astype(np.float32))
+    assert np.array_equal(
+        dec(to_bytes(make_dataset(full, bits_stored=16))).pixels, full.astype(np.float32)
+    )
 
 
 def test_monochrome1_written_here_is_inverted():
@@ -142,7 +146,13 @@ def test_metadata_is_read_and_identifiers_are_not():
 
 def test_pixel_limit_is_checked_before_decoding_dicom():
     with pytest.raises(ApiError) as err:
-        decode(to_bytes(make_dataset(ramp(), bits_stored=12)), "application/dicom", "x", 1000, MODALITIES)
+        decode(
+            to_bytes(make_dataset(ramp(), bits_stored=12)),
+            "application/dicom",
+            "x",
+            1000,
+            MODALITIES,
+        )
     assert err.value.status == 413
 
 
@@ -180,10 +190,17 @@ def test_truncated_fracatlas_jpeg_decodes(fracatlas_dir):
 
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_is_413_before_decoding():

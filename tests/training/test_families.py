@@ -1,0 +1,293 @@
+"""A tiny run of every family: the loss falls, the export matches torch, the card is complete,
+and nothing touches the network. Real FracAtlas images when ../shared is there, else synthetic
+ones in the release layout."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import FRACATLAS, bone_phantom
+from training import common
+from training.common import load_recipe
+from training.export import CARD_FIELDS, sha256_of
+
+pytestmark = pytest.mark.slow
+CONFIGS = common.REPO / "training" / "configs"
+
+
+def make_synthetic_release(root: Path, per_split: int = 8) -> Path:
+    """A release-layout folder of phantoms: fractured ones carry a dark gap across the bone."""
+    rows = [
+        "image_id,hand,leg,hip,shoulder,mixed,hardware,multiscan,fractured,fracture_count,frontal,lateral,oblique"
+    ]
+    for folder in ("Fractured", "Non_fractured"):
+        (root / "images" / folder).mkdir(parents=True)
+    (root / "Annotations" / "YOLO").mkdir(parents=True)
+    (root / "splits").mkdir()
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        names = []
+        for i in range(per_split):
+            name = f"IMG{split[:2].upper()}{i:05d}.jpg"
+            fractured = i % 2 == 0
+            img = bone_phantom(120 + 8 * (i % 3), 100)
+            if fractured:
+                y = int(rng.integers(40, 80))
+                img[y : y + 4, 60:80] = 30
+                (root / "Annotations" / "YOLO" / f"{name[:-4]}.txt").write_text(
+                    f"0 {70 / 100:.4f} {(y + 2) / img.shape[0]:.4f} 0.3 {12 / img.shape[0]:.4f}\n"
+                )
+            Image.fromarray(img).save(
+                root / "images" / ("Fractured" if fractured else "Non_fractured") / name
+            )
+            rows.append(f"{name},1,0,0,0,0,0,0,{int(fractured)},{int(fractured)},1,0,0")
+            names.append(name)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    (root / "dataset.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    from training.data import build_cache
+
+    out = tmp_path_factory.mktemp("cache")
+    if FRACATLAS.exists():
+        return build_cache(root=FRACATLAS, cache=out / "cache", long_side=256, workers=1, limit=36)
+    release = make_synthetic_release(out / "release")
+    return build_cache(root=release, cache=out / "cache", long_side=256, workers=1)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a network connection during a training run fails the test."""
+    attempts: list = []
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"network access during training: {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(
+        socket, "create_connection", lambda address, *a, **k: guarded(socket.socket(), address)
+    )
+    yield
+    assert not attempts, f"training tried the network: {attempts}"
+
+
+@pytest.fixture
+def run_dirs(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    runs, models = tmp_path / "runs", tmp_path / "models"
+    monkeypatch.setattr(common, "RUNS_DIR", runs)
+    return runs, models
+
+
+def epoch_losses(log: Path, stage: str | None = None) -> list[float]:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return [
+        r["loss"]
+        for r in rows
+        if r.get("event") == "epoch" and (stage is None or r.get("stage") == stage)
+    ]
+
+
+def check_card(models: Path, name: str) -> dict:
+    card = json.loads((models / f"{name}.json").read_text())
+    assert not [f for f in CARD_FIELDS if f not in card]
+    assert card["sha256"] == sha256_of(models / card["file"])
+    assert "FracAtlas" in card["data"]
+    return card
+
+
+def test_cropper_tiny_run(tiny_cache, run_dirs):
+    from training import cropper
+
+    runs, models = run_dirs
+    recipe = load_recipe(
+        CONFIGS / "cropper.yaml",
+        {
+            "cache": str(tiny_cache),
+            "name": "t-cropper",
+            "input_size": 64,
+            "base_channels": 4,
+            "depth": 3,
+            "epochs": 4,
+            "batch_size": 4,
+        },
+    )
+    card = cropper.train(recipe, out_dir=models)
+    losses = epoch_losses(runs / "t-cropper" / "log.jsonl")
+    assert losses[-1] < losses[0]
+    check_card(models, "t-cropper")
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-3
+    assert 0.0 <= card["metrics"]["test"]["dice_vs_weak_masks"] <= 1.0
+    assert (runs / "t-cropper" / "crop_grid.png").exists()
+
+
+def test_simclr_tiny_run_and_resume(tiny_cache, run_dirs):
+    from training import simclr
+
+    runs, models = run_dirs
+    over = {
+        "cache": str(tiny_cache),
+        "name": "t-simclr",
+        "pretrain.epochs": 4,
+        "pretrain.batch_size": 8,
+        "pretrain.lr": 0.02,
+        "pretrain.source_size": 64,
+        "pretrain.input_size": 48,
+        "finetune.input_size": 64,
+        "finetune.batch_size": 8,
+        "finetune.linear_epochs": 1,
+        "finetune.full_epochs": 2,
+    }
+    card = simclr.train(load_recipe(CONFIGS / "simclr.yaml", over), out_dir=models)
+    log = runs / "t-simclr" / "log.jsonl"
+    assert len(epoch_losses(log, "simclr")) == 4
+    c = check_card(models, "t-simclr")
+    assert 0.0 <= c["decision_threshold"] <= 1.0 and c["threshold_rule"]
+    assert card["metrics"]["onnx_parity_max_abs_diff"]["fp32"] < 1e-4
+    # Resuming a finished run trains no further SSL epoch.
+    simclr.train(load_recipe(CONFIGS / "simclr.yaml", over), out_dir=models)
+    assert len(epoch_losses(log, "simclr")) == 4
+
+
+def test_simclr_objective_falls_on_a_fixed_batch():
+    """NT-Xent on fixed pairs of views falls under SGD (tiny-run epoch means are too noisy)."""
+    import torch
+
+    from training.simclr import build_resnet18, build_simclr, ssl_views
+
+    torch.manual_seed(0)
+    images = (torch.rand(8, 64, 64) * 255).to(torch.uint8)
+    v1, v2 = (((v - 0.5) / 0.25).expand(-1, 3, -1, -1) for v in ssl_views(images, 48))
+    model = build_simclr(build_resnet18(), 128, 0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        loss = model(v1, v2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_dino_tiny_run_quantised(tiny_cache, run_dirs):
+    from training import dino
+
+    runs, models = run_dirs
+    over = {
+        "cache": str(tiny_cache),
+        "name": "t-dino",
+        "pretrain.epochs": 3,
+        "pretrain.batch_size": 8,
+        "pretrain.source_size": 56,
+        "pretrain.input_size": 28,
+        "pretrain.output_dim": 256,
+        "finetune.input_size": 28,
+        "finetune.batch_size": 8,
+        "finetune.linear_epochs": 1,
+        "finetune.full_epochs": 1,
+    }
+    card = dino.train(load_recipe(CONFIGS / "dino.yaml", over), out_dir=models)
+    assert len(epoch_losses(runs / "t-dino" / "log.jsonl", "dino")) == 3
+    check_card(models, "t-dino")
+    assert card["metrics"]["onnx_parity_max_abs_diff"]["int8"] < 0.1
+
+
+def test_dinov2_checkpoint_in_facebook_key_format_loads(tmp_path):
+    """A synthetic checkpoint written in the facebookresearch DINOv2 key format (with its
+    mask_token and 37x37 position grid) loads after sha256 verification."""
+    import torch
+
+    from training.dino import build_vit, load_dinov2_checkpoint
+    from training.weights import WeightsMismatchError
+
+    source = build_vit(518)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 384)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, path)
+    target = build_vit(56)
+    missing = load_dinov2_checkpoint(target, str(path), sha256_of(path))
+    assert not missing
+    assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    with pytest.raises(WeightsMismatchError):
+        load_dinov2_checkpoint(target, str(path), "0" * 64)
+
+
+def test_torchvision_resnet_checkpoint_is_verified(tmp_path):
+    import torch
+
+    from training.simclr import build_resnet18
+    from training.weights import WeightsMismatchError, load_verified_state_dict
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_resnet18().state_dict(), path)
+    assert "layer4.1.bn2.weight" in load_verified_state_dict(path, sha256_of(path))
+    with pytest.raises(WeightsMismatchError):
+        load_verified_state_dict(path, None)
+
+
+def test_yolo_tiny_run(tiny_cache, run_dirs, monkeypatch, tmp_path):
+    from training import yolo
+
+    runs, models = run_dirs
+    monkeypatch.setattr(common, "REPO", tmp_path)  # the YOLO dataset folder goes under .cache here
+    recipe = load_recipe(
+        CONFIGS / "yolo.yaml",
+        {
+            "cache": str(tiny_cache),
+            "name": "t-yolo",
+            "negatives_per_positive": 1.0,
+            "train.epochs": 3,
+            "train.imgsz": 96,
+            "train.batch": 8,
+            "train.cache": False,
+            "train.workers": 0,
+        },
+    )
+    card = yolo.train(recipe, out_dir=models)
+    results = (runs / "t-yolo" / "ultralytics" / "results.csv").read_text().splitlines()
+    header = [h.strip() for h in results[0].split(",")]
+    col = header.index("train/box_loss")
+    box_losses = [float(r.split(",")[col]) for r in results[1:]]
+    assert len(box_losses) == 3 and min(box_losses[1:]) < box_losses[0]
+    c = check_card(models, "t-yolo")
+    assert "AGPL-3.0" in c["licence"]
+    assert [row["fp_per_image"] for row in c["operating_points"]] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    parity = card["metrics"]["parity_vs_ultralytics"]
+    assert parity["max_box_diff_px"] <= 1.0 and parity["max_score_diff"] <= 1e-3
+
+
+def test_frcnn_tiny_run(tiny_cache, run_dirs):
+    from training import frcnn
+
+    runs, models = run_dirs
+    recipe = load_recipe(
+        CONFIGS / "frcnn.yaml",
+        {
+            "cache": str(tiny_cache),
+            "name": "t-frcnn",
+            "ssl_run": "none",
+            "input_size": 96,
+            "epochs": 3,
+            "batch_size": 4,
+            "negatives_per_positive": 1.0,
+        },
+    )
+    card = frcnn.train(recipe, out_dir=models)
+    losses = epoch_losses(runs / "t-frcnn" / "log.jsonl")
+    assert losses[-1] < losses[0]
+    check_card(models, "t-frcnn")
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2

@@ -1,0 +1,71 @@
+"""Metric code against small cases computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training import metrics
+
+
+def test_dice_by_hand():
+    a = np.array([[1, 1, 0, 0]])
+    b = np.array([[0, 1, 1, 0]])
+    assert metrics.dice(a, b) == pytest.approx(2 * 1 / 4)
+    assert metrics.dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_classification_metrics_by_hand():
+    labels = [1, 1, 1, 0, 0, 0, 0, 0]
+    scores = [0.9, 0.6, 0.2, 0.7, 0.3, 0.1, 0.05, 0.4]
+    m = metrics.classification_metrics(labels, scores, threshold=0.5)
+    # predicted positive: 0.9 (tp), 0.6 (tp), 0.7 (fp); negatives: 0.2 (fn), four tn
+    assert m["confusion_matrix"] == {"tn": 4, "fp": 1, "fn": 1, "tp": 2}
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # AUROC: of 15 positive/negative pairs the positive wins 5 (0.9) + 4 (0.6) + 2 (0.2) = 11
+    assert m["auroc"] == pytest.approx(11 / 15)
+
+
+def test_youden_threshold_separates_a_separable_set():
+    t = metrics.youden_threshold([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.8])
+    assert 0.3 < t <= 0.6
+
+
+def test_box_iou_by_hand():
+    iou = metrics.box_iou(np.array([[0, 0, 2, 2]]), np.array([[1, 1, 3, 3], [5, 5, 6, 6]]))
+    assert iou[0, 0] == pytest.approx(1 / 7)
+    assert iou[0, 1] == 0.0
+
+
+def test_froc_by_hand():
+    # Image 0: one lesion, hit by a 0.9 box; a 0.5 false positive.
+    # Image 1: one lesion, hit only by a 0.3 box.
+    # Image 2: no lesion, a 0.8 false positive.
+    preds = [
+        (np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0.9, 0.5])),
+        (np.array([[0, 0, 10, 10]]), np.array([0.3])),
+        (np.array([[0, 0, 10, 10]]), np.array([0.8])),
+    ]
+    gts = [np.array([[0, 0, 10, 10]]), np.array([[1, 1, 10, 10]]), np.zeros((0, 4))]
+    f = metrics.froc(preds, gts)
+    assert list(f.thresholds) == [0.9, 0.8, 0.5, 0.3]
+    assert list(f.recall) == [0.5, 0.5, 0.5, 1.0]
+    assert np.allclose(f.fp_per_image, [0, 1 / 3, 2 / 3, 2 / 3])
+    assert np.allclose(f.precision, [1.0, 0.5, 1 / 3, 0.5])
+    op = f.operating_point(0.4)  # lowest threshold with at most 0.4 FP per image: 0.8
+    assert op["threshold"] == 0.8 and op["recall"] == 0.5
+    assert f.operating_point(0.7)["threshold"] == 0.3
+    assert f.operating_point(0.0)["threshold"] == 0.9
+
+
+def test_coco_ap_perfect_and_empty():
+    gts = [np.array([[10, 10, 50, 50]]), np.zeros((0, 4))]
+    perfect = [(np.array([[10, 10, 50, 50]]), np.array([0.9])), (np.zeros((0, 4)), np.zeros(0))]
+    ap = metrics.coco_ap(perfect, gts, [(100, 100), (100, 100)])
+    assert ap["ap50"] == pytest.approx(1.0) and ap["ap50_95"] == pytest.approx(1.0)
+    miss = [(np.array([[60, 60, 90, 90]]), np.array([0.9])), (np.zeros((0, 4)), np.zeros(0))]
+    assert metrics.coco_ap(miss, gts, [(100, 100), (100, 100)])["ap50"] == 0.0
