@@ -101,6 +101,19 @@ class Froc:
             "achieved_fp_per_image": float(self.fp_per_image[i]),
         }
 
+    def at_threshold(self, threshold: float) -> dict:
+        """Recall, precision and mean FP/image of the boxes scoring at least `threshold`."""
+        ok = np.flatnonzero(self.thresholds >= threshold - 1e-12)
+        if ok.size == 0:
+            return {"threshold": threshold, "recall": 0.0, "precision": 1.0, "fp_per_image": 0.0}
+        i = int(ok[-1])
+        return {
+            "threshold": threshold,
+            "recall": float(self.recall[i]),
+            "precision": float(self.precision[i]),
+            "fp_per_image": float(self.fp_per_image[i]),
+        }
+
     def table(self, rates: Sequence[float] = FP_RATES) -> list[dict]:
         return [self.operating_point(r) for r in rates]
 

@@ -69,3 +69,16 @@ def test_coco_ap_perfect_and_empty():
     assert ap["ap50"] == pytest.approx(1.0) and ap["ap50_95"] == pytest.approx(1.0)
     miss = [(np.array([[60, 60, 90, 90]]), np.array([0.9])), (np.zeros((0, 4)), np.zeros(0))]
     assert metrics.coco_ap(miss, gts, [(100, 100), (100, 100)])["ap50"] == 0.0
+
+
+def test_froc_at_a_threshold():
+    preds = [(np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0.9, 0.5]))]
+    f = metrics.froc(preds, [np.array([[0, 0, 10, 10]])])
+    assert f.at_threshold(0.6) == {
+        "threshold": 0.6,
+        "recall": 1.0,
+        "precision": 1.0,
+        "fp_per_image": 0.0,
+    }
+    assert f.at_threshold(0.5)["fp_per_image"] == 1.0
+    assert f.at_threshold(0.95)["recall"] == 0.0

@@ -1,0 +1,149 @@
+"""Latency and memory of the service as deployed: a real uvicorn process, real HTTP requests.
+
+    python bench/latency.py [--images 50] [--port 8765] [--out bench/results.json]
+
+Measures: time from process start to /readyz = 200, RSS after start-up, end-to-end latency per
+image (median, p95) over FracAtlas test images and over the shared DICOMs, and the decode time
+of the largest shared DICOM (in process, the service's decoder). Needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values)
+    return {
+        "n": len(values),
+        "median_ms": round(float(np.median(arr)), 1),
+        "p95_ms": round(float(np.percentile(arr, 95)), 1),
+        "mean_ms": round(float(arr.mean()), 1),
+    }
+
+
+def post_each(client: httpx.Client, files: list[tuple[Path, str]]) -> list[float]:
+    out = []
+    for path, ctype in files:
+        data = path.read_bytes()
+        t0 = time.perf_counter()
+        r = client.post("/v1/predict", content=data, headers={"content-type": ctype})
+        out.append(1000 * (time.perf_counter() - t0))
+        r.raise_for_status()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=50)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args()
+    test_names = (SHARED / "fracatlas" / "splits" / "test.txt").read_text().split()[: args.images]
+    jpegs = []
+    for name in test_names:
+        for folder in ("Fractured", "Non_fractured"):
+            p = SHARED / "fracatlas" / "images" / folder / name
+            if p.exists():
+                jpegs.append((p, "image/jpeg"))
+    manifest = (SHARED / "dicom" / "MANIFEST.tsv").read_text().splitlines()[1:]
+    dicoms = [
+        (SHARED / "dicom" / row.split("\t")[0], "application/dicom")
+        for row in manifest
+        if row.split("\t")[-1] == "ok" and row.split("\t")[2] != "MG"
+    ]
+
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=120) as client:
+            while True:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None:
+                    raise SystemExit("the service exited before it was ready")
+                time.sleep(0.05)
+            ready_s = time.perf_counter() - t_start
+            rss_ready = rss_mib(proc.pid)
+            post_each(client, jpegs[:3])  # first requests: allocator and caches
+            jpeg_ms = post_each(client, jpegs)
+            dicom_ms = post_each(client, dicoms)
+            rss_after = rss_mib(proc.pid)
+            models = {
+                m["role"]: f"{m['name']} {m['version']} ({m['execution_provider']})"
+                for m in client.get("/v1/models").json()["models"]
+                if m["default"]
+            }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    sys.path.insert(0, str(REPO))
+    from app.decoding import decode
+
+    largest = max((p for p, _ in dicoms), key=lambda p: p.stat().st_size)
+    data = largest.read_bytes()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        decode(data, "application/dicom", largest.name, 10**9, ["CR", "DX", "RG"])
+        times.append(1000 * (time.perf_counter() - t0))
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "models": models,
+        "start_to_ready_s": round(ready_s, 2),
+        "rss_after_startup_mib": round(rss_ready, 1),
+        "rss_after_bench_mib": round(rss_after, 1),
+        "fracatlas_jpeg_end_to_end": percentiles(jpeg_ms),
+        "shared_dicom_end_to_end": percentiles(dicom_ms),
+        "largest_dicom_decode": {
+            "file": largest.name,
+            "bytes": largest.stat().st_size,
+            "median_ms": round(float(np.median(times)), 1),
+        },
+    }
+    print(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
