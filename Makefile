@@ -8,7 +8,7 @@ ORT ?= cpu
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: serve install install-test test lint format train bench clean
+.PHONY: serve install install-test system-deps test lint format train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ serve: install
 install-test: $(BIN)/python
 	$(PIP) install --quiet -e ".[cpu,train,test]"
 
+# Debian's prometheus (promtool and a real server for the scrape test); its tests skip with a
+# reason where it cannot be installed (not root, no apt).
+system-deps:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }; } \
+	  || echo "prometheus could not be installed here: its tests will skip"
+
 lint: install-test
 	$(BIN)/ruff check app training tests bench
 	$(BIN)/ruff format --check app training tests bench
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 format: install-test
