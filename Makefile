@@ -26,13 +26,17 @@ serve: install
 install-test: $(BIN)/python
 	$(PIP) install --quiet -e ".[cpu,train,test]"
 
-# Debian's prometheus (promtool and a real server for the scrape test); its tests skip with a
-# reason where it cannot be installed (not root, no apt).
+# Debian packages the tests run for real: prometheus (promtool and a server for the scrape test),
+# orthanc and orthanc-dicomweb (a PACS for the DICOMweb tests). Tests skip with a reason where
+# they cannot be installed (not root, no apt).
+DEBIAN_PACKAGES := prometheus orthanc orthanc-dicomweb
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES)
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
-	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }; } \
-	  || echo "prometheus could not be installed here: its tests will skip"
+	@if command -v promtool >/dev/null 2>&1 && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  $(APT_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1; } \
+	  || echo "could not install $(DEBIAN_PACKAGES): their tests will skip"; \
+	else echo "not root or no apt: $(DEBIAN_PACKAGES) not installed, their tests will skip"; fi
 
 lint: install-test
 	$(BIN)/ruff check app training tests bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -10,10 +11,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from app.api.routes import health, metrics, models, predict
+from app.api.routes import dicomweb, health, metrics, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
 from app.core.metrics import Metrics
+from app.dicomweb.store import Deliverer, ResultStore
 from app.runtime import ModelLoadError, ModelRegistry
 from app.state import AppState
 
@@ -119,13 +121,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
-    state = AppState(settings=settings, metrics=Metrics())
+    state = AppState(
+        settings=settings, metrics=Metrics(), results=ResultStore(settings.result_retention_s)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.inference_slots = asyncio.Semaphore(settings.inference_workers)
         load_models(state)
+        delivery = None
+        if settings.dicomweb_destination:
+            state.deliverer = Deliverer(
+                state.results,
+                settings.dicomweb_destination,
+                settings.delivery_retry_s,
+                settings.delivery_max_backoff_s,
+                settings.delivery_timeout_s,
+            )
+            delivery = asyncio.create_task(state.deliverer.run())
         yield
+        if delivery is not None:
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivery
 
     app = FastAPI(
         title="Fracture detection service",
@@ -136,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fracture = state
     install_handlers(app)
-    for module in (predict, models, health, metrics):
+    for module in (predict, dicomweb, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(LimitsAndMetricsMiddleware, state=state)
     return app

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from app.core.config import Settings
 from app.core.metrics import Metrics
+from app.dicomweb.store import Deliverer, ResultStore
 from app.runtime import ModelRegistry
 
 
@@ -18,3 +19,5 @@ class AppState:
     ready: bool = False
     not_ready_reason: str = "models are loading"
     inference_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))
+    results: ResultStore | None = None
+    deliverer: Deliverer | None = None

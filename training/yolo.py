@@ -128,6 +128,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         )
     )
     onnx_path = out_dir / f"{recipe['name']}.onnx"
+    out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(exported, onnx_path)
     spec = input_spec(train_args["imgsz"])
     parity = parity_with_ultralytics(trained, onnx_path, items["val"][:6], spec)

@@ -51,6 +51,22 @@ class Settings(BaseSettings):
         description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",
     )
     log_level: str = Field("INFO", description="Python log level")
+    dicomweb_destination: str | None = Field(
+        None,
+        description="DICOMweb base URL that receives our SR and SC objects (STOW-RS), e.g. http://pacs:8042/dicom-web",
+    )
+    delivery_retry_s: float = Field(
+        5.0, gt=0, description="first retry delay of a failed delivery (doubles)"
+    )
+    delivery_max_backoff_s: float = Field(
+        300.0, gt=0, description="longest delay between delivery attempts"
+    )
+    delivery_timeout_s: float = Field(
+        30.0, gt=0, description="timeout of one STOW-RS request to the destination"
+    )
+    result_retention_s: float = Field(
+        86_400.0, gt=0, description="how long results stay retrievable here, delivered or not"
+    )
 
 
 @lru_cache

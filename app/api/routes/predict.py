@@ -121,6 +121,37 @@ def _pick(state: AppState, role: str, name: str | None, default: str) -> OnnxMod
         ) from None
 
 
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID when it is a plain token, else a new one."""
+    given = request.headers.get("x-request-id", "")[:64]
+    return given if given and given.replace("-", "").isalnum() else uuid.uuid4().hex
+
+
+def resolve_models(
+    state: AppState,
+    classifier: str | None,
+    detector: str | None,
+    fp_per_image: float | None,
+    score_threshold: float | None,
+) -> tuple[OnnxModel, OnnxModel, OnnxModel, op.OperatingPoint]:
+    """Cropper, classifier, detector and operating point of a request; 4xx when wrong."""
+    if not state.ready:
+        raise ApiError(503, "not_ready", state.not_ready_reason)
+    s = state.settings
+    clf = _pick(state, "classifier", classifier, s.default_classifier)
+    det = _pick(state, "detector", detector, s.default_detector)
+    crp = _pick(state, "cropper", None, "")
+    try:
+        if score_threshold is not None:
+            point = op.from_score(score_threshold)
+        else:
+            rate = s.default_fp_per_image if fp_per_image is None else fp_per_image
+            point = op.from_fp_rate(det.card["operating_points"], rate)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_operating_point", str(exc)) from None
+    return crp, clf, det, point
+
+
 @router.post(
     "/v1/predict", summary="fracture probability and boxes for one study", openapi_extra=UPLOAD_DOC
 )
@@ -136,34 +167,35 @@ async def predict(
     detector: str | None = Query(None, description="detector name (see /v1/models)"),
 ) -> dict[str, Any]:
     state: AppState = request.app.state.fracture
-    if not state.ready:
-        raise ApiError(503, "not_ready", state.not_ready_reason)
-    s = state.settings
-    clf = _pick(state, "classifier", classifier, s.default_classifier)
-    det = _pick(state, "detector", detector, s.default_detector)
-    crp = _pick(state, "cropper", None, "")
-    try:
-        if score_threshold is not None:
-            point = op.from_score(score_threshold)
-        else:
-            rate = s.default_fp_per_image if fp_per_image is None else fp_per_image
-            point = op.from_fp_rate(det.card["operating_points"], rate)
-    except ValueError as exc:
-        raise ApiError(422, "invalid_operating_point", str(exc)) from None
+    crp, clf, det, point = resolve_models(
+        state, classifier, detector, fp_per_image, score_threshold
+    )
+    request_id = request_id_of(request)
+    uploads = await read_uploads(request, state.settings.max_images_per_request)
 
-    request_id = request.headers.get("x-request-id", "")[:64] or uuid.uuid4().hex
-    if not request_id.replace("-", "").isalnum():
-        request_id = uuid.uuid4().hex
-    request.state.request_id = request_id
-    uploads = await read_uploads(request, s.max_images_per_request)
+    async with state.inference_slots:
+        works = await run_in_threadpool(_decode_all, state, uploads)
+    return await analyse_study(state, works, point, (crp, clf, det), request_id)
+
+
+async def analyse_study(
+    state: AppState,
+    works: list[ImageWork],
+    point: op.OperatingPoint,
+    models: tuple[OnnxModel, OnnxModel, OnnxModel],
+    request_id: str,
+) -> dict[str, Any]:
+    """Run the pipeline on the decoded images of one study; the answer of /v1/predict."""
+    crp, clf, det = models
 
     def on_stage(stage: str, seconds: float, n: int) -> None:
         state.metrics.stage_duration.labels(stage).observe(seconds)
         state.metrics.batch_size.labels(stage).observe(n)
 
     async with state.inference_slots:
-        works = await run_in_threadpool(_decode_all, state, uploads)
-        await run_in_threadpool(run_study, works, crp, clf, det, point, s.crop_margin, on_stage)
+        await run_in_threadpool(
+            run_study, works, crp, clf, det, point, state.settings.crop_margin, on_stage
+        )
 
     threshold = float(clf.card["decision_threshold"])
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]

@@ -1,0 +1,300 @@
+"""DICOMweb: STOW-RS in (PS3.18 10.5), our SR and SC objects out (WADO-RS), JSON findings.
+
+Instances of one request are analysed as one study per StudyInstanceUID. Status codes: 200 all
+stored, 202 some failed, 409 none stored (every instance conflicted: study UID mismatch,
+unsupported SOP class or modality, undecodable), 400 bad multipart syntax, 415 wrong media type.
+FailureReason per instance: 0xA900 study UID mismatch, 0x0122 SOP class (or modality) not
+supported, 0xC000 cannot understand (not DICOM, undecodable pixels), 0xA700 out of resources
+(over the pixel limit). Results are stored for retrieval here and pushed to the configured
+DICOMweb destination (see app/dicomweb/store.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from starlette.concurrency import run_in_threadpool
+
+from app.api.routes.predict import analyse_study, request_id_of, resolve_models
+from app.core.errors import ApiError
+from app.decoding import DecodedImage, decode_dicom
+from app.dicomweb.multipart import MultipartError, build_related, media_params, parse_related
+from app.dicomweb.results import (
+    ImageFindings,
+    build_secondary_capture,
+    build_sr,
+    encode,
+    source_header,
+)
+from app.pipeline import ImageWork
+from app.state import AppState
+
+log = logging.getLogger("app.dicomweb")
+router = APIRouter(tags=["dicomweb"])
+
+STUDY_UID_MISMATCH = 0xA900
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+CANNOT_UNDERSTAND = 0xC000
+OUT_OF_RESOURCES = 0xA700
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+
+STOW_DOC = {
+    "requestBody": {
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
+        "required": True,
+    },
+    "responses": {"200": {"content": {"application/dicom+json": {}, "application/json": {}}}},
+}
+
+
+class Accepted:
+    def __init__(self, header: Dataset, image: DecodedImage, decode_ms: float):
+        self.header = header
+        self.image = image
+        self.decode_ms = decode_ms
+
+
+def _read_instance(
+    data: bytes, state: AppState, url_study: str | None
+) -> Accepted | tuple[str, str, int]:
+    """An accepted instance, or (SOP class, SOP instance, failure reason)."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+        sop_class = str(header.SOPClassUID)
+        sop_uid = str(header.SOPInstanceUID)
+    except Exception:
+        return "", "", CANNOT_UNDERSTAND
+    if url_study and str(header.get("StudyInstanceUID", "")) != url_study:
+        return sop_class, sop_uid, STUDY_UID_MISMATCH
+    t0 = time.perf_counter()
+    try:
+        image = decode_dicom(
+            data, state.settings.max_image_pixels, state.settings.allowed_modalities
+        )
+    except ApiError as exc:
+        reason = {413: OUT_OF_RESOURCES}.get(exc.status, CANNOT_UNDERSTAND)
+        if exc.code in ("unsupported_modality", "multi_frame_unsupported", "no_pixel_data"):
+            reason = SOP_CLASS_NOT_SUPPORTED
+        return sop_class, sop_uid, reason
+    state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
+    return Accepted(source_header(header), image, round(1000 * (time.perf_counter() - t0), 2))
+
+
+def _sop_item(sop_class: str, sop_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_uid
+    return item
+
+
+def _build_results(
+    answer: dict[str, Any],
+    accepted: list[Accepted],
+    works: list[ImageWork],
+    algorithm: tuple[str, str],
+) -> list[bytes]:
+    findings = [
+        ImageFindings(
+            source=a.header,
+            pixels=w.image.pixels,
+            probability=img["fracture_probability"],
+            fracture=img["fracture"],
+            boxes=np.asarray([d["box"] for d in img["detections"]], dtype=np.float32).reshape(
+                -1, 4
+            ),
+            scores=np.asarray([d["score"] for d in img["detections"]], dtype=np.float32),
+        )
+        for a, w, img in zip(accepted, works, answer["images"], strict=True)
+    ]
+    sr = build_sr(findings, answer["operating_point"], algorithm, generate_uid())
+    sc_series = generate_uid()
+    captures = [build_secondary_capture(f, sc_series, i + 1) for i, f in enumerate(findings)]
+    return [encode(sr), *(encode(c) for c in captures)]
+
+
+async def _store(
+    request: Request,
+    url_study: str | None,
+    fp_per_image: float | None,
+    score_threshold: float | None,
+) -> Response:
+    state: AppState = request.app.state.fracture
+    media, params = media_params(request.headers.get("content-type", ""))
+    if (
+        media != "multipart/related"
+        or params.get("type", "application/dicom").lower() != "application/dicom"
+    ):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            'STOW-RS takes multipart/related; type="application/dicom"',
+        )
+    crp, clf, det, point = resolve_models(state, None, None, fp_per_image, score_threshold)
+    body = await request.body()
+    try:
+        parts = parse_related(body, params.get("boundary", ""))
+    except MultipartError as exc:
+        raise ApiError(400, "invalid_multipart", str(exc)) from None
+    if not parts:
+        raise ApiError(400, "no_instances", "the request carries no DICOM instance")
+    if len(parts) > state.settings.max_images_per_request:
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{len(parts)} instances; the limit is {state.settings.max_images_per_request}",
+        )
+
+    failed: list[Dataset] = []
+    studies: OrderedDict[str, list[Accepted]] = OrderedDict()
+    for part in parts:
+        ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
+        outcome: Accepted | tuple[str, str, int]
+        if ptype != "application/dicom":
+            outcome = ("", "", CANNOT_UNDERSTAND)
+        else:
+            outcome = await run_in_threadpool(_read_instance, part.body, state, url_study)
+        if isinstance(outcome, Accepted):
+            studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
+        else:
+            item = _sop_item(outcome[0], outcome[1])
+            item.FailureReason = outcome[2]
+            failed.append(item)
+            state.metrics.images.labels("rejected").inc()
+
+    request_id = request_id_of(request)
+    base = str(request.base_url).rstrip("/")
+    referenced: list[Dataset] = []
+    answers = []
+    for study_uid, accepted in studies.items():
+        works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
+        answer = await analyse_study(state, works, point, (crp, clf, det), request_id)
+        answer["study"]["study_instance_uid"] = study_uid
+        instances = await run_in_threadpool(
+            _build_results, answer, accepted, works, (det.name, det.version)
+        )
+        result = state.results.add(study_uid, answer, instances)
+        answer["result_id"] = result.result_id
+        answer["results_url"] = f"{base}/dicomweb/studies/{study_uid}"
+        answers.append(answer)
+        for a in accepted:
+            referenced.append(_sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID)))
+        if state.deliverer is not None:
+            state.deliverer.wakeup.set()
+    status = 200 if not failed else (202 if referenced else 409)
+    log.info(
+        "request %s: STOW-RS %d instance(s), %d failed, %d study(ies) analysed",
+        request_id,
+        len(parts),
+        len(failed),
+        len(studies),
+    )
+
+    if "application/json" in request.headers.get(
+        "accept", ""
+    ) and "dicom+json" not in request.headers.get("accept", ""):
+        return _json({"request_id": request_id, "studies": answers, "failed": len(failed)}, status)
+    response = Dataset()
+    if url_study or len(studies) == 1:
+        response.RetrieveURL = f"{base}/dicomweb/studies/{url_study or next(iter(studies))}"
+    if failed:
+        response.FailedSOPSequence = failed
+    if referenced:
+        response.ReferencedSOPSequence = referenced
+    headers = (
+        {"Link": ", ".join(f'<{a["results_url"]}/findings>; rel="describedby"' for a in answers)}
+        if answers
+        else {}
+    )
+    return _json(response.to_json_dict(), status, "application/dicom+json", headers)
+
+
+def _json(
+    content: Any, status: int, media: str = "application/json", headers: dict | None = None
+) -> Response:
+    import json
+
+    return Response(json.dumps(content), status_code=status, media_type=media, headers=headers)
+
+
+@router.post(
+    "/dicomweb/studies", summary="STOW-RS: store (analyse) instances", openapi_extra=STOW_DOC
+)
+async def store_instances(
+    request: Request,
+    fp_per_image: float | None = Query(
+        None, description="operating point (0.1 to 0.5, default 0.4)"
+    ),
+    score_threshold: float | None = Query(
+        None, description="detector threshold; overrides fp_per_image"
+    ),
+) -> Response:
+    return await _store(request, None, fp_per_image, score_threshold)
+
+
+@router.post(
+    "/dicomweb/studies/{study_uid}",
+    summary="STOW-RS: store (analyse) instances of one study",
+    openapi_extra=STOW_DOC,
+)
+async def store_study_instances(
+    request: Request,
+    study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
+    fp_per_image: float | None = Query(None),
+    score_threshold: float | None = Query(None),
+) -> Response:
+    return await _store(request, study_uid, fp_per_image, score_threshold)
+
+
+def _result_or_404(request: Request, study_uid: str):
+    result = request.app.state.fracture.results.get(study_uid)
+    if result is None:
+        raise ApiError(
+            404,
+            "unknown_study",
+            "no results for this study here (never analysed, or past retention)",
+        )
+    return result
+
+
+@router.get(
+    "/dicomweb/studies/{study_uid}", summary="WADO-RS: our result objects (SR, SC) of a study"
+)
+async def retrieve_results(
+    request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+) -> Response:
+    result = _result_or_404(request, study_uid)
+    body, ctype = build_related(result.instances)
+    return Response(body, media_type=ctype.split(";")[0], headers={"content-type": ctype})
+
+
+@router.get(
+    "/dicomweb/studies/{study_uid}/findings",
+    summary="our JSON findings of a study, and their delivery",
+)
+async def study_findings(
+    request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+) -> dict:
+    result = _result_or_404(request, study_uid)
+    return {
+        **result.findings,
+        "delivery": {
+            "destination_configured": request.app.state.fracture.deliverer is not None,
+            "delivered": result.delivered,
+            "attempts": result.attempts,
+            "last_error": result.last_error,
+        },
+    }

@@ -1,0 +1,252 @@
+"""Findings as DICOM objects (highdicom), in the source study, in new series.
+
+- A Comprehensive SR measurement report (TID 1500): per image, a measurement group with the
+  fracture probability and the operating point; per detected fracture, a planar ROI group with
+  the box as a closed SCOORD polyline on the source instance and its score.
+- A Secondary Capture per image with the boxes burned in. Chosen over a Grayscale Softcopy
+  Presentation State because every PACS viewer shows an SC image, while GSPS support (and how
+  graphic layers are drawn) varies between viewers; the SC says BurnedInAnnotation YES and
+  references its source image.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+DEVICE_UID_ROOT = "1.2.826.0.1.3680043.10.1287."  # the service's UIDs (pydicom's root space)
+MANUFACTURER = "Fracture Service Project"
+MODEL_NAME = "fracture-service"
+SCHEME = "99FRACTURE"  # our local coding scheme for concepts no standard code covers
+
+
+@dataclass
+class ImageFindings:
+    source: Dataset  # the source instance's header (no pixel data needed)
+    pixels: np.ndarray  # the decoded grey image, for the secondary capture
+    probability: float
+    fracture: bool
+    boxes: np.ndarray  # (k, 4) xyxy in source pixels
+    scores: np.ndarray
+
+
+# Type 2 attributes of the patient and study modules: present (possibly empty) in what we write.
+TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A copy of a source header without pixel data, its Type 2 attributes present."""
+    out = Dataset()
+    for element in ds:
+        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            out.add(element)
+    for keyword in TYPE2:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    out.file_meta = getattr(ds, "file_meta", Dataset())
+    return out
+
+
+def _codes() -> dict[str, Any]:
+    from highdicom.sr import CodedConcept
+
+    return {
+        "fracture": CodedConcept("72704001", "SCT", "Fracture"),
+        "finding": CodedConcept("121071", "DCM", "Finding"),
+        "procedure": CodedConcept("363680008", "SCT", "Radiographic imaging procedure"),
+        "probability": CodedConcept("FRACPROB", SCHEME, "Fracture probability"),
+        "box_score": CodedConcept("FRACSCORE", SCHEME, "Fracture detection score"),
+        "fp_rate": CodedConcept("FPPERIMG", SCHEME, "Operating point false positives per image"),
+        "threshold": CodedConcept("DETTHR", SCHEME, "Detector score threshold"),
+        "unitless": CodedConcept("1", "UCUM", "no units"),
+    }
+
+
+def build_sr(
+    findings: list[ImageFindings],
+    operating_point: dict[str, Any],
+    algorithm: tuple[str, str],
+    series_uid: str,
+) -> Dataset:
+    """TID 1500 measurement report over every image of the study."""
+    from highdicom.sr import (
+        AlgorithmIdentification,
+        ComprehensiveSR,
+        DeviceObserverIdentifyingAttributes,
+        GraphicTypeValues,
+        ImageRegion,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        ObservationContext,
+        ObserverContext,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        SourceImageForRegion,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+
+    c = _codes()
+    algorithm_id = AlgorithmIdentification(name=algorithm[0], version=algorithm[1])
+    device = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_UID_ROOT + "1",
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=algorithm[0],
+        ),
+    )
+    groups: list[Any] = []
+    for i, f in enumerate(findings):
+        measurements = [
+            Measurement(
+                name=c["probability"],
+                value=float(f.probability),
+                unit=c["unitless"],
+                algorithm_id=algorithm_id,
+            ),
+            Measurement(
+                name=c["threshold"],
+                value=float(operating_point["detector_threshold"]),
+                unit=c["unitless"],
+            ),
+        ]
+        if operating_point.get("fp_per_image") is not None:
+            measurements.append(
+                Measurement(
+                    name=c["fp_rate"],
+                    value=float(operating_point["fp_per_image"]),
+                    unit=c["unitless"],
+                )
+            )
+        evaluations = (
+            [QualitativeEvaluation(name=c["finding"], value=c["fracture"])] if f.fracture else None
+        )
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=generate_uid(), identifier=f"image {i + 1}"
+                ),
+                finding_type=c["fracture"],
+                algorithm_id=algorithm_id,
+                measurements=measurements,
+                qualitative_evaluations=evaluations,
+                source_images=[SourceImageForMeasurementGroup.from_source_image(f.source)],
+            )
+        )
+        rows, cols = int(f.source.Rows), int(f.source.Columns)
+        for j, (box, score) in enumerate(zip(f.boxes, f.scores, strict=True)):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            x1, x2 = np.clip([x1, x2], 0, cols)
+            y1, y2 = np.clip([y1, y2], 0, rows)
+            polyline = np.array(
+                [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32
+            )
+            groups.append(
+                PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=TrackingIdentifier(
+                        uid=generate_uid(), identifier=f"image {i + 1} fracture {j + 1}"
+                    ),
+                    referenced_region=ImageRegion(
+                        graphic_type=GraphicTypeValues.POLYLINE,
+                        graphic_data=polyline,
+                        source_image=SourceImageForRegion.from_source_image(f.source),
+                    ),
+                    finding_type=c["fracture"],
+                    algorithm_id=algorithm_id,
+                    measurements=[
+                        Measurement(name=c["box_score"], value=float(score), unit=c["unitless"])
+                    ],
+                )
+            )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=device),
+        procedure_reported=c["procedure"],
+        imaging_measurements=groups,
+    )
+    sr = ComprehensiveSR(
+        evidence=[f.source for f in findings],
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=9901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+    )
+    sr.SeriesDescription = "Fracture detection report (AI)"
+    sr.ManufacturerModelName = MODEL_NAME
+    sr.SoftwareVersions = [f"{algorithm[0]} {algorithm[1]}"]
+    return sr
+
+
+def build_secondary_capture(
+    finding: ImageFindings, series_uid: str, instance_number: int
+) -> Dataset:
+    """The source image (grey stretched to 8 bits) with the boxes and scores burned in."""
+    from highdicom.sc import SCImage
+
+    from app.preprocessing import stretch_grey
+
+    grey = (stretch_grey(finding.pixels) * 255).astype(np.uint8)
+    canvas = Image.fromarray(grey).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(min(grey.shape) / 300))
+    for box, score in zip(finding.boxes, finding.scores, strict=True):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 210, 0), width=width)
+        draw.text(
+            (x1 + width, max(0.0, y1 - 14 * width)), f"fracture {score:.2f}", fill=(255, 210, 0)
+        )
+    label = f"AI fracture probability {finding.probability:.2f} - not for primary diagnosis"
+    draw.text((10, 10), label, fill=(255, 210, 0))
+    orientation = finding.source.get("PatientOrientation")
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=finding.source,
+        pixel_array=np.asarray(canvas),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=9902,
+        sop_instance_uid=generate_uid(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=tuple(orientation)
+        if orientation and len(orientation) == 2
+        else ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    sc.SeriesDescription = "Fracture detections (AI, burned in)"
+    sc.BurnedInAnnotation = "YES"
+    sc.ManufacturerModelName = MODEL_NAME
+    source_ref = Dataset()
+    source_ref.ReferencedSOPClassUID = finding.source.SOPClassUID
+    source_ref.ReferencedSOPInstanceUID = finding.source.SOPInstanceUID
+    sc.SourceImageSequence = [source_ref]
+    return sc
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,133 @@
+"""Results of analysed studies, kept until the PACS has them (bounded by a retention time),
+and the background delivery to a DICOMweb destination (STOW-RS client) with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from app.dicomweb.multipart import build_related
+
+log = logging.getLogger("app.dicomweb.delivery")
+
+
+@dataclass
+class StudyResult:
+    result_id: str
+    study_uid: str
+    findings: dict[str, Any]
+    instances: list[bytes]  # the SR and the secondary captures, Part 10 encoded
+    created: float = field(default_factory=time.monotonic)
+    delivered: bool = False
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str | None = None
+
+
+class ResultStore:
+    """Thread-safe map of study UID -> latest results, with retention."""
+
+    def __init__(self, retention_s: float):
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._by_study: dict[str, StudyResult] = {}
+
+    def add(self, study_uid: str, findings: dict[str, Any], instances: list[bytes]) -> StudyResult:
+        result = StudyResult(uuid.uuid4().hex[:12], study_uid, findings, instances)
+        with self._lock:
+            self._by_study[study_uid] = result
+        return result
+
+    def get(self, study_uid: str) -> StudyResult | None:
+        with self._lock:
+            return self._by_study.get(study_uid)
+
+    def pending(self, now: float) -> list[StudyResult]:
+        with self._lock:
+            return [r for r in self._by_study.values() if not r.delivered and r.next_attempt <= now]
+
+    def expire(self, now: float) -> None:
+        with self._lock:
+            old = [k for k, r in self._by_study.items() if now - r.created > self.retention_s]
+            for key in old:
+                result = self._by_study.pop(key)
+                if not result.delivered:
+                    log.error(
+                        "result %s dropped undelivered after %d attempts (retention %.0f s): %s",
+                        result.result_id,
+                        result.attempts,
+                        self.retention_s,
+                        result.last_error,
+                    )
+
+
+class Deliverer:
+    """Stores every pending result at the destination's STOW-RS endpoint, retrying with backoff."""
+
+    def __init__(
+        self,
+        store: ResultStore,
+        destination: str,
+        retry_s: float,
+        max_backoff_s: float,
+        timeout_s: float,
+    ):
+        self.store = store
+        self.url = destination.rstrip("/") + "/studies"
+        self.retry_s = retry_s
+        self.max_backoff_s = max_backoff_s
+        self.timeout_s = timeout_s
+        self.wakeup = asyncio.Event()
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            while True:
+                now = time.monotonic()
+                self.store.expire(now)
+                for result in self.store.pending(now):
+                    await self._deliver(client, result)
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=self.retry_s)
+
+    async def _deliver(self, client: httpx.AsyncClient, result: StudyResult) -> None:
+        body, ctype = build_related(result.instances)
+        result.attempts += 1
+        try:
+            response = await client.post(
+                self.url,
+                content=body,
+                headers={"content-type": ctype, "accept": "application/dicom+json"},
+            )
+            ok = response.status_code in (200, 202)
+            error = None if ok else f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, type(exc).__name__
+        if ok:
+            result.delivered = True
+            result.last_error = None
+            log.info(
+                "result %s delivered to the PACS (%d objects, attempt %d)",
+                result.result_id,
+                len(result.instances),
+                result.attempts,
+            )
+            return
+        backoff = min(self.max_backoff_s, self.retry_s * 2 ** (result.attempts - 1))
+        result.next_attempt = time.monotonic() + backoff
+        result.last_error = error
+        log.warning(
+            "delivery of result %s to the PACS failed (attempt %d, %s); retrying in %.0f s",
+            result.result_id,
+            result.attempts,
+            error,
+            backoff,
+        )

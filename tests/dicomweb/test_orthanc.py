@@ -1,0 +1,246 @@
+"""Against a real Orthanc (Debian's orthanc + orthanc-dicomweb), started here on loopback:
+Orthanc sends a study to our STOW-RS endpoint through its DICOMweb client, the service pushes its
+SR and secondary capture back, and we read them from Orthanc. Also: a destination that is down
+at first loses nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import httpx
+import numpy as np
+import pydicom
+import pytest
+
+from tests.conftest import DICOM_DIR, REPO, bone_phantom
+from tests.deploy.test_deploy import free_port, wait_for
+from tests.dicom_factory import make_dataset, to_bytes
+
+pytestmark = pytest.mark.slow
+PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
+
+
+def orthanc_binary() -> str:
+    path = shutil.which("Orthanc") or (
+        "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None
+    )
+    if path is None:
+        pytest.skip(
+            "Orthanc is not installed (make test installs Debian's orthanc and orthanc-dicomweb)"
+        )
+    plugin = next(
+        (
+            Path(d) / "libOrthancDicomWeb.so"
+            for d in PLUGIN_DIRS
+            if (Path(d) / "libOrthancDicomWeb.so").exists()
+        ),
+        None,
+    )
+    if plugin is None:
+        pytest.skip(
+            "the Orthanc DICOMweb plugin is not installed (Debian package orthanc-dicomweb)"
+        )
+    return path
+
+
+class Orthanc:
+    def __init__(self, root: Path, http_port: int, service_url: str | None):
+        binary = orthanc_binary()
+        plugin = next(
+            str(Path(d) / "libOrthancDicomWeb.so")
+            for d in PLUGIN_DIRS
+            if (Path(d) / "libOrthancDicomWeb.so").exists()
+        )
+        root.mkdir(parents=True, exist_ok=True)
+        servers = {"fracture": [service_url]} if service_url else {}
+        config = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"),
+            "HttpPort": http_port,
+            "DicomPort": free_port(),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpTimeout": 120,
+            "Plugins": [plugin],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers},
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.proc = subprocess.Popen(
+            [binary, str(root / "orthanc.json")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120)
+        wait_for(lambda: self.http.get("/system").status_code == 200, 60, "Orthanc to start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+class Service:
+    def __init__(self, port: int, destination: str):
+        env = {
+            **os.environ,
+            "FRACTURE_DICOMWEB_DESTINATION": destination,
+            "FRACTURE_DELIVERY_RETRY_S": "0.5",
+            "FRACTURE_DELIVERY_MAX_BACKOFF_S": "1",
+        }
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=env,
+        )
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        wait_for(
+            lambda: self.http.get("/readyz").status_code == 200, 120, "the service to be ready"
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def source_dicom() -> bytes:
+    shared = DICOM_DIR / "RG2_JPLY_fixed.dcm"
+    if shared.exists():
+        return shared.read_bytes()
+    return to_bytes(make_dataset(bone_phantom(400, 320).astype(np.uint16) * 8, bits_stored=12))
+
+
+def instances_of_study(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    found = orthanc.http.post("/tools/lookup", content=study_uid).json()
+    if not found:
+        return []
+    ids = [i["ID"] for i in orthanc.http.get(f"/studies/{found[0]['ID']}/instances").json()]
+    return [
+        pydicom.dcmread(io.BytesIO(orthanc.http.get(f"/instances/{i}/file").content)) for i in ids
+    ]
+
+
+def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
+    app_port, pacs_port = free_port(), free_port()
+    pacs = Orthanc(tmp_path / "orthanc", pacs_port, f"http://127.0.0.1:{app_port}/dicomweb/")
+    service = None
+    try:
+        service = Service(app_port, f"http://127.0.0.1:{pacs_port}/dicom-web")
+        data = source_dicom()
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        uploaded = pacs.http.post("/instances", content=data)
+        assert uploaded.status_code == 200, uploaded.text
+        study_id = uploaded.json()["ParentStudy"]
+        sent = pacs.http.post(
+            "/dicom-web/servers/fracture/stow", json={"Resources": [study_id], "Synchronous": True}
+        )
+        assert sent.status_code == 200, sent.text
+
+        objects = wait_for(
+            lambda: (
+                [
+                    o
+                    for o in instances_of_study(pacs, source.StudyInstanceUID)
+                    if o.SOPInstanceUID != source.SOPInstanceUID
+                ]
+                or None
+                if len(instances_of_study(pacs, source.StudyInstanceUID)) >= 3
+                else None
+            ),
+            90,
+            "the SR and the capture to reach Orthanc",
+        )
+        by_kind = {o.SOPClassUID.name: o for o in objects}
+        sr, sc = by_kind["Comprehensive SR Storage"], by_kind["Secondary Capture Image Storage"]
+        for obj in (sr, sc):
+            assert obj.StudyInstanceUID == source.StudyInstanceUID
+            assert obj.SeriesInstanceUID != source.SeriesInstanceUID
+            assert obj.PatientID == source.PatientID
+            assert obj.Manufacturer == "Fracture Service Project"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert sc.BurnedInAnnotation == "YES" and (sc.Rows, sc.Columns) == (
+            source.Rows,
+            source.Columns,
+        )
+
+        # The SR says what our JSON findings say: probability, operating point, boxes on the source.
+        findings = service.http.get(f"/dicomweb/studies/{source.StudyInstanceUID}/findings").json()
+        assert findings["delivery"]["delivered"] is True
+        image = findings["images"][0]
+        report = hd.sr.ComprehensiveSR.from_dataset(sr)
+        group = report.content.get_image_measurement_groups()[0]
+        values = {m.name.meaning: m.value for m in group.get_measurements()}
+        assert values["Fracture probability"] == pytest.approx(
+            image["fracture_probability"], abs=1e-4
+        )
+        assert values["Operating point false positives per image"] == pytest.approx(0.4)
+        assert values["Detector score threshold"] == pytest.approx(
+            findings["operating_point"]["detector_threshold"], abs=1e-4
+        )
+        rois = report.content.get_planar_roi_measurement_groups()
+        assert len(rois) == len(image["detections"])
+        for roi, det in zip(rois, image["detections"], strict=True):
+            x1, y1, x2, y2 = det["box"]
+            assert np.allclose(
+                roi.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01
+            )
+            assert roi.roi.referenced_sop_instance_uid == source.SOPInstanceUID
+            assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
+    finally:
+        if service:
+            service.stop()
+        pacs.stop()
+
+
+def test_results_wait_for_a_destination_that_is_down(tmp_path):
+    app_port, pacs_port = free_port(), free_port()
+    service = Service(app_port, f"http://127.0.0.1:{pacs_port}/dicom-web")  # nothing listens yet
+    pacs = None
+    try:
+        ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
+        from app.dicomweb.multipart import build_related
+
+        body, ctype = build_related([to_bytes(ds)])
+        r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200
+        findings_url = f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+        state = wait_for(
+            lambda: (f := service.http.get(findings_url).json()["delivery"])["attempts"] >= 2 and f,
+            30,
+            "failed delivery attempts",
+        )
+        assert state["delivered"] is False and state["last_error"]
+        assert (
+            service.http.get(f"/dicomweb/studies/{ds.StudyInstanceUID}").status_code == 200
+        )  # still here
+
+        pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
+        wait_for(
+            lambda: service.http.get(findings_url).json()["delivery"]["delivered"],
+            60,
+            "the delivery",
+        )
+        kinds = sorted(o.SOPClassUID.name for o in instances_of_study(pacs, ds.StudyInstanceUID))
+        assert kinds == ["Comprehensive SR Storage", "Secondary Capture Image Storage"]
+    finally:
+        service.stop()
+        if pacs:
+            pacs.stop()
