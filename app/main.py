@@ -15,6 +15,7 @@ from app.api.routes import dicomweb, health, metrics, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
 from app.core.metrics import Metrics
+from app.dicomweb.dimse import StoreReceiver
 from app.dicomweb.store import Deliverer, ResultStore
 from app.runtime import ModelLoadError, ModelRegistry
 from app.state import AppState
@@ -139,7 +140,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.delivery_timeout_s,
             )
             delivery = asyncio.create_task(state.deliverer.run())
+        receiver = None
+        if settings.dimse_port:
+            receiver = StoreReceiver(
+                state,
+                asyncio.get_running_loop(),
+                "0.0.0.0",
+                settings.dimse_port,
+                settings.dimse_ae_title,
+            )
+            receiver.start()
         yield
+        if receiver is not None:
+            receiver.stop()
         if delivery is not None:
             delivery.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     delivery_timeout_s: float = Field(
         30.0, gt=0, description="timeout of one STOW-RS request to the destination"
     )
+    dimse_port: int | None = Field(
+        None, ge=1, le=65535, description="port of the DICOM C-STORE receiver (off when unset)"
+    )
+    dimse_ae_title: str = Field(
+        "FRACTURE", max_length=16, description="AE title of the C-STORE receiver"
+    )
     result_retention_s: float = Field(
         86_400.0, gt=0, description="how long results stay retrievable here, delivered or not"
     )

@@ -244,3 +244,66 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
         service.stop()
         if pacs:
             pacs.stop()
+
+
+def test_storescu_sends_over_dimse(tmp_path):
+    """DCMTK's storescu sends a study over C-STORE; the results appear as after STOW-RS."""
+    storescu = shutil.which("storescu")
+    if storescu is None:
+        pytest.skip("DCMTK's storescu is not installed (Debian package dcmtk)")
+    app_port, dimse_port = free_port(), free_port()
+    os.environ["FRACTURE_DIMSE_PORT"] = str(dimse_port)
+    try:
+        service = Service(app_port, "http://127.0.0.1:9/dicom-web")
+    finally:
+        del os.environ["FRACTURE_DIMSE_PORT"]
+    try:
+        files = []
+        study = None
+        for i in range(2):
+            ds = make_dataset(
+                bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12, study_uid=study
+            )
+            study = ds.StudyInstanceUID
+            path = tmp_path / f"{i}.dcm"
+            path.write_bytes(to_bytes(ds))
+            files.append(str(path))
+        mammo = make_dataset(
+            bone_phantom(64, 64).astype(np.uint16), bits_stored=12, modality="MG", study_uid=study
+        )
+        (tmp_path / "mg.dcm").write_bytes(to_bytes(mammo))
+        sent = subprocess.run(
+            [storescu, "-aec", "FRACTURE", "127.0.0.1", str(dimse_port), *files],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        findings = wait_for(
+            lambda: (
+                (r := service.http.get(f"/dicomweb/studies/{study}/findings")).status_code == 200
+                and r.json()
+            ),
+            60,
+            "the C-STORE study to be analysed",
+        )
+        assert findings["study"]["images"] == 2
+        # An instance the service refuses gets a failure status, not a silent success.
+        refused = subprocess.run(
+            [
+                storescu,
+                "-v",
+                "-aec",
+                "FRACTURE",
+                "127.0.0.1",
+                str(dimse_port),
+                str(tmp_path / "mg.dcm"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert refused.returncode != 0
+        assert "Refused: SOPClassNotSupported" in refused.stdout + refused.stderr  # status 0x0122
+    finally:
+        service.stop()

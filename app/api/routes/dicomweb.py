@@ -11,39 +11,23 @@ DICOMweb destination (see app/dicomweb/store.py).
 
 from __future__ import annotations
 
-import io
 import logging
-import time
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 
-from app.api.routes.predict import analyse_study, request_id_of, resolve_models
 from app.core.errors import ApiError
-from app.decoding import DecodedImage, decode_dicom
+from app.dicomweb.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
 from app.dicomweb.multipart import MultipartError, build_related, media_params, parse_related
-from app.dicomweb.results import (
-    ImageFindings,
-    build_secondary_capture,
-    build_sr,
-    encode,
-    source_header,
-)
-from app.pipeline import ImageWork
 from app.state import AppState
+from app.study import request_id_of, resolve_models
 
 log = logging.getLogger("app.dicomweb")
 router = APIRouter(tags=["dicomweb"])
 
-STUDY_UID_MISMATCH = 0xA900
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-CANNOT_UNDERSTAND = 0xC000
-OUT_OF_RESOURCES = 0xA700
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
 STOW_DOC = {
@@ -59,71 +43,11 @@ STOW_DOC = {
 }
 
 
-class Accepted:
-    def __init__(self, header: Dataset, image: DecodedImage, decode_ms: float):
-        self.header = header
-        self.image = image
-        self.decode_ms = decode_ms
-
-
-def _read_instance(
-    data: bytes, state: AppState, url_study: str | None
-) -> Accepted | tuple[str, str, int]:
-    """An accepted instance, or (SOP class, SOP instance, failure reason)."""
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        sop_class = str(header.SOPClassUID)
-        sop_uid = str(header.SOPInstanceUID)
-    except Exception:
-        return "", "", CANNOT_UNDERSTAND
-    if url_study and str(header.get("StudyInstanceUID", "")) != url_study:
-        return sop_class, sop_uid, STUDY_UID_MISMATCH
-    t0 = time.perf_counter()
-    try:
-        image = decode_dicom(
-            data, state.settings.max_image_pixels, state.settings.allowed_modalities
-        )
-    except ApiError as exc:
-        reason = {413: OUT_OF_RESOURCES}.get(exc.status, CANNOT_UNDERSTAND)
-        if exc.code in ("unsupported_modality", "multi_frame_unsupported", "no_pixel_data"):
-            reason = SOP_CLASS_NOT_SUPPORTED
-        return sop_class, sop_uid, reason
-    state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
-    return Accepted(source_header(header), image, round(1000 * (time.perf_counter() - t0), 2))
-
-
 def _sop_item(sop_class: str, sop_uid: str) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_uid
     return item
-
-
-def _build_results(
-    answer: dict[str, Any],
-    accepted: list[Accepted],
-    works: list[ImageWork],
-    algorithm: tuple[str, str],
-) -> list[bytes]:
-    findings = [
-        ImageFindings(
-            source=a.header,
-            pixels=w.image.pixels,
-            probability=img["fracture_probability"],
-            fracture=img["fracture"],
-            boxes=np.asarray([d["box"] for d in img["detections"]], dtype=np.float32).reshape(
-                -1, 4
-            ),
-            scores=np.asarray([d["score"] for d in img["detections"]], dtype=np.float32),
-        )
-        for a, w, img in zip(accepted, works, answer["images"], strict=True)
-    ]
-    sr = build_sr(findings, answer["operating_point"], algorithm, generate_uid())
-    sc_series = generate_uid()
-    captures = [build_secondary_capture(f, sc_series, i + 1) for i, f in enumerate(findings)]
-    return [encode(sr), *(encode(c) for c in captures)]
 
 
 async def _store(
@@ -166,7 +90,7 @@ async def _store(
         if ptype != "application/dicom":
             outcome = ("", "", CANNOT_UNDERSTAND)
         else:
-            outcome = await run_in_threadpool(_read_instance, part.body, state, url_study)
+            outcome = await run_in_threadpool(read_instance, part.body, state, url_study)
         if isinstance(outcome, Accepted):
             studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
         else:
@@ -177,23 +101,12 @@ async def _store(
 
     request_id = request_id_of(request)
     base = str(request.base_url).rstrip("/")
-    referenced: list[Dataset] = []
-    answers = []
-    for study_uid, accepted in studies.items():
-        works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
-        answer = await analyse_study(state, works, point, (crp, clf, det), request_id)
-        answer["study"]["study_instance_uid"] = study_uid
-        instances = await run_in_threadpool(
-            _build_results, answer, accepted, works, (det.name, det.version)
-        )
-        result = state.results.add(study_uid, answer, instances)
-        answer["result_id"] = result.result_id
-        answer["results_url"] = f"{base}/dicomweb/studies/{study_uid}"
-        answers.append(answer)
-        for a in accepted:
-            referenced.append(_sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID)))
-        if state.deliverer is not None:
-            state.deliverer.wakeup.set()
+    answers = await analyse_instances(state, studies, point, (crp, clf, det), request_id, base)
+    referenced = [
+        _sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID))
+        for accepted in studies.values()
+        for a in accepted
+    ]
     status = 200 if not failed else (202 if referenced else 409)
     log.info(
         "request %s: STOW-RS %d instance(s), %d failed, %d study(ies) analysed",

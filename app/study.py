@@ -1,0 +1,103 @@
+"""One study through the pipeline: model choice, operating point, the answer of /v1/predict.
+
+Shared by every way a study arrives: /v1/predict, STOW-RS and the DIMSE receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from app import operating_point as op
+from app.core.errors import ApiError
+from app.pipeline import ImageWork, image_answer, run_study
+from app.runtime import OnnxModel
+from app.state import AppState
+
+log = logging.getLogger("app.study")
+
+Models = tuple[OnnxModel, OnnxModel, OnnxModel]
+
+
+def _pick(state: AppState, role: str, name: str | None, default: str) -> OnnxModel:
+    try:
+        return state.registry.get(role, name, default)
+    except KeyError:
+        names = ", ".join(sorted(state.registry.by_role(role)))
+        raise ApiError(
+            422, f"unknown_{role}", f"no {role} named {name!r}; served: {names}"
+        ) from None
+
+
+def request_id_of(request: Request) -> str:
+    """The caller's X-Request-ID when it is a plain token, else a new one."""
+    given = request.headers.get("x-request-id", "")[:64]
+    return given if given and given.replace("-", "").isalnum() else uuid.uuid4().hex
+
+
+def resolve_models(
+    state: AppState,
+    classifier: str | None,
+    detector: str | None,
+    fp_per_image: float | None,
+    score_threshold: float | None,
+) -> tuple[OnnxModel, OnnxModel, OnnxModel, op.OperatingPoint]:
+    """Cropper, classifier, detector and operating point of a request; 4xx when wrong."""
+    if not state.ready:
+        raise ApiError(503, "not_ready", state.not_ready_reason)
+    s = state.settings
+    clf = _pick(state, "classifier", classifier, s.default_classifier)
+    det = _pick(state, "detector", detector, s.default_detector)
+    crp = _pick(state, "cropper", None, "")
+    try:
+        if score_threshold is not None:
+            point = op.from_score(score_threshold)
+        else:
+            rate = s.default_fp_per_image if fp_per_image is None else fp_per_image
+            point = op.from_fp_rate(det.card["operating_points"], rate)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_operating_point", str(exc)) from None
+    return crp, clf, det, point
+
+
+async def analyse_study(
+    state: AppState,
+    works: list[ImageWork],
+    point: op.OperatingPoint,
+    models: Models,
+    request_id: str,
+) -> dict[str, Any]:
+    """Run the pipeline on the decoded images of one study; the answer of /v1/predict."""
+    crp, clf, det = models
+
+    def on_stage(stage: str, seconds: float, n: int) -> None:
+        state.metrics.stage_duration.labels(stage).observe(seconds)
+        state.metrics.batch_size.labels(stage).observe(n)
+
+    async with state.inference_slots:
+        await run_in_threadpool(
+            run_study, works, crp, clf, det, point, state.settings.crop_margin, on_stage
+        )
+
+    threshold = float(clf.card["decision_threshold"])
+    images = [image_answer(i, w, threshold) for i, w in enumerate(works)]
+    for img in images:
+        state.metrics.images.labels("fracture" if img["fracture"] else "no_fracture").inc()
+    study_p = max(img["fracture_probability"] for img in images)
+    log.info("request %s: %d image(s), study probability %.3f", request_id, len(images), study_p)
+    return {
+        "request_id": request_id,
+        "models": {m.role: {"name": m.name, "version": m.version} for m in (crp, clf, det)},
+        "operating_point": point.as_dict(),
+        "decision_threshold": threshold,
+        "images": images,
+        "study": {
+            "fracture_probability": study_p,
+            "fracture": any(img["fracture"] for img in images),
+            "images": len(images),
+        },
+    }
