@@ -7,7 +7,8 @@ same code serves a micro-batcher that stacks images of several requests later.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,19 +36,16 @@ class ImageWork:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _timed(stage: str, n: int, works: list[ImageWork], on_stage: StageTimer | None):
-    class _Timer:
-        def __enter__(self) -> None:
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            seconds = time.perf_counter() - self.t0
-            for w in works:
-                w.timings[stage] = round(1000 * seconds / max(n, 1), 2)
-            if on_stage is not None and exc[0] is None:
-                on_stage(stage, seconds, n)
-
-    return _Timer()
+@contextmanager
+def _timed(stage: str, works: list[ImageWork], on_stage: StageTimer | None) -> Iterator[None]:
+    """Time one stage over a batch: each image gets its share, the batch goes to on_stage."""
+    t0 = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - t0
+    for w in works:
+        w.timings[stage] = round(1000 * seconds / max(len(works), 1), 2)
+    if on_stage is not None:
+        on_stage(stage, seconds, len(works))
 
 
 def run_study(
@@ -60,8 +58,7 @@ def run_study(
     on_stage: StageTimer | None = None,
 ) -> None:
     """Fill crop boxes, probabilities and detections of every image in place."""
-    n = len(works)
-    with _timed("crop", n, works, on_stage):
+    with _timed("crop", works, on_stage):
         batch = np.stack(
             [model_input(stretch_grey(w.image.pixels), cropper.spec)[0] for w in works]
         )
@@ -74,12 +71,12 @@ def run_study(
             x1, y1, x2, y2 = w.crop_box
             # The crop is stretched on its own, as the models were trained.
             w.crop = stretch_grey(w.image.pixels[y1:y2, x1:x2])
-    with _timed("classify", n, works, on_stage):
+    with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec)[0] for w in works])
         probs = classifier.run(batch)[0]
         for w, p in zip(works, probs, strict=True):
             w.probability = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
-    with _timed("detect", n, works, on_stage):
+    with _timed("detect", works, on_stage):
         inputs: list[np.ndarray] = []
         placements: list[Placement] = []
         for w in works:
