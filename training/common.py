@@ -104,3 +104,19 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resume(path: Path, **stateful: Any) -> int:
+    """Restore every named object (model, optimiser, scheduler) from the checkpoint at `path`,
+    if there is one; the epoch to start from."""
+    state = load_checkpoint(path)
+    if state is None:
+        return 0
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    return state["epoch"] + 1
+
+
+def checkpoint(path: Path, epoch: int, **stateful: Any) -> None:
+    """Save the state of every named object after `epoch` (see resume)."""
+    save_checkpoint(path, epoch=epoch, **{name: obj.state_dict() for name, obj in stateful.items()})

@@ -117,12 +117,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         total_steps=epochs * max(1, -(-len(x_train) // recipe["batch_size"])),
     )
     ckpt_path = run_dir / "last.pt"
-    start = 0
-    if (state := common.load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["epoch"] + 1
+    start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     for epoch in range(start, epochs):
         model.train()
         t0, losses = time.time(), []
@@ -145,13 +140,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             val_dice=val_dice,
             epoch_s=round(time.time() - t0, 1),
         )
-        common.save_checkpoint(
-            ckpt_path,
-            model=model.state_dict(),
-            opt=opt.state_dict(),
-            sched=sched.state_dict(),
-            epoch=epoch,
-        )
+        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
     onnx_path = out_dir / f"{recipe['name']}.onnx"
     export.export_onnx(

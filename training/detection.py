@@ -35,7 +35,8 @@ def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
 
     def detect(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, placement = model_input(crop, spec)
-        outs = session.run(None, {name: x[None]})
+        # Faster R-CNN graphs take one CHW image (card: input.batch false).
+        outs = session.run(None, {name: x[None] if spec.get("batch", True) else x})
         if kind == "yolo":
             boxes, scores = yolo_detections(outs[0][0], COLLECT_THRESHOLD)
         else:

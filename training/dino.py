@@ -67,12 +67,7 @@ def pretrain(
     steps_per_epoch = max(1, len(x_all) // cfg["batch_size"])
     total = cfg["epochs"] * steps_per_epoch
     ckpt_path = log.run_dir / "ssl_last.pt"
-    start = 0
-    if (state := common.load_checkpoint(ckpt_path)) is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        opt.load_state_dict(state["opt"])
-        start = state["epoch"] + 1
+    start = common.resume(ckpt_path, student=student, teacher=teacher, opt=opt)
     for epoch in range(start, cfg["epochs"]):
         student.train()
         t0, losses = time.time(), []
@@ -100,13 +95,7 @@ def pretrain(
             loss=float(np.mean(losses)),
             epoch_s=round(time.time() - t0, 1),
         )
-        common.save_checkpoint(
-            ckpt_path,
-            student=student.state_dict(),
-            teacher=teacher.state_dict(),
-            opt=opt.state_dict(),
-            epoch=epoch,
-        )
+        common.checkpoint(ckpt_path, epoch, student=student, teacher=teacher, opt=opt)
     # The teacher's backbone is the better encoder (the DINO paper's finding).
     backbone.load_state_dict(teacher[0].state_dict())
     return {"method": "DINO self-distillation (global views)", "images": len(items), **cfg}

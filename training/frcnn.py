@@ -129,12 +129,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.1
     )
     ckpt_path = run_dir / "last.pt"
-    start = 0
-    if (state := common.load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["epoch"] + 1
+    start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     for epoch in range(start, recipe["epochs"]):
         model.train()
         t0, losses = time.time(), []
@@ -163,13 +158,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             loss=float(np.mean(losses)),
             epoch_s=round(time.time() - t0, 1),
         )
-        common.save_checkpoint(
-            ckpt_path,
-            model=model.state_dict(),
-            opt=opt.state_dict(),
-            sched=sched.state_dict(),
-            epoch=epoch,
-        )
+        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
     model.eval()
     onnx_path = out_dir / f"{recipe['name']}.onnx"

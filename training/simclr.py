@@ -95,12 +95,7 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
     x_all = torch.from_numpy(classifier.crops_as_array(items, cfg["source_size"], use_boxes=False))
     mean, std = 0.5, 0.25
     ckpt_path = log.run_dir / "ssl_last.pt"
-    start = 0
-    if (state := common.load_checkpoint(ckpt_path)) is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["epoch"] + 1
+    start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     for epoch in range(start, cfg["epochs"]):
         model.train()
         t0, losses = time.time(), []
@@ -123,13 +118,7 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
             lr=sched.get_last_lr()[0],
             epoch_s=round(time.time() - t0, 1),
         )
-        common.save_checkpoint(
-            ckpt_path,
-            model=model.state_dict(),
-            opt=opt.state_dict(),
-            sched=sched.state_dict(),
-            epoch=epoch,
-        )
+        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
     torch.save(backbone.state_dict(), log.run_dir / "ssl_backbone.pt")
     summary = {"method": "SimCLR (NT-Xent)", "images": len(items), **cfg}
     return backbone, summary

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, bone_phantom, png_bytes
+from tests.live import ServiceProcess, free_port, wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -196,25 +195,6 @@ def test_alerts_and_dashboard_query_metrics_the_service_exports():
 # --- a real Prometheus scraping the real service ----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (httpx.TransportError, KeyError, IndexError, ValueError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_real_prometheus_scrapes_requests_and_latency(tmp_path):
     prometheus = tool("prometheus")
@@ -226,22 +206,7 @@ def test_real_prometheus_scrapes_requests_and_latency(tmp_path):
     job["static_configs"][0]["targets"] = [f"127.0.0.1:{app_port}"]
     shutil.copy(REPO / "deploy" / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(app_port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-    )
+    service = ServiceProcess(app_port)
     prom = subprocess.Popen(
         [
             prometheus,
@@ -253,9 +218,8 @@ def test_real_prometheus_scrapes_requests_and_latency(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        app = httpx.Client(base_url=f"http://127.0.0.1:{app_port}", timeout=60)
+        app = service.http
         api = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
-        wait_for(lambda: app.get("/readyz").status_code == 200, 120, "the service to be ready")
         image = png_bytes(bone_phantom(200, 160))
         for _ in range(3):
             assert (
@@ -292,6 +256,6 @@ def test_real_prometheus_scrapes_requests_and_latency(tmp_path):
         assert len(buckets) >= 10  # every bucket of the histogram arrived
         assert query('fracture_stage_duration_seconds_count{stage="detect"} >= 3')
     finally:
-        for proc in (prom, service):
-            proc.terminate()
-            proc.wait(timeout=30)
+        prom.terminate()
+        prom.wait(timeout=30)
+        service.stop()

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -19,9 +17,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import DICOM_DIR, REPO, bone_phantom
-from tests.deploy.test_deploy import free_port, wait_for
+from tests.conftest import DICOM_DIR, bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
+from tests.live import ServiceProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
@@ -86,39 +84,14 @@ class Orthanc:
         self.proc.wait(timeout=30)
 
 
-class Service:
-    def __init__(self, port: int, destination: str):
-        env = {
-            **os.environ,
-            "FRACTURE_DICOMWEB_DESTINATION": destination,
-            "FRACTURE_DELIVERY_RETRY_S": "0.5",
-            "FRACTURE_DELIVERY_MAX_BACKOFF_S": "1",
-        }
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:create_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO,
-            env=env,
-        )
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        wait_for(
-            lambda: self.http.get("/readyz").status_code == 200, 120, "the service to be ready"
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+def start_service(port: int, destination: str, **env: str) -> ServiceProcess:
+    return ServiceProcess(
+        port,
+        FRACTURE_DICOMWEB_DESTINATION=destination,
+        FRACTURE_DELIVERY_RETRY_S="0.5",
+        FRACTURE_DELIVERY_MAX_BACKOFF_S="1",
+        **env,
+    )
 
 
 def source_dicom() -> bytes:
@@ -143,7 +116,7 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
     pacs = Orthanc(tmp_path / "orthanc", pacs_port, f"http://127.0.0.1:{app_port}/dicomweb/")
     service = None
     try:
-        service = Service(app_port, f"http://127.0.0.1:{pacs_port}/dicom-web")
+        service = start_service(app_port, f"http://127.0.0.1:{pacs_port}/dicom-web")
         data = source_dicom()
         source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         uploaded = pacs.http.post("/instances", content=data)
@@ -202,7 +175,10 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
             assert np.allclose(
                 roi.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01
             )
-            assert roi.roi.referenced_sop_instance_uid == source.SOPInstanceUID
+            assert (
+                roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                == source.SOPInstanceUID
+            )
             assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
     finally:
         if service:
@@ -212,7 +188,9 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
 
 def test_results_wait_for_a_destination_that_is_down(tmp_path):
     app_port, pacs_port = free_port(), free_port()
-    service = Service(app_port, f"http://127.0.0.1:{pacs_port}/dicom-web")  # nothing listens yet
+    service = start_service(
+        app_port, f"http://127.0.0.1:{pacs_port}/dicom-web"
+    )  # nothing listens yet
     pacs = None
     try:
         ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
@@ -252,11 +230,9 @@ def test_storescu_sends_over_dimse(tmp_path):
     if storescu is None:
         pytest.skip("DCMTK's storescu is not installed (Debian package dcmtk)")
     app_port, dimse_port = free_port(), free_port()
-    os.environ["FRACTURE_DIMSE_PORT"] = str(dimse_port)
-    try:
-        service = Service(app_port, "http://127.0.0.1:9/dicom-web")
-    finally:
-        del os.environ["FRACTURE_DIMSE_PORT"]
+    service = start_service(
+        app_port, "http://127.0.0.1:9/dicom-web", FRACTURE_DIMSE_PORT=str(dimse_port)
+    )
     try:
         files = []
         study = None

@@ -173,5 +173,8 @@ def test_sr_regions_are_the_json_boxes(app_client, dicom_dir):
         assert np.allclose(
             roi.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01
         )
-        assert roi.roi.referenced_sop_instance_uid == source.SOPInstanceUID
+        assert (
+            roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == source.SOPInstanceUID
+        )
         assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
