@@ -32,26 +32,44 @@ def input_spec(size: int) -> dict[str, Any]:
 
 
 def build_model(recipe: dict[str, Any]) -> Any:
+    """Faster R-CNN on a torchvision ResNet body with an FPN of `fpn_channels` and a two-layer
+    box head of `box_head_dim` (narrower than torchvision's 256 / 1024: CPU training, small file)."""
+    import torchvision
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
 
     size = recipe["input_size"]
-    backbone = resnet_fpn_backbone(
-        backbone_name=recipe["backbone"], weights=None, trainable_layers=5
+    body = getattr(torchvision.models, recipe["backbone"])(weights=None)
+    stage_channels = [body.inplanes // 8 * m for m in (1, 2, 4, 8)]  # 64..512 for resnet18
+    channels = recipe.get("fpn_channels", 256)
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=stage_channels,
+        out_channels=channels,
     )
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in recipe["anchor_sizes"]),
         aspect_ratios=((0.5, 1.0, 2.0),) * len(recipe["anchor_sizes"]),
     )
+    pooler = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    head_dim = recipe.get("box_head_dim", 1024)
     return FasterRCNN(
         backbone,
-        num_classes=2,
+        num_classes=None,  # given by the box predictor: background + fracture
         min_size=size,
         max_size=size,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.25, 0.25, 0.25],
         rpn_anchor_generator=anchors,
+        box_roi_pool=pooler,
+        box_head=TwoMLPHead(channels * 7 * 7, head_dim),
+        box_predictor=torchvision.models.detection.faster_rcnn.FastRCNNPredictor(head_dim, 2),
+        rpn_post_nms_top_n_train=recipe.get("rpn_post_nms_top_n_train", 2000),
+        box_batch_size_per_image=recipe.get("box_batch_size_per_image", 512),
         box_score_thresh=detection.COLLECT_THRESHOLD,
         box_detections_per_img=100,
     )
