@@ -1,0 +1,57 @@
+"""The shipped models/ folder: every ONNX file has a complete card that matches it."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from app.runtime import sha256_of
+from tests.conftest import REPO
+from training.export import CARD_FIELDS
+
+MODELS = REPO / "models"
+MAX_FOLDER_BYTES = 200 * 1024 * 1024
+
+
+def cards() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(MODELS.glob("*.json"))]
+
+
+def test_every_model_has_a_complete_matching_card():
+    onnx_files = {p.name for p in MODELS.glob("*.onnx")}
+    assert onnx_files == {c["file"] for c in cards()}
+    roles = {c["task"] for c in cards()}
+    assert {"segmentation", "classification", "detection"} <= roles
+    for card in cards():
+        assert not [f for f in CARD_FIELDS if f not in card], card["name"]
+        assert card["sha256"] == sha256_of(MODELS / card["file"]), card["name"]
+        assert "FracAtlas" in card["data"] and "CC BY 4.0" in card["data"]
+        assert card["metrics"]["test"], card["name"]
+        assert card["input"]["size"] and card["input"]["channels"] in (1, 3)
+        model = onnx.load(str(MODELS / card["file"]), load_external_data=False)
+        opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        assert opset >= 17, card["name"]
+
+
+def test_classifier_thresholds_and_detector_tables():
+    for card in cards():
+        if card["task"] == "classification":
+            assert 0 < card["decision_threshold"] < 1 and "val" in card["threshold_rule"]
+        if card["task"] == "detection":
+            rows = card["operating_points"]
+            assert [r["fp_per_image"] for r in rows] == [0.1, 0.2, 0.3, 0.4, 0.5]
+            thresholds = [r["threshold"] for r in rows]
+            assert thresholds == sorted(
+                thresholds, reverse=True
+            )  # more FP allowed: lower threshold
+            recalls = [r["recall"] for r in rows]
+            assert recalls == sorted(recalls)
+        if "ultralytics" in card.get("architecture", ""):
+            assert "AGPL-3.0" in card["licence"]
+
+
+def test_models_folder_stays_small():
+    sizes = {p.name: p.stat().st_size for p in MODELS.iterdir()}
+    assert sum(sizes.values()) < MAX_FOLDER_BYTES, sizes
+    assert max(sizes.values()) < 100 * 1024 * 1024
