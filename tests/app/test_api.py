@@ -382,3 +382,48 @@ def test_metrics_text(app_client):
     ]:
         assert needle in text, needle
     assert "fracture_model_info{" in text
+
+
+def test_not_ready_when_a_model_does_not_match_its_card(tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    for path in Settings().models_dir.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    card_path = next(tmp_path.glob("cropper*.json"))
+    card = json.loads(card_path.read_text())
+    card["sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with TestClient(create_app(Settings(models_dir=tmp_path))) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "sha256" in error_of(r)["detail"]
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/healthz").status_code == 200  # alive, not ready
+        r = client.post(
+            "/v1/predict",
+            content=png_bytes(bone_phantom(64, 64)),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 503 and error_of(r)["error"] == "not_ready"
+
+
+def test_not_ready_without_a_detector(tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    for card_path in Settings().models_dir.glob("*.json"):
+        card = json.loads(card_path.read_text())
+        if card["task"] != "detection":
+            shutil.copy(card_path, tmp_path / card_path.name)
+            shutil.copy(card_path.parent / card["file"], tmp_path / card["file"])
+    with TestClient(create_app(Settings(models_dir=tmp_path))) as client:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "detector" in error_of(r)["detail"]
