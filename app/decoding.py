@@ -83,7 +83,7 @@ def decode(
     allowed_modalities: Sequence[str],
 ) -> DecodedImage:
     if not data:
-        raise ApiError(400, "empty_file", f"file {filename or ''} is empty".replace("  ", " "))
+        raise ApiError(400, "empty_file", "the file is empty")
     kind = sniff(data, content_type)
     if kind == "dicom":
         image = decode_dicom(data, max_pixels, allowed_modalities)
