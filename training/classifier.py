@@ -241,7 +241,7 @@ def finetune(
             "note": "test inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",
         },
         "trained_on": common.hardware(),
-        "train_time_s": round(time.time() - log.started, 1),
+        "train_time_s": log.training_seconds(),
     }
     export.write_card(onnx_path, card)
     log.write(event="done", metrics=card["metrics"])

@@ -82,6 +82,14 @@ class RunLog:
         self.started = time.time()
         self.write(event="start", hardware=hardware(), recipe=recipe)
 
+    def training_seconds(self) -> float:
+        """Time spent training, over every run that wrote this log (resumed runs included)."""
+        total = 0.0
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            total += float(row.get("epoch_s", 0.0)) + float(row.get("train_s", 0.0))
+        return round(total, 1)
+
     def write(self, **fields: Any) -> None:
         fields.setdefault("elapsed_s", round(time.time() - self.started, 2))
         with open(self.path, "a") as fh:

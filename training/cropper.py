@@ -162,7 +162,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
         "metrics": {"test": test_metrics, "onnx_parity_max_abs_diff": parity},
         "trained_on": common.hardware(),
-        "train_time_s": round(time.time() - log.started, 1),
+        "train_time_s": log.training_seconds(),
     }
     export.write_card(onnx_path, card)
     log.write(event="done", metrics=card["metrics"])

@@ -32,6 +32,7 @@ def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
+    output_names = [o.name for o in session.get_outputs()]
 
     def detect(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x, placement = model_input(crop, spec)
@@ -40,7 +41,8 @@ def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
         if kind == "yolo":
             boxes, scores = yolo_detections(outs[0][0], COLLECT_THRESHOLD)
         else:
-            boxes, scores = rcnn_detections(outs[0], outs[1], COLLECT_THRESHOLD)
+            named = dict(zip(output_names, outs, strict=True))
+            boxes, scores = rcnn_detections(named["boxes"], named["scores"], COLLECT_THRESHOLD)
         boxes = placement.to_image(boxes) if len(boxes) else boxes
         h, w = crop.shape
         if len(boxes):
