@@ -166,8 +166,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
 def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict[str, Any]) -> dict:
     """Our ONNX + numpy post-processing against ultralytics' own predict on the same inputs.
 
-    Both see the same letterboxed tensor; boxes above 0.001 are matched to their nearest
-    counterpart, and every image must give the same number of boxes.
+    Both see the same letterboxed tensor: the raw graph outputs must agree, and at a 0.001
+    threshold every image must give the same number of boxes with the same scores.
     """
     import torch
 
@@ -182,33 +182,38 @@ def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict
 
     # A low threshold, so that boxes exist to compare even for a barely trained model.
     conf = 0.001
-    worst_box, worst_score, count_mismatch, compared = 0.0, 0.0, 0, 0
+    raw_diff, worst_score, count_mismatch, compared, matched = 0.0, 0.0, 0, 0, 0
     for it in items:
         crop, _ = crop_item(it, use_boxes=False)
         x, _ = model_input(stretch_grey(crop), spec)
         ours_raw = session.run(None, {"images": x[None]})[0]
-        ours_boxes, ours_scores = yolo_detections(ours_raw[0], conf)
         with torch.no_grad():
             raw = net(torch.from_numpy(x[None]))
             raw = raw[0] if isinstance(raw, (list, tuple)) else raw
+        raw_diff = max(raw_diff, float(np.abs(ours_raw - raw.numpy()).max()))
+        ours_boxes, ours_scores = yolo_detections(ours_raw[0], conf)
         ref = non_max_suppression(raw, conf_thres=conf, iou_thres=0.7)[0].numpy()
         if len(ref) != len(ours_boxes):
             count_mismatch += 1
-        if len(ref) and len(ours_boxes):
-            # Near-tied scores may be ordered differently: match each box to its nearest
-            # counterpart on the other side, both ways.
+            continue
+        if len(ref):
+            worst_score = max(
+                worst_score, float(np.abs(np.sort(ours_scores) - np.sort(ref[:, 4])).max())
+            )
             dist = np.abs(ours_boxes[:, None, :] - ref[None, :, :4]).max(axis=2)
-            nearest = dist.argmin(axis=1)
-            worst_box = max(worst_box, float(dist.min(axis=1).max()), float(dist.min(axis=0).max()))
-            worst_score = max(worst_score, float(np.abs(ours_scores - ref[nearest, 4]).max()))
+            matched += int((dist.min(axis=1) <= 1.0).sum())
             compared += len(ours_boxes)
     result = {
         "images": len(items),
+        "raw_output_max_abs_diff": raw_diff,
         "boxes_compared": compared,
-        "max_box_diff_px": worst_box,
+        # Where scores tie to float precision (a barely trained model), NMS may keep either box
+        # of an overlapping pair: reported, not enforced. tests/app/test_preprocessing.py checks
+        # the NMS itself against ultralytics' on tie-free inputs.
+        "boxes_within_1px": round(matched / compared, 4) if compared else None,
         "max_score_diff": worst_score,
         "images_with_count_mismatch": count_mismatch,
     }
-    if compared == 0 or count_mismatch or worst_box > 1.0 or worst_score > 1e-3:
-        raise RuntimeError(f"YOLO post-processing parity failed: {result}")
+    if compared == 0 or count_mismatch or worst_score > 1e-3 or raw_diff > 1e-2:
+        raise RuntimeError(f"YOLO export or post-processing parity failed: {result}")
     return result
