@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import DICOM_DIR, bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
+from tests.dicomweb.sr_checks import assert_regions_match
 from tests.live import ServiceProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -168,18 +169,7 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
         assert values["Detector score threshold"] == pytest.approx(
             findings["operating_point"]["detector_threshold"], abs=1e-4
         )
-        rois = report.content.get_planar_roi_measurement_groups()
-        assert len(rois) == len(image["detections"])
-        for roi, det in zip(rois, image["detections"], strict=True):
-            x1, y1, x2, y2 = det["box"]
-            assert np.allclose(
-                roi.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01
-            )
-            assert (
-                roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                == source.SOPInstanceUID
-            )
-            assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
+        assert_regions_match(sr, image["detections"], source.SOPInstanceUID)
     finally:
         if service:
             service.stop()

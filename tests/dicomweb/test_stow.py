@@ -7,12 +7,12 @@ import io
 import highdicom as hd
 import numpy as np
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from app.dicomweb.multipart import build_related, media_params, parse_related
 from tests.conftest import bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
+from tests.dicomweb.sr_checks import assert_regions_match
 
 FAILED, REFERENCED, REASON, SOP_UID = "00081198", "00081199", "00081197", "00081155"
 
@@ -166,15 +166,4 @@ def test_sr_regions_are_the_json_boxes(app_client, dicom_dir):
     wado = app_client.get(f"/dicomweb/studies/{source.StudyInstanceUID}")
     parts = parse_related(wado.content, media_params(wado.headers["content-type"])[1]["boundary"])
     sr = next(o for o in (pydicom.dcmread(io.BytesIO(p.body)) for p in parts) if o.Modality == "SR")
-    rois = hd.sr.ComprehensiveSR.from_dataset(sr).content.get_planar_roi_measurement_groups()
-    assert len(rois) == len(detections)
-    for roi, det in zip(rois, detections, strict=True):
-        x1, y1, x2, y2 = det["box"]
-        assert np.allclose(
-            roi.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01
-        )
-        assert (
-            roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-            == source.SOPInstanceUID
-        )
-        assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
+    assert_regions_match(sr, detections, source.SOPInstanceUID)
