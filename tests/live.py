@@ -57,9 +57,13 @@ class ServiceProcess:
             env={**os.environ, **env},
         )
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        wait_for(
-            lambda: self.http.get("/readyz").status_code == 200, 120, "the service to be ready"
-        )
+        try:
+            wait_for(
+                lambda: self.http.get("/readyz").status_code == 200, 120, "the service to be ready"
+            )
+        except BaseException:
+            self.stop()  # never leave a server behind a failed test
+            raise
 
     def stop(self) -> None:
         self.proc.terminate()
