@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from app.core.config import Settings
 from app.preprocessing import mask_crop_box, stretch_grey
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -26,7 +27,8 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"
 SPLITS = ("train", "val", "test")
 BODY_REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
-CROP_MARGIN = 0.05  # the service's default crop margin; see app.core.config
+# The service's default crop margin (app.core.config): training crops follow the same rule.
+CROP_MARGIN = Settings.model_fields["crop_margin"].default
 
 
 def data_root() -> Path:

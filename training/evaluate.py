@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from app.core.config import Settings
 from app.decoding import decode
 from app.operating_point import from_fp_rate, from_score
 from app.pipeline import ImageWork, run_study
@@ -26,8 +27,6 @@ from training import metrics, plots
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records
 from training.detection import COLLECT_THRESHOLD
-
-CROP_MARGIN = 0.05
 
 
 def evaluate(
@@ -41,8 +40,9 @@ def evaluate(
     registry = ModelRegistry(models_dir)
     registry.load_all("cpu", 0)
     crp = registry.get("cropper", None, "")
-    clf = registry.get("classifier", classifier, "classifier-simclr-resnet18")
-    det = registry.get("detector", detector, "detector-yolov8n")
+    defaults = Settings()
+    clf = registry.get("classifier", classifier, defaults.default_classifier)
+    det = registry.get("detector", detector, defaults.default_detector)
     collect = from_score(COLLECT_THRESHOLD)
     probs, preds, gts, sizes, labels, inside, shown = [], [], [], [], [], [], []
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def evaluate(
                 Path(rec.path).read_bytes(), None, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]
             )
             works.append(ImageWork(image=image, decode_ms=0.0))
-        run_study(works, crp, clf, det, collect, CROP_MARGIN)
+        run_study(works, crp, clf, det, collect, defaults.crop_margin)
         for rec, w in zip(chunk, works, strict=True):
             h, wd = w.image.height, w.image.width
             gt = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4) * np.array(

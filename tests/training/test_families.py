@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.runtime import sha256_of
 from tests.conftest import FRACATLAS, bone_phantom
 from training import common
 from training.common import load_recipe
-from training.export import CARD_FIELDS, sha256_of
+from training.export import CARD_FIELDS
 
 pytestmark = pytest.mark.slow
 CONFIGS = common.REPO / "training" / "configs"
