@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+from pydicom.dataset import Dataset
 
 from app.core.errors import ApiError
 
@@ -128,17 +129,29 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
     return DecodedImage(pixels=pixels, source=kind)
 
 
-def decode_dicom(data: bytes, max_pixels: int, allowed_modalities: Sequence[str]) -> DecodedImage:
+def parse_dicom(data: bytes) -> Dataset:
+    """Part 10 bytes (or a bare dataset) -> pydicom Dataset; 422 when they are not DICOM."""
     import pydicom
-    from pydicom.pixels import pixel_array
-    from pydicom.uid import ImplicitVRLittleEndian
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        return pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
         raise ApiError(
             422, "invalid_dicom", f"the DICOM file cannot be parsed ({type(exc).__name__})"
         ) from None
+
+
+def decode_dicom(data: bytes, max_pixels: int, allowed_modalities: Sequence[str]) -> DecodedImage:
+    return decode_dicom_dataset(parse_dicom(data), max_pixels, allowed_modalities)
+
+
+def decode_dicom_dataset(
+    ds: Dataset, max_pixels: int, allowed_modalities: Sequence[str]
+) -> DecodedImage:
+    import pydicom
+    from pydicom.pixels import pixel_array
+    from pydicom.uid import ImplicitVRLittleEndian
+
     if "PixelData" not in ds:
         raise ApiError(422, "no_pixel_data", "the DICOM object has no pixel data (not an image)")
     meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()

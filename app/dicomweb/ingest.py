@@ -7,7 +7,6 @@ understand (not DICOM, undecodable pixel data), 0xA700 out of resources (over th
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ApiError
-from app.decoding import DecodedImage, decode_dicom
+from app.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.dicomweb.results import (
     ImageFindings,
     build_secondary_capture,
@@ -46,20 +45,18 @@ def read_instance(
     data: bytes, state: AppState, url_study: str | None
 ) -> Accepted | tuple[str, str, int]:
     """An accepted instance, or (SOP class, SOP instance, failure reason)."""
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        sop_class = str(header.SOPClassUID)
-        sop_uid = str(header.SOPInstanceUID)
-    except Exception:
-        return "", "", CANNOT_UNDERSTAND
-    if url_study and str(header.get("StudyInstanceUID", "")) != url_study:
-        return sop_class, sop_uid, STUDY_UID_MISMATCH
     t0 = time.perf_counter()
     try:
-        image = decode_dicom(
-            data, state.settings.max_image_pixels, state.settings.allowed_modalities
+        ds = parse_dicom(data)  # parsed once: the header for the checks, the pixels to decode
+        sop_class = str(ds.SOPClassUID)
+        sop_uid = str(ds.SOPInstanceUID)
+    except (ApiError, AttributeError):
+        return "", "", CANNOT_UNDERSTAND
+    if url_study and str(ds.get("StudyInstanceUID", "")) != url_study:
+        return sop_class, sop_uid, STUDY_UID_MISMATCH
+    try:
+        image = decode_dicom_dataset(
+            ds, state.settings.max_image_pixels, state.settings.allowed_modalities
         )
     except ApiError as exc:
         reason = {413: OUT_OF_RESOURCES}.get(exc.status, CANNOT_UNDERSTAND)
@@ -67,7 +64,7 @@ def read_instance(
             reason = SOP_CLASS_NOT_SUPPORTED
         return sop_class, sop_uid, reason
     state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
-    return Accepted(source_header(header), image, round(1000 * (time.perf_counter() - t0), 2))
+    return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2))
 
 
 def build_results(
