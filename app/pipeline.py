@@ -77,29 +77,44 @@ def run_study(
         for w, p in zip(works, probs, strict=True):
             w.probability = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
     with _timed("detect", works, on_stage):
-        inputs: list[np.ndarray] = []
-        placements: list[Placement] = []
-        for w in works:
-            x, placement = model_input(w.crop, detector.spec)
-            inputs.append(x)
-            placements.append(placement)
-        outputs = detector.run(np.stack(inputs))
-        kind = detector.card["output"].get("postprocess", "yolo")
-        for i, (w, placement) in enumerate(zip(works, placements, strict=True)):
-            if kind == "yolo":
-                boxes, scores = yolo_detections(outputs[0][i], operating_point.detector_threshold)
-            else:
-                boxes, scores = rcnn_detections(
-                    outputs[i][0], outputs[i][2], operating_point.detector_threshold
-                )
-            x1, y1, x2, y2 = w.crop_box
+        found = detect_crops(detector, [w.crop for w in works], operating_point.detector_threshold)
+        for w, (boxes, scores) in zip(works, found, strict=True):
+            x1, y1 = w.crop_box[:2]
             if len(boxes):
-                boxes = placement.to_image(boxes)
-                boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, x2 - x1) + x1
-                boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, y2 - y1) + y1
-                keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-                boxes, scores = boxes[keep], scores[keep]
+                boxes[:, [0, 2]] += x1  # crop pixels -> the uploaded frame
+                boxes[:, [1, 3]] += y1
             w.boxes, w.scores = boxes, scores
+
+
+def detect_crops(
+    detector: OnnxModel, crops: list[np.ndarray], threshold: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Boxes (xyxy in crop pixels, clipped, empty ones dropped) and scores of each stretched
+    crop at a score threshold: the detect stage, also what training evaluates."""
+    inputs: list[np.ndarray] = []
+    placements: list[Placement] = []
+    for crop in crops:
+        x, placement = model_input(crop, detector.spec)
+        inputs.append(x)
+        placements.append(placement)
+    outputs = detector.run(np.stack(inputs))
+    kind = detector.card["output"].get("postprocess", "yolo")
+    found = []
+    for i, (crop, placement) in enumerate(zip(crops, placements, strict=True)):
+        if kind == "yolo":
+            boxes, scores = yolo_detections(outputs[0][i], threshold)
+        else:  # unbatched graphs: one output list per image
+            named = dict(zip(detector.output_names, outputs[i], strict=True))
+            boxes, scores = rcnn_detections(named["boxes"], named["scores"], threshold)
+        if len(boxes):
+            h, w = crop.shape
+            boxes = placement.to_image(boxes)
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, scores = boxes[keep], scores[keep]
+        found.append((boxes, scores))
+    return found
 
 
 def image_answer(index: int, w: ImageWork, decision_threshold: float) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from app.preprocessing import model_input, stretch_grey
+from app.preprocessing import stretch_grey
 from training import metrics, plots
 from training.data import CachedImage, crop_item
 
@@ -25,30 +25,24 @@ Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
-    """Run an exported detector the way the service does (model_input + app.postprocess)."""
-    import onnxruntime as ort
+    """The exported detector run by the service's own detect stage (app.pipeline.detect_crops)."""
+    from app.pipeline import detect_crops
+    from app.runtime import OnnxModel, sha256_of
 
-    from app.postprocess import rcnn_detections, yolo_detections
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    output_names = [o.name for o in session.get_outputs()]
+    card = {
+        "name": onnx_path.stem,
+        "version": "evaluation",
+        "task": "detection",
+        "file": onnx_path.name,
+        "sha256": sha256_of(onnx_path),
+        "input": spec,
+        "output": {"postprocess": kind},
+    }
+    model = OnnxModel(card=card, path=onnx_path)
+    model.load(["CPUExecutionProvider"], intra_op_threads=0)
 
     def detect(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x, placement = model_input(crop, spec)
-        # Faster R-CNN graphs take one CHW image (card: input.batch false).
-        outs = session.run(None, {name: x[None] if spec.get("batch", True) else x})
-        if kind == "yolo":
-            boxes, scores = yolo_detections(outs[0][0], COLLECT_THRESHOLD)
-        else:
-            named = dict(zip(output_names, outs, strict=True))
-            boxes, scores = rcnn_detections(named["boxes"], named["scores"], COLLECT_THRESHOLD)
-        boxes = placement.to_image(boxes) if len(boxes) else boxes
-        h, w = crop.shape
-        if len(boxes):
-            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-        return boxes, scores
+        return detect_crops(model, [crop], COLLECT_THRESHOLD)[0]
 
     return detect
 
