@@ -64,29 +64,27 @@ def finetune_augment(x_u8: Any) -> Any:
     return torch.stack([aug(img.unsqueeze(0))[0] for img in x_u8])
 
 
-class ProbabilityModel:
+def build_probability_model(backbone: Any, feature_dim: int) -> Any:
     """backbone -> linear head -> sigmoid, the exported graph (N x 3 x S x S -> N x 1)."""
+    import torch
+    from torch import nn
 
-    def __new__(cls, backbone: Any, feature_dim: int) -> Any:
-        import torch
-        from torch import nn
+    class ProbabilityModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            # Non-affine BatchNorm first: the probe works whatever the feature scale.
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, 1)
+            )
 
-        class _Model(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.backbone = backbone
-                # Non-affine BatchNorm first: the probe works whatever the feature scale.
-                self.head = nn.Sequential(
-                    nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, 1)
-                )
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
 
-            def logits(self, x: torch.Tensor) -> torch.Tensor:
-                return self.head(self.backbone(x))
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.logits(x))
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.sigmoid(self.logits(x))
-
-        return _Model()
+    return ProbabilityModel()
 
 
 def fold_head(model: Any) -> None:
@@ -137,7 +135,7 @@ def finetune(
     pos = float(y_train.sum())
     pos_weight = torch.tensor((len(y_train) - pos) / max(pos, 1.0))
 
-    model = ProbabilityModel(backbone, feature_dim)
+    model = build_probability_model(backbone, feature_dim)
     ckpt_path = log.run_dir / "finetune_last.pt"
     stages = [
         ("linear", cfg["linear_epochs"], cfg["linear_lr"]),
