@@ -1,4 +1,4 @@
-"""Faster R-CNN detector (Xie et al.): torchvision ResNet-FPN, backbone from our SimCLR ResNet.
+"""Faster R-CNN detector (Xie et al.): torchvision ResNet-FPN, backbone from our classifier run.
 
 The exported graph takes one CHW image in [0, 1] (normalisation and NMS are inside the graph)
 and returns boxes, labels, scores in input pixels. torchvision's detection graphs export with a
@@ -76,20 +76,22 @@ def build_model(recipe: dict[str, Any]) -> Any:
 
 
 def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str:
-    """Start the FPN body from our SimCLR checkpoint, else a verified file, else from scratch."""
+    """Start the FPN body from one of our classifier runs (runs/<init_run>/<init_checkpoint>:
+    the SimCLR backbone, or the classifier fine-tuned with box supervision), else a verified
+    file, else from scratch."""
     path, sha = recipe.get("init_weights"), recipe.get("init_sha256")
     if path:
         state = load_verified_state_dict(path, sha)
         source = f"verified file {path}"
     else:
-        ssl = common.RUNS_DIR / recipe["ssl_run"] / "ssl_backbone.pt"
-        if not ssl.exists():
+        ours = common.RUNS_DIR / recipe["init_run"] / recipe["init_checkpoint"]
+        if not ours.exists():
             log.write(event="init", weights="scratch")
             return "scratch"
         import torch
 
-        state = torch.load(ssl, map_location="cpu", weights_only=True)
-        source = f"SimCLR backbone {ssl.relative_to(common.REPO)}"
+        state = torch.load(ours, map_location="cpu", weights_only=True)
+        source = f"backbone {ours.relative_to(common.REPO)}"
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
     result = model.backbone.body.load_state_dict(body, strict=False)
     log.write(event="init", weights=source, missing=result.missing_keys)

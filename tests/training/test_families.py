@@ -157,6 +157,11 @@ def test_simclr_tiny_run_and_resume(tiny_cache, run_dirs):
     c = check_card(models, "t-simclr")
     assert 0.0 <= c["decision_threshold"] <= 1.0 and c["threshold_rule"]
     assert card["metrics"]["onnx_parity_max_abs_diff"]["fp32"] < 1e-4
+    # The box-supervised head: fusion chosen on val, every variant reported on val and test.
+    ablation = card["metrics"]["ablation_auroc"]
+    assert ablation["chosen"]["fusion"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert set(ablation["val"]) == set(ablation["test"]) and len(ablation["val"]) == 10
+    assert (runs / "t-simclr" / "classifier_backbone.pt").exists()
     # Resuming a finished run trains no further SSL epoch.
     simclr.train(load_recipe(CONFIGS / "simclr.yaml", over), out_dir=models)
     assert len(epoch_losses(log, "simclr")) == 4
@@ -281,7 +286,7 @@ def test_frcnn_tiny_run(tiny_cache, run_dirs):
         {
             "cache": str(tiny_cache),
             "name": "t-frcnn",
-            "ssl_run": "none",
+            "init_run": "none",
             "input_size": 96,
             "epochs": 3,
             "batch_size": 4,
