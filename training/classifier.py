@@ -89,6 +89,14 @@ def finetune_augment(x_u8: Any, masks: Any = None) -> Any:
     return torch.stack(images), torch.stack(moved)
 
 
+def image_head(feature_dim: int) -> Any:
+    """Pooled features -> one logit. Non-affine BatchNorm first: the linear probe works whatever
+    the feature scale (folded into the Linear at export, see fold_head)."""
+    from torch import nn
+
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, 1))
+
+
 def build_probability_model(backbone: Any, feature_dim: int) -> Any:
     """backbone -> linear head -> sigmoid, the exported graph (N x 3 x S x S -> N x 1)."""
     import torch
@@ -98,10 +106,7 @@ def build_probability_model(backbone: Any, feature_dim: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.backbone = backbone
-            # Non-affine BatchNorm first: the probe works whatever the feature scale.
-            self.head = nn.Sequential(
-                nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, 1)
-            )
+            self.head = image_head(feature_dim)
 
         def logits(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.backbone(x))
@@ -120,6 +125,7 @@ def build_localising_model(resnet: Any, feature_dim: int) -> Any:
     give far more signal per radiograph than one image label, which matters with ~600 fractured
     training images. The image logit is fusion * image head + (1 - fusion) * max cell logit;
     fusion is chosen on val after training. Exported graph: N x 3 x S x S -> N x 1 probability.
+    ResNet backbones only (torchvision stage names).
     """
     import torch
     from torch import nn
@@ -128,9 +134,7 @@ def build_localising_model(resnet: Any, feature_dim: int) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.backbone = resnet
-            self.head = nn.Sequential(
-                nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, 1)
-            )
+            self.head = image_head(feature_dim)
             self.map_head = nn.Conv2d(feature_dim, 1, kernel_size=1)
             # Set after training (choose_fusion); the export bakes them into the graph.
             self.fusion = 0.5
