@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from app.preprocessing import model_input, stretch_grey
 from training import common, export, metrics
-from training.data import CachedImage, crop_item
+from training.data import CachedImage, input_item
 
 
 def input_spec(size: int) -> dict[str, Any]:
@@ -43,15 +42,11 @@ def crops_and_box_masks(
     out = np.empty((len(items), size, size), dtype=np.uint8)
     masks = np.zeros((len(items), size, size), dtype=np.uint8)
     for i, it in enumerate(items):
-        crop, boxes = crop_item(it, use_boxes=use_boxes)
-        x, placement = model_input(stretch_grey(crop), spec)
+        x, boxes = input_item(it, spec, use_boxes=use_boxes)
         out[i] = np.round(x[0] * 255).astype(np.uint8)
-        h, w = crop.shape
         for bx1, by1, bx2, by2 in boxes:
-            x1 = int(np.floor(bx1 * w * placement.scale + placement.pad_x))
-            x2 = int(np.ceil(bx2 * w * placement.scale + placement.pad_x))
-            y1 = int(np.floor(by1 * h * placement.scale + placement.pad_y))
-            y2 = int(np.ceil(by2 * h * placement.scale + placement.pad_y))
+            x1, y1 = int(np.floor(bx1)), int(np.floor(by1))
+            x2, y2 = int(np.ceil(bx2)), int(np.ceil(by2))
             masks[i, max(0, y1) : max(y1 + 1, y2), max(0, x1) : max(x1 + 1, x2)] = 1
     return out, masks
 
@@ -389,7 +384,7 @@ def finetune(
         "threshold_rule": "Youden's J (sensitivity + specificity - 1) maximised on the val split",
         "data": common.FRACATLAS_ATTRIBUTION
         + "; inputs are crops to the weak anatomy mask (train: widened to hold every box)",
-        "recipe": {"config": f"training/configs/{recipe['family']}.yaml", **recipe},
+        "recipe": recipe,
         "pretraining": pretraining,
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
         "metrics": {

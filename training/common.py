@@ -33,8 +33,11 @@ def go_offline() -> None:
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read a YAML recipe; `overrides` (dotted keys) win, for smoke runs and tests."""
-    recipe = yaml.safe_load(Path(path).read_text())
+    """Read a YAML recipe; `overrides` (dotted keys) win, for smoke runs and tests. The recipe
+    records the file it came from (`config`, repo-relative where possible) for the model card."""
+    path = Path(path).resolve()
+    recipe = yaml.safe_load(path.read_text())
+    recipe["config"] = str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
     for key, value in (overrides or {}).items():
         node = recipe
         *parents, leaf = key.split(".")

@@ -158,7 +158,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "crop_margin": CROP_MARGIN,
         "data": common.FRACATLAS_ATTRIBUTION
         + "; targets are weak masks (two-level Otsu + morphology)",
-        "recipe": {"config": f"training/configs/{recipe['name']}.yaml", **recipe},
+        "recipe": recipe,
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
         "metrics": {"test": test_metrics, "onnx_parity_max_abs_diff": parity},
         "trained_on": common.hardware(),

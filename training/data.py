@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from app.core.config import Settings
-from app.preprocessing import mask_crop_box, stretch_grey
+from app.preprocessing import mask_crop_box, model_input, stretch_grey
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 
@@ -259,3 +259,15 @@ def crop_item(item: CachedImage, use_boxes: bool) -> tuple[np.ndarray, np.ndarra
         boxes[:, [1, 3]] = (boxes[:, [1, 3]] * h - py1) / (py2 - py1)
         boxes = boxes.clip(0, 1)
     return crop, boxes
+
+
+def input_item(item: CachedImage, spec: dict, use_boxes: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An item's crop as the service feeds it to a model (CHW float, per `spec`) and its
+    fracture boxes in that input's pixels (xyxy, float32, shape (n, 4))."""
+    crop, boxes = crop_item(item, use_boxes=use_boxes)
+    x, placement = model_input(stretch_grey(crop), spec)
+    h, w = crop.shape
+    px = boxes.reshape(-1, 4) * np.array([w, h, w, h], dtype=np.float32) * placement.scale
+    px[:, [0, 2]] += placement.pad_x
+    px[:, [1, 3]] += placement.pad_y
+    return x, px.astype(np.float32)

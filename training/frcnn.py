@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from app.preprocessing import model_input, stretch_grey
 from training import common, detection, export
-from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
+from training.data import DEFAULT_CACHE, build_cache, input_item, load_cache
 from training.weights import load_verified_state_dict
 
 
@@ -103,13 +102,7 @@ def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
 
     out = []
     for it in items:
-        crop, boxes = crop_item(it, use_boxes=use_boxes)
-        x, placement = model_input(stretch_grey(crop), spec)
-        h, w = crop.shape
-        # image pixels -> letterboxed input pixels
-        px = boxes.reshape(-1, 4) * np.array([w, h, w, h], dtype=np.float32) * placement.scale
-        px[:, [0, 2]] += placement.pad_x
-        px[:, [1, 3]] += placement.pad_y
+        x, px = input_item(it, spec, use_boxes=use_boxes)
         keep = (px[:, 2] - px[:, 0] > 1) & (px[:, 3] - px[:, 1] > 1)
         out.append(
             (
@@ -215,7 +208,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "operating_points": detection.froc_operating_points(val),
         "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
         "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
-        "recipe": {"config": "training/configs/frcnn.yaml", **recipe},
+        "recipe": recipe,
         "backbone_init": init,
         "licence": "Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
         "metrics": {"test": test, "val": val, "onnx_parity_max_abs_diff": parity},
@@ -236,8 +229,7 @@ def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst, compared = 0.0, 0
     for it in items:
-        crop, _ = crop_item(it, use_boxes=False)
-        x, _ = model_input(stretch_grey(crop), spec)
+        x, _ = input_item(it, spec, use_boxes=False)
         with torch.no_grad():
             ref = model([torch.from_numpy(x)])[0]
         outs = dict(

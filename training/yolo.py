@@ -152,7 +152,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "operating_points": detection.froc_operating_points(val),
         "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
         "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
-        "recipe": {"config": "training/configs/yolo.yaml", **recipe},
+        "recipe": recipe,
         "licence": "AGPL-3.0 (trained with ultralytics); training data CC BY 4.0 (FracAtlas)",
         "metrics": {"test": test, "val": val, "parity_vs_ultralytics": parity},
         "trained_on": common.hardware(),
