@@ -1,6 +1,6 @@
 """python -m training <family> --config training/configs/<family>.yaml [--set key=value ...]
 
-Families: cropper, simclr, dino, yolo, frcnn. `python -m training evaluate ...` evaluates the
+Families: cropper, simclr, dino, mobilenet, bam, yolo, frcnn. `python -m training evaluate ...` evaluates the
 served pipeline on a split or a folder in the release layout (see training/evaluate.py).
 """
 
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -21,6 +22,8 @@ FAMILIES = {
     "dino": "training.dino",
     "yolo": "training.yolo",
     "frcnn": "training.frcnn",
+    "mobilenet": "training.mobilenet",
+    "bam": "training.bam",
 }
 
 
@@ -40,13 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a recipe entry (dotted keys, YAML values)",
     )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="folder for the ONNX file and card (default: models/)",
+    )
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
     recipe = load_recipe(args.config, overrides)
-    card = importlib.import_module(FAMILIES[args.family]).train(recipe)
+    train = importlib.import_module(FAMILIES[args.family]).train
+    card = train(recipe, Path(args.out)) if args.out else train(recipe)
     print(json.dumps(card.get("metrics", {}), indent=2, default=str))
     return 0
 

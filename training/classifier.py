@@ -13,18 +13,20 @@ from typing import Any
 
 import numpy as np
 
-from training import common, export, metrics
+from training import augment, common, export, metrics
 from training.data import CachedImage, input_item
 
 
-def input_spec(size: int) -> dict[str, Any]:
+def input_spec(size: int, mean: float = 0.5, std: float = 0.25) -> dict[str, Any]:
+    """Letterboxed grey crop as 3 equal channels, (x - mean) / std (ImageNet MobileNets: 0.5 / 0.5,
+    the TFLite files' (q - 128) / 128)."""
     return {
         "size": [size, size],
         "resize": "letterbox",
         "pad_value": 0.0,
         "channels": 3,
-        "mean": [0.5, 0.5, 0.5],
-        "std": [0.25, 0.25, 0.25],
+        "mean": [mean] * 3,
+        "std": [std] * 3,
     }
 
 
@@ -59,31 +61,6 @@ def to_input(batch_u8: Any, spec: dict[str, Any]) -> Any:
     return (x - mean) / std
 
 
-def finetune_augment(x_u8: Any, masks: Any = None) -> Any:
-    """Light, X-ray-sensible augmentation on uint8 batches: flips, rotation, shift, contrast.
-    With masks, the same geometric transform moves each box mask with its image."""
-    import torch
-    from torchvision import tv_tensors
-    from torchvision.transforms import v2
-
-    geometry = v2.Compose(
-        [
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(0.2),
-            v2.RandomAffine(degrees=15, translate=(0.08, 0.08), scale=(0.9, 1.15)),
-        ]
-    )
-    photometric = v2.ColorJitter(brightness=0.2, contrast=0.2)
-    if masks is None:
-        return torch.stack([photometric(geometry(img.unsqueeze(0)))[0] for img in x_u8])
-    images, moved = [], []
-    for img, mask in zip(x_u8, masks, strict=True):
-        img_t, mask_t = geometry(tv_tensors.Image(img.unsqueeze(0)), tv_tensors.Mask(mask))
-        images.append(photometric(img_t)[0])
-        moved.append(mask_t)
-    return torch.stack(images), torch.stack(moved)
-
-
 def image_head(feature_dim: int) -> Any:
     """Pooled features -> one logit. Non-affine BatchNorm first: the linear probe works whatever
     the feature scale (folded into the Linear at export, see fold_head)."""
@@ -112,23 +89,39 @@ def build_probability_model(backbone: Any, feature_dim: int) -> Any:
     return ProbabilityModel()
 
 
-def build_localising_model(resnet: Any, feature_dim: int) -> Any:
-    """A ResNet classifier that also learns where the fracture is (box supervision).
+def resnet_feature_map(net: Any, x: Any) -> Any:
+    """Last feature map (stride 32) of a torchvision ResNet."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def mobilenet_feature_map(net: Any, x: Any) -> Any:
+    """Last feature map (stride 32) of a torchvision MobileNet (its `features`)."""
+    return net.features(x)
+
+
+FEATURE_MAPS = {"resnet": resnet_feature_map, "mobilenet": mobilenet_feature_map}
+
+
+def build_localising_model(backbone: Any, feature_dim: int, feature_map: str = "resnet") -> Any:
+    """A CNN classifier that also learns where the fracture is (box supervision).
 
     Besides the image head on the pooled features, a 1x1 convolution turns the last feature map
     (stride 32) into per-cell fracture logits trained against the fracture boxes: dense targets
     give far more signal per radiograph than one image label, which matters with ~600 fractured
     training images. The image logit is fusion * image head + (1 - fusion) * max cell logit;
     fusion is chosen on val after training. Exported graph: N x 3 x S x S -> N x 1 probability.
-    ResNet backbones only (torchvision stage names).
+    `feature_map` names how the backbone's last map is read (FEATURE_MAPS).
     """
     import torch
     from torch import nn
 
+    read_map = FEATURE_MAPS[feature_map]
+
     class LocalisingModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.backbone = resnet
+            self.backbone = backbone
             self.head = image_head(feature_dim)
             self.map_head = nn.Conv2d(feature_dim, 1, kernel_size=1)
             # Set after training (choose_fusion); the export bakes them into the graph.
@@ -136,9 +129,7 @@ def build_localising_model(resnet: Any, feature_dim: int) -> Any:
             self.hflip_tta = False
 
         def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-            r = self.backbone
-            x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
-            return r.layer4(r.layer3(r.layer2(r.layer1(x))))
+            return read_map(self.backbone, x)
 
         def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """(image logits N, cell logits N x h x w)."""
@@ -247,6 +238,20 @@ def choose_fusion(
     return table
 
 
+def epoch_indices(y: Any, negatives_per_positive: float | None) -> Any:
+    """Shuffled training indices of one epoch: every image, or (class-balanced) every fractured
+    image plus a fresh random draw of `negatives_per_positive` unfractured ones per fractured."""
+    import torch
+
+    if not negatives_per_positive:
+        return torch.randperm(len(y))
+    pos = torch.nonzero(y > 0.5)[:, 0]
+    neg = torch.nonzero(y <= 0.5)[:, 0]
+    k = min(len(neg), round(len(pos) * negatives_per_positive))
+    picked = torch.cat([pos, neg[torch.randperm(len(neg))[:k]]])
+    return picked[torch.randperm(len(picked))]
+
+
 def finetune(
     backbone: Any,
     feature_dim: int,
@@ -256,13 +261,20 @@ def finetune(
     out_dir: Path,
     architecture: str,
     pretraining: dict[str, Any],
+    feature_map: str = "resnet",
+    on_start: Any = None,
 ) -> dict[str, Any]:
-    """Linear probe, then full fine-tune, then threshold on val, export and card."""
+    """Linear probe, then full fine-tune, then threshold on val, export and card.
+
+    Checkpointed after every epoch (runs/<name>/finetune_last.pt): a killed run resumes at the
+    next epoch. `on_start(model, x_train_u8, spec)` runs once before the first epoch of a fresh
+    run (e.g. BatchNorm calibration of converted ImageNet weights).
+    """
     import torch
     import torch.nn.functional as F
 
     cfg = recipe["finetune"]
-    spec = input_spec(cfg["input_size"])
+    spec = input_spec(cfg["input_size"], cfg.get("mean", 0.5), cfg.get("std", 0.25))
     size = cfg["input_size"]
     localising = bool(cfg.get("localisation"))
     train_crops, train_masks = crops_and_box_masks(items["train"], size, use_boxes=True)
@@ -270,23 +282,36 @@ def finetune(
     x_val = torch.from_numpy(crops_as_array(items["val"], size, use_boxes=False))
     y_train = torch.tensor([float(it.fractured) for it in items["train"]])
     y_val = np.array([int(it.fractured) for it in items["val"]])
+    balance = cfg.get("negatives_per_positive")
     pos = float(y_train.sum())
-    pos_weight = torch.tensor((len(y_train) - pos) / max(pos, 1.0))
+    negatives = (len(y_train) - pos) if not balance else pos * balance
+    pos_weight = torch.tensor(negatives / max(pos, 1.0))
+    augment_args = {
+        "strength": cfg.get("augment", "light"),
+        "rotate_degrees": cfg.get("rotate_degrees", 15.0),
+        "rot90_p": cfg.get("rot90_p", 0.0),
+    }
 
     if localising:
-        model = build_localising_model(backbone, feature_dim)
+        model = build_localising_model(backbone, feature_dim, feature_map)
     else:
         model = build_probability_model(backbone, feature_dim)
+    channels_last = bool(cfg.get("channels_last", False))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ckpt_path = log.run_dir / "finetune_last.pt"
     stages = [
         ("linear", cfg["linear_epochs"], cfg["linear_lr"]),
         ("full", cfg["full_epochs"], cfg["full_lr"]),
     ]
     state = common.load_checkpoint(ckpt_path)
-    done = state["done"] if state else []
     if state:
         model.load_state_dict(state["model"])
-    best = {"auroc": -1.0, "state": None}
+    elif on_start is not None:
+        on_start(model, x_train, spec)
+    model = model.to(memory_format=memory_format)
+    done = state["done"] if state else []
+    best = state.get("best", {"auroc": -1.0, "state": None}) if state else {"auroc": -1.0}
+    best.setdefault("state", None)
     for stage, epochs, lr in stages:
         if stage in done or epochs == 0:
             continue
@@ -294,30 +319,38 @@ def finetune(
             p.requires_grad = stage == "full"
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
-        steps = epochs * -(-len(x_train) // cfg["batch_size"])
+        per_epoch = len(epoch_indices(y_train, balance))
+        steps = epochs * -(-per_epoch // cfg["batch_size"])
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=steps, pct_start=0.15
         )
-        for epoch in range(epochs):
+        start = 0
+        if state and state.get("stage") == stage:
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            start = state["epoch"] + 1
+        for epoch in range(start, epochs):
             # BatchNorm statistics stay frozen while only the head learns.
             model.train(stage == "full")
             model.head.train()
             t0, losses = time.time(), []
-            for idx in torch.randperm(len(x_train)).split(cfg["batch_size"]):
+            for idx in epoch_indices(y_train, balance).split(cfg["batch_size"]):
                 if localising:
-                    x_u8, masks = finetune_augment(x_train[idx], m_train[idx])
+                    x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augment_args)
                     loss = localisation_loss(
                         model,
-                        to_input(x_u8, spec),
+                        to_input(x_u8, spec).contiguous(memory_format=memory_format),
                         y_train[idx],
                         masks,
                         pos_weight,
                         cfg.get("cell_pos_weight", 10.0),
                     )
                 else:
-                    x = to_input(finetune_augment(x_train[idx]), spec)
+                    x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec)
                     loss = F.binary_cross_entropy_with_logits(
-                        model.logits(x)[:, 0], y_train[idx], pos_weight=pos_weight
+                        model.logits(x.contiguous(memory_format=memory_format))[:, 0],
+                        y_train[idx],
+                        pos_weight=pos_weight,
                     )
                 opt.zero_grad()
                 loss.backward()
@@ -332,6 +365,7 @@ def finetune(
                 epoch=epoch,
                 loss=float(np.mean(losses)),
                 val_auroc=val["auroc"],
+                images=per_epoch,
                 epoch_s=round(time.time() - t0, 1),
             )
             if stage == "full" and (val["auroc"] or 0) > best["auroc"]:
@@ -340,10 +374,22 @@ def finetune(
                     "epoch": epoch,
                     "state": {k: v.clone() for k, v in model.state_dict().items()},
                 }
+            common.save_checkpoint(
+                ckpt_path,
+                model=model.state_dict(),
+                done=done,
+                stage=stage,
+                epoch=epoch,
+                opt=opt.state_dict(),
+                sched=sched.state_dict(),
+                best=best,
+            )
         done.append(stage)
-        common.save_checkpoint(ckpt_path, model=model.state_dict(), done=done)
+        state = None
+        common.save_checkpoint(ckpt_path, model=model.state_dict(), done=done, best=best)
     if best["state"] is not None:  # keep the epoch with the best val AUROC
         model.load_state_dict(best["state"])
+    model = model.to(memory_format=torch.contiguous_format)
 
     x_test = torch.from_numpy(crops_as_array(items["test"], size, use_boxes=False))
     y_test = np.array([int(it.fractured) for it in items["test"]])
@@ -390,6 +436,17 @@ def finetune(
         "metrics": {
             "test": test,
             "val": metrics.classification_metrics(y_val, val_scores, threshold),
+            "ci95": {
+                "val": metrics.bootstrap_classification(y_val, val_scores, threshold),
+                "test": metrics.bootstrap_classification(y_test, test_scores, threshold),
+                "method": "percentile bootstrap over images, 1000 resamples",
+            },
+            "by_region": {
+                "val": metrics.auroc_by_group(y_val, val_scores, [i.region for i in items["val"]]),
+                "test": metrics.auroc_by_group(
+                    y_test, test_scores, [i.region for i in items["test"]]
+                ),
+            },
             "best_epoch": best.get("epoch"),
             "ablation_auroc": ablation,
             "onnx_parity_max_abs_diff": parity,

@@ -217,3 +217,54 @@ def coco_ap(
     ev.accumulate()
     ev.summarize()
     return {"ap50": max(0.0, float(ev.stats[1])), "ap50_95": max(0.0, float(ev.stats[0]))}
+
+
+def bootstrap_classification(
+    labels: Sequence[int],
+    scores: Sequence[float],
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """95% percentile-bootstrap intervals (images resampled with replacement) of AUROC, accuracy,
+    sensitivity and specificity at `threshold`: {metric: [low, high]}."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[float]] = {
+        "auroc": [],
+        "accuracy": [],
+        "sensitivity": [],
+        "specificity": [],
+    }
+    pred = s >= threshold
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        yb, sb, pb = y[idx], s[idx], pred[idx]
+        pos, neg = yb == 1, yb == 0
+        if pos.any() and neg.any():
+            rows["auroc"].append(roc_auc_score(yb, sb))
+        rows["accuracy"].append(float((pb == pos).mean()))
+        if pos.any():
+            rows["sensitivity"].append(float(pb[pos].mean()))
+        if neg.any():
+            rows["specificity"].append(float((~pb[neg]).mean()))
+    return {
+        k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None
+        for k, v in rows.items()
+    }
+
+
+def auroc_by_group(labels: Sequence[int], scores: Sequence[float], groups: Sequence[str]) -> dict:
+    """AUROC with its bootstrap interval per group (e.g. body region); None where a group lacks
+    one of the classes."""
+    y, s, g = np.asarray(labels).astype(int), np.asarray(scores, dtype=float), np.asarray(groups)
+    out = {}
+    for name in sorted(set(g.tolist())):
+        m = g == name
+        point = classification_metrics(y[m], s[m], 0.5)["auroc"]
+        ci = bootstrap_classification(y[m], s[m], 0.5, n_boot=500)["auroc"] if point else None
+        out[name] = {"n": int(m.sum()), "fractured": int(y[m].sum()), "auroc": point, "ci95": ci}
+    return out

@@ -1,0 +1,114 @@
+"""Augmentations on uint8 grey batches, shared by the classifier families.
+
+`light`: flips, a small affine, brightness/contrast (the 1.0/2.0 recipes).
+`robust`: what other hospitals' radiographs differ by (issue: generalisation beyond FracAtlas):
+any-angle rotation, gamma and window changes, lower resolution (downsample and back), JPEG
+re-compression, blur and noise, burned-in markers (white text and tabs). Box masks move with the
+geometry only; photometric changes never move a box.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+STRENGTHS = ("light", "robust")
+
+
+def _geometry(rotate_degrees: float) -> Any:
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(0.2),
+            v2.RandomAffine(degrees=rotate_degrees, translate=(0.08, 0.08), scale=(0.85, 1.15)),
+        ]
+    )
+
+
+def _burn_marker(img: np.ndarray, rng: random.Random) -> None:
+    """A side marker or annotation burned into the pixels, as many sites do (in place)."""
+    import cv2
+
+    h, w = img.shape
+    text = rng.choice(["L", "R", "LT", "RT", "AP", "LAT", "PA", "OBL", "15", "WB"])
+    scale = max(h, w) / rng.uniform(180, 400)
+    x, y = rng.randrange(0, max(1, w // 2)), rng.randrange(max(2, h // 8), h)
+    if rng.random() < 0.3:  # a solid tab behind the text
+        cv2.rectangle(img, (x, y - int(25 * scale)), (x + int(40 * scale), y + 4), 255, -1)
+        colour = 0
+    else:
+        colour = 255
+    thickness = max(1, round(2 * scale))
+    cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
+
+
+def robust_photometric(img: np.ndarray, rng: random.Random) -> np.ndarray:
+    """One grey uint8 image (h, w) as another device or site might have produced it."""
+    import cv2
+
+    out = img.astype(np.float32) / 255.0
+    if rng.random() < 0.8:  # gamma and window
+        out = out ** rng.uniform(0.6, 1.7)
+        lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)
+        out = np.clip((out - lo) / (hi - lo), 0, 1) if rng.random() < 0.5 else out
+        contrast = rng.uniform(0.55, 1.15)
+        out = np.clip(0.5 + (out - 0.5) * contrast + rng.uniform(-0.1, 0.1), 0, 1)
+    out = (out * 255).astype(np.uint8)
+    h, w = out.shape
+    if rng.random() < 0.5:  # lower resolution: down and back up
+        f = rng.uniform(0.3, 0.8)
+        small = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
+        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.5))
+    if rng.random() < 0.3:
+        noise = np.random.default_rng(rng.randrange(1 << 30)).normal(
+            0, rng.uniform(2, 8), out.shape
+        )
+        out = np.clip(out + noise, 0, 255).astype(np.uint8)
+    if rng.random() < 0.4:
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, rng.randrange(25, 90)])
+        out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else out
+    if rng.random() < 0.3:
+        _burn_marker(out, rng)
+    return out
+
+
+def augment_batch(
+    x_u8: Any,
+    masks: Any = None,
+    strength: str = "light",
+    rotate_degrees: float = 15.0,
+    rot90_p: float = 0.0,
+) -> Any:
+    """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks)."""
+    import torch
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    if strength not in STRENGTHS:
+        raise ValueError(f"augmentation strength {strength!r} is not one of {STRENGTHS}")
+    geometry = _geometry(rotate_degrees)
+    light = v2.ColorJitter(brightness=0.2, contrast=0.2)
+    rng = random.Random(int(torch.randint(0, 1 << 30, ())))
+    images, moved = [], []
+    for i, img in enumerate(x_u8):
+        k = rng.randrange(1, 4) if rng.random() < rot90_p else 0
+        img_t = tv_tensors.Image(img.unsqueeze(0).rot90(k, (-2, -1)))
+        if masks is not None:
+            img_t, mask_t = geometry(img_t, tv_tensors.Mask(masks[i].rot90(k, (-2, -1))))
+            moved.append(mask_t)
+        else:
+            img_t = geometry(img_t)
+        if strength == "robust":
+            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng))
+        else:
+            img_t = light(img_t)[0]
+        images.append(img_t)
+    if masks is None:
+        return torch.stack(images)
+    return torch.stack(images), torch.stack(moved)
