@@ -111,7 +111,7 @@ def load_models(state: AppState) -> None:
         return
     for mdl in registry.models.values():
         state.metrics.model_info.labels(
-            mdl.role, mdl.name, mdl.version, mdl.card["sha256"][:12], mdl.provider
+            mdl.role, mdl.name, mdl.version, mdl.card.sha256[:12], mdl.provider
         ).set(1)
     state.ready = True
     log.info("ready in %.2f s with %d models", time.perf_counter() - t0, len(registry.models))

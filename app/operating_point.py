@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-FP_RANGE = (0.1, 0.5)
+from app.model_card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,16 @@ class OperatingPoint:
         }
 
 
-def from_fp_rate(table: list[dict[str, Any]], fp_per_image: float) -> OperatingPoint:
-    """Linear interpolation between the card's rows; ValueError outside [0.1, 0.5]."""
-    lo, hi = FP_RANGE
+def from_fp_rate(card: ModelCard, fp_per_image: float) -> OperatingPoint:
+    """Linear interpolation between the detector card's rows; ValueError outside the range its
+    table covers."""
+    lo, hi = card.fp_range
     if not lo - 1e-9 <= fp_per_image <= hi + 1e-9:
         raise ValueError(f"fp_per_image must lie in [{lo}, {hi}], got {fp_per_image}")
-    rows = sorted(table, key=lambda r: r["fp_per_image"])
-    xs = np.array([r["fp_per_image"] for r in rows], dtype=float)
-    threshold = float(np.interp(fp_per_image, xs, [r["threshold"] for r in rows]))
-    recall = float(np.interp(fp_per_image, xs, [r["recall"] for r in rows]))
+    rows = card.operating_points or []
+    xs = np.array([r.fp_per_image for r in rows], dtype=float)
+    threshold = float(np.interp(fp_per_image, xs, [r.threshold for r in rows]))
+    recall = float(np.interp(fp_per_image, xs, [r.recall for r in rows]))
     return OperatingPoint(
         fp_per_image=fp_per_image, detector_threshold=threshold, expected_recall=recall
     )

@@ -54,10 +54,11 @@ def run_study(
     classifier: OnnxModel,
     detector: OnnxModel,
     operating_point: OperatingPoint,
-    crop_margin: float,
     on_stage: StageTimer | None = None,
 ) -> None:
-    """Fill crop boxes, probabilities and detections of every image in place."""
+    """Fill crop boxes, probabilities and detections of every image in place (the crop margin
+    is the cropper card's)."""
+    crop_margin = float(cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
         batch = np.stack(
             [model_input(stretch_grey(w.image.pixels), cropper.spec)[0] for w in works]
@@ -86,6 +87,28 @@ def run_study(
             w.boxes, w.scores = boxes, scores
 
 
+Decoder = Callable[[OnnxModel, list[Any], int, float], tuple[np.ndarray, np.ndarray]]
+
+
+def _decode_yolo(
+    detector: OnnxModel, outputs: list[Any], i: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    iou = float(detector.detector_output.nms_iou or 0.0)
+    return yolo_detections(outputs[0][i], threshold, iou_threshold=iou)
+
+
+def _decode_rcnn(
+    detector: OnnxModel, outputs: list[Any], i: int, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    # unbatched graphs: one output list per image, read by name
+    named = dict(zip(detector.output_names, outputs[i], strict=True))
+    return rcnn_detections(named["boxes"], named["scores"], threshold)
+
+
+# Card `output.postprocess` -> decoder of one image's raw outputs.
+DECODERS: dict[str, Decoder] = {"yolo": _decode_yolo, "rcnn": _decode_rcnn}
+
+
 def detect_crops(
     detector: OnnxModel, crops: list[np.ndarray], threshold: float
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -98,14 +121,12 @@ def detect_crops(
         inputs.append(x)
         placements.append(placement)
     outputs = detector.run(np.stack(inputs))
-    kind = detector.card["output"].get("postprocess", "yolo")
+    if detector.detector_output is None:
+        raise ValueError(f"{detector.name} is not a detector")
+    decode = DECODERS[detector.detector_output.postprocess]
     found = []
     for i, (crop, placement) in enumerate(zip(crops, placements, strict=True)):
-        if kind == "yolo":
-            boxes, scores = yolo_detections(outputs[0][i], threshold)
-        else:  # unbatched graphs: one output list per image
-            named = dict(zip(detector.output_names, outputs[i], strict=True))
-            boxes, scores = rcnn_detections(named["boxes"], named["scores"], threshold)
+        boxes, scores = decode(detector, outputs, i, threshold)
         if len(boxes):
             h, w = crop.shape
             boxes = placement.to_image(boxes)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-NMS_IOU = 0.7  # ultralytics' default for predict and val
 MAX_DETECTIONS = 300
 
 
@@ -35,7 +34,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 def yolo_detections(
     output: np.ndarray,
     score_threshold: float,
-    iou_threshold: float = NMS_IOU,
+    iou_threshold: float,
     max_detections: int = MAX_DETECTIONS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's raw YOLOv8 output (4 + nc, anchors) -> (boxes xyxy (k, 4), scores (k,))."""

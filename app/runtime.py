@@ -8,7 +8,6 @@ thread-safe for concurrent `run` calls.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("app.runtime")
+from app.model_card import ROLES, CardError, DetectorOutput, InputSpec, ModelCard, read_card
 
-ROLES = {"segmentation": "cropper", "classification": "classifier", "detection": "detector"}
+log = logging.getLogger("app.runtime")
 
 
 class ModelLoadError(RuntimeError):
@@ -49,33 +48,57 @@ def choose_providers(preference: str) -> list[str]:
 
 @dataclass
 class OnnxModel:
-    card: dict[str, Any]
+    """One ONNX graph and its session. Shipped models come from their card (`from_card`);
+    training evaluates a graph before its card exists with the input spec and, for a detector,
+    the output decoding alone (`unshipped`)."""
+
     path: Path
+    input: InputSpec
+    detector_output: DetectorOutput | None = None
+    card: ModelCard | None = None
     session: Any = None
     provider: str = "CPUExecutionProvider"
     input_name: str = "input"
     output_names: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # The spec as the dict app.preprocessing reads, built once.
+        self._spec = self.input.model_dump()
+
+    @classmethod
+    def from_card(cls, card: ModelCard, models_dir: Path) -> OnnxModel:
+        output = card.detector_output if card.task == "detection" else None
+        return cls(models_dir / card.file, card.input, output, card)
+
+    @classmethod
+    def unshipped(
+        cls, path: Path, spec: dict[str, Any], output: dict[str, Any] | None = None
+    ) -> OnnxModel:
+        decoder = DetectorOutput.model_validate(output) if output is not None else None
+        return cls(path, InputSpec.model_validate(spec), decoder)
+
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.card.name if self.card else self.path.stem
 
     @property
     def version(self) -> str:
-        return str(self.card["version"])
+        return self.card.version if self.card else "unshipped"
 
     @property
     def role(self) -> str:
-        return ROLES[self.card["task"]]
+        if self.card:
+            return self.card.role
+        return "detector" if self.detector_output else "model"
 
     @property
     def spec(self) -> dict[str, Any]:
-        return self.card["input"]
+        return self._spec
 
     @property
     def batched(self) -> bool:
         """False for graphs that take one CHW image (torchvision detection exports)."""
-        return bool(self.spec.get("batch", True))
+        return self.input.batch
 
     def load(self, providers: list[str], intra_op_threads: int) -> None:
         import onnxruntime as ort
@@ -83,17 +106,22 @@ class OnnxModel:
         if not self.path.is_file():
             raise ModelLoadError(f"{self.name}: file {self.path.name} is missing")
         actual = sha256_of(self.path)
-        if actual != self.card["sha256"]:
+        if self.card is not None and actual != self.card.sha256:
             raise ModelLoadError(
-                f"{self.name}: sha256 {actual[:12]} does not match its card ({self.card['sha256'][:12]})"
+                f"{self.name}: sha256 {actual[:12]} does not match its card ({self.card.sha256[:12]})"
             )
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(
-            str(self.path), sess_options=options, providers=providers
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own types for a corrupt graph
+            raise ModelLoadError(
+                f"{self.name}: {self.path.name} is not a loadable ONNX graph ({type(exc).__name__})"
+            ) from None
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -111,23 +139,30 @@ class OnnxModel:
 
     def describe(self) -> dict[str, Any]:
         return {
-            **self.card,
+            **(self.card.as_json() if self.card else {}),
             "execution_provider": self.provider,
             "loaded": self.session is not None,
         }
 
 
 class ModelRegistry:
-    """Every model card in a folder, by role and name."""
+    """Every model card in a folder, by role and name. Each *.json there must be a valid card
+    (ModelLoadError naming the file otherwise), and names must be unique."""
 
     def __init__(self, models_dir: Path):
         self.models_dir = models_dir
         self.models: dict[str, OnnxModel] = {}
         for card_path in sorted(models_dir.glob("*.json")):
-            card = json.loads(card_path.read_text())
-            if card.get("task") not in ROLES:
-                continue
-            self.models[card["name"]] = OnnxModel(card=card, path=models_dir / card["file"])
+            try:
+                card = read_card(card_path)
+            except CardError as exc:
+                raise ModelLoadError(str(exc)) from None
+            if card.name in self.models:
+                other = self.models[card.name].path.with_suffix(".json").name
+                raise ModelLoadError(
+                    f"model cards {other} and {card_path.name} both name {card.name!r}"
+                )
+            self.models[card.name] = OnnxModel.from_card(card, models_dir)
 
     def by_role(self, role: str) -> dict[str, OnnxModel]:
         return {n: m for n, m in self.models.items() if m.role == role}

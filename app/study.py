@@ -58,7 +58,7 @@ def resolve_models(
             point = op.from_score(score_threshold)
         else:
             rate = s.default_fp_per_image if fp_per_image is None else fp_per_image
-            point = op.from_fp_rate(det.card["operating_points"], rate)
+            point = op.from_fp_rate(det.card, rate)
     except ValueError as exc:
         raise ApiError(422, "invalid_operating_point", str(exc)) from None
     return crp, clf, det, point
@@ -79,11 +79,9 @@ async def analyse_study(
         state.metrics.batch_size.labels(stage).observe(n)
 
     async with state.inference_slots:
-        await run_in_threadpool(
-            run_study, works, crp, clf, det, point, state.settings.crop_margin, on_stage
-        )
+        await run_in_threadpool(run_study, works, crp, clf, det, point, on_stage)
 
-    threshold = float(clf.card["decision_threshold"])
+    threshold = float(clf.card.decision_threshold)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]
     for img in images:
         state.metrics.images.labels("fracture" if img["fracture"] else "no_fracture").inc()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.core.config import Settings
+from app.model_card import DEFAULT_CROP_MARGIN
 from app.preprocessing import mask_crop_box, model_input, stretch_grey
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -27,8 +27,8 @@ DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / 
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"
 SPLITS = ("train", "val", "test")
 BODY_REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
-# The service's default crop margin (app.core.config): training crops follow the same rule.
-CROP_MARGIN = Settings.model_fields["crop_margin"].default
+# The cropper card's margin (the service reads it from there): training crops follow the same rule.
+CROP_MARGIN = DEFAULT_CROP_MARGIN
 
 
 def data_root() -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from app.model_card import DEFAULT_FP_PER_IMAGE
 from app.preprocessing import stretch_grey
 from training import metrics, plots
 from training.data import CachedImage, crop_item
@@ -24,21 +25,13 @@ Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """A detector on one stretched grey crop in [0, 1] -> (boxes xyxy in crop pixels, scores)."""
 
 
-def onnx_detector(onnx_path: Path, spec: dict[str, Any], kind: str) -> Detect:
-    """The exported detector run by the service's own detect stage (app.pipeline.detect_crops)."""
+def onnx_detector(onnx_path: Path, spec: dict[str, Any], output: dict[str, Any]) -> Detect:
+    """The exported detector run by the service's own detect stage (app.pipeline.detect_crops);
+    `output` is the card's output block (postprocess kind, NMS IoU)."""
     from app.pipeline import detect_crops
-    from app.runtime import OnnxModel, sha256_of
+    from app.runtime import OnnxModel
 
-    card = {
-        "name": onnx_path.stem,
-        "version": "evaluation",
-        "task": "detection",
-        "file": onnx_path.name,
-        "sha256": sha256_of(onnx_path),
-        "input": spec,
-        "output": {"postprocess": kind},
-    }
-    model = OnnxModel(card=card, path=onnx_path)
+    model = OnnxModel.unshipped(onnx_path, spec, output)
     model.load(["CPUExecutionProvider"], intra_op_threads=0)
 
     def detect(crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +72,7 @@ def detection_metrics(run: dict[str, Any], report_dir: Path | None, prefix: str)
         "n_lesions": f.n_lesions,
         "froc_table": f.table(),
         "froc_cpm": f.cpm(),
-        "recall_at_0.4_fp": f.recall_at(0.4),
+        "recall_at_0.4_fp": f.recall_at(DEFAULT_FP_PER_IMAGE),
         "image_auroc_max_box_score": image["auroc"],
     }
     if report_dir is not None:

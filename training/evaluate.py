@@ -20,6 +20,7 @@ import numpy as np
 
 from app.core.config import Settings
 from app.decoding import decode
+from app.model_card import DEFAULT_FP_PER_IMAGE
 from app.operating_point import from_fp_rate, from_score
 from app.pipeline import ImageWork, run_study
 from app.runtime import ModelRegistry
@@ -54,7 +55,7 @@ def evaluate(
                 Path(rec.path).read_bytes(), None, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]
             )
             works.append(ImageWork(image=image, decode_ms=0.0))
-        run_study(works, crp, clf, det, collect, defaults.crop_margin)
+        run_study(works, crp, clf, det, collect)
         for rec, w in zip(chunk, works, strict=True):
             h, wd = w.image.height, w.image.width
             gt = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4) * np.array(
@@ -75,7 +76,7 @@ def evaluate(
     seconds = time.perf_counter() - t0
 
     froc = metrics.froc(preds, gts)
-    served_point = from_fp_rate(det.card["operating_points"], 0.4)
+    served_point = from_fp_rate(det.card, DEFAULT_FP_PER_IMAGE)
     max_box = [float(s.max()) if len(s) else 0.0 for _, s in preds]
     # Xie et al.'s image score is the max box score; the mean of it and the classifier's
     # probability is reported beside both.
@@ -84,14 +85,14 @@ def evaluate(
         "n_images": len(records),
         "models": {m.role: f"{m.name} {m.version}" for m in (crp, clf, det)},
         "classifier": metrics.classification_metrics(
-            labels, probs, float(clf.card["decision_threshold"])
+            labels, probs, float(clf.card.decision_threshold)
         ),
         "detector": {
             **metrics.coco_ap(preds, gts, sizes),
             "n_lesions": froc.n_lesions,
             "froc_table": froc.table(),
             "froc_cpm": froc.cpm(),
-            "recall_at_0.4_fp": froc.recall_at(0.4),
+            "recall_at_0.4_fp": froc.recall_at(DEFAULT_FP_PER_IMAGE),
             "at_served_fp_0.4_threshold": froc.at_threshold(served_point.detector_threshold),
             "image_auroc_max_box_score": metrics.classification_metrics(labels, max_box, 0.5)[
                 "auroc"

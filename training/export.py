@@ -9,21 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from app.model_card import ModelCard, validate_card
 from app.runtime import sha256_of
 
-CARD_FIELDS = (
-    "name",
-    "version",
-    "task",
-    "file",
-    "sha256",
-    "input",
-    "output",
-    "data",
-    "recipe",
-    "licence",
-    "metrics",
-)
+# The fields every card has (app.model_card.ModelCard says what each must hold).
+CARD_FIELDS = tuple(n for n, f in ModelCard.model_fields.items() if f.is_required())
 
 
 def export_onnx(
@@ -100,13 +90,13 @@ def quantize_int8(model: Any, path: Path, batch: np.ndarray, tolerance: float) -
 
 
 def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
-    """Write <model>.json next to the ONNX file, with the file's sha256; refuses missing fields."""
+    """Write <model>.json next to the ONNX file, with the file's sha256, after validating it
+    against the schema the service loads it with (app.model_card.CardError otherwise)."""
     card = {**card, "file": onnx_path.name, "sha256": sha256_of(onnx_path)}
-    missing = [f for f in CARD_FIELDS if f not in card]
-    if missing:
-        raise ValueError(f"model card for {onnx_path.name} misses {missing}")
+    text = json.dumps(card, indent=2, default=_jsonable) + "\n"
     out = onnx_path.with_suffix(".json")
-    out.write_text(json.dumps(card, indent=2, default=_jsonable) + "\n")
+    validate_card(json.loads(text), out.name)
+    out.write_text(text)
     return out
 
 

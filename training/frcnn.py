@@ -188,7 +188,13 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             dynamo=False,
         )
     parity = _parity(model, onnx_path, items["val"][:4], spec)
-    detect = detection.onnx_detector(onnx_path, spec, "rcnn")
+    output = {
+        "boxes": "k x 4 xyxy input pixels",
+        "labels": "k",
+        "scores": "k",
+        "postprocess": "rcnn",
+    }
+    detect = detection.onnx_detector(onnx_path, spec, output)
     val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
     test = detection.detection_metrics(
         detection.run_on_items(detect, items["test"]), run_dir, "test"
@@ -199,12 +205,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "task": "detection",
         "architecture": f"Faster R-CNN, {recipe['backbone']} FPN (torchvision)",
         "input": spec,
-        "output": {
-            "boxes": "k x 4 xyxy input pixels",
-            "labels": "k",
-            "scores": "k",
-            "postprocess": "rcnn",
-        },
+        "output": output,
         "operating_points": detection.froc_operating_points(val),
         "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
         "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",

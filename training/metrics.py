@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FP_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
+from app.model_card import FP_RATES
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:

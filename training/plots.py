@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.model_card import DEFAULT_FP_PER_IMAGE
+
 
 def _plt():
     import matplotlib
@@ -107,7 +109,7 @@ def froc_plot(fp_per_image: np.ndarray, recall: np.ndarray, out_dir: Path, prefi
         title=f"{prefix} FROC",
         ylim=(0, 1),
     )
-    ax.axvline(0.4, ls="--", color="grey")
+    ax.axvline(DEFAULT_FP_PER_IMAGE, ls="--", color="grey")
     fig.tight_layout()
     fig.savefig(out_dir / f"{prefix}_froc.png", dpi=100)
     plt.close(fig)

@@ -21,6 +21,7 @@ from training import common, detection, export
 from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
 from training.weights import verify_sha256
 
+NMS_IOU = 0.7  # ultralytics' default for predict and val; written into the card, served from it
 PAD_VALUE = 114 / 255  # ultralytics' letterbox grey
 
 
@@ -133,7 +134,12 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     spec = input_spec(train_args["imgsz"])
     parity = parity_with_ultralytics(trained, onnx_path, items["val"][:6], spec)
 
-    detect = detection.onnx_detector(onnx_path, spec, "yolo")
+    output = {
+        "output0": "N x 5 x anchors: cx, cy, w, h (input pixels), fracture score; no NMS",
+        "postprocess": "yolo",
+        "nms_iou": NMS_IOU,
+    }
+    detect = detection.onnx_detector(onnx_path, spec, output)
     val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
     test = detection.detection_metrics(
         detection.run_on_items(detect, items["test"]), run_dir, "test"
@@ -144,11 +150,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "task": "detection",
         "architecture": f"YOLOv8 ({recipe['model']}), one class, ultralytics",
         "input": spec,
-        "output": {
-            "output0": "N x 5 x anchors: cx, cy, w, h (input pixels), fracture score; no NMS",
-            "postprocess": "yolo",
-            "nms_iou": 0.7,
-        },
+        "output": output,
         "operating_points": detection.froc_operating_points(val),
         "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
         "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
@@ -192,10 +194,10 @@ def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict
             raw = net(torch.from_numpy(x[None]))
             raw = raw[0] if isinstance(raw, (list, tuple)) else raw
         raw_diff = max(raw_diff, float(np.abs(ours_raw - raw.numpy()).max()))
-        ours_boxes, ours_scores = yolo_detections(ours_raw[0], conf)
+        ours_boxes, ours_scores = yolo_detections(ours_raw[0], conf, NMS_IOU)
         # ultralytics' NMS on the same ONNX output: raw differences of ~1e-5 must not move a
         # score across the threshold and count as a post-processing mismatch.
-        ref = non_max_suppression(torch.from_numpy(ours_raw), conf_thres=conf, iou_thres=0.7)
+        ref = non_max_suppression(torch.from_numpy(ours_raw), conf_thres=conf, iou_thres=NMS_IOU)
         ref = ref[0].numpy()
         if len(ref) != len(ours_boxes):
             count_mismatch += 1

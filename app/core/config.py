@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.model_card import DEFAULT_FP_PER_IMAGE
+
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
@@ -40,11 +42,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         32, ge=1, description="most images in one study request (413 above)"
     )
-    crop_margin: float = Field(
-        0.05, ge=0, le=0.5, description="crop box growth, as a share of its size"
-    )
     default_fp_per_image: float = Field(
-        0.4, description="operating point when a request gives none"
+        DEFAULT_FP_PER_IMAGE, description="operating point when a request gives none"
     )
     allowed_modalities: list[str] = Field(
         default_factory=lambda: ["CR", "DX", "RG"],

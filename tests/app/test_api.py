@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
+from app.model_card import ModelCard
 from app.operating_point import from_fp_rate
 from tests.app.test_decoding import _png_header_only
 from tests.conftest import bone_phantom, phantom_box, png_bytes
@@ -199,12 +200,12 @@ def test_boxes_come_back_in_the_exif_oriented_frame(app_client):
 
 
 def test_operating_point_interpolates_the_card(app_client, test_split_images):
-    table = served_card(app_client, "detector")["operating_points"]
+    card = ModelCard.model_validate(served_card(app_client, "detector"))
     data = test_split_images[0].read_bytes()
     r = app_client.post(
         "/v1/predict?fp_per_image=0.25", content=data, headers={"content-type": "image/jpeg"}
     )
-    expected = from_fp_rate(table, 0.25)
+    expected = from_fp_rate(card, 0.25)
     point = r.json()["operating_point"]
     assert point["detector_threshold"] == pytest.approx(expected.detector_threshold, abs=1e-6)
     assert point["expected_recall"] == pytest.approx(expected.expected_recall, abs=1e-4)

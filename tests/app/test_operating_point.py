@@ -5,14 +5,43 @@ from __future__ import annotations
 import pytest
 
 from app import operating_point as op
+from app.model_card import ModelCard
 
-TABLE = [
+ROWS = [
     {"fp_per_image": 0.1, "threshold": 0.576, "recall": 0.742},
     {"fp_per_image": 0.2, "threshold": 0.379, "recall": 0.785},
     {"fp_per_image": 0.3, "threshold": 0.262, "recall": 0.805},
     {"fp_per_image": 0.4, "threshold": 0.193, "recall": 0.824},
     {"fp_per_image": 0.5, "threshold": 0.149, "recall": 0.840},
 ]
+
+
+def detector_card(rows: list[dict]) -> ModelCard:
+    return ModelCard.model_validate(
+        {
+            "name": "detector-test",
+            "version": "1",
+            "task": "detection",
+            "file": "detector-test.onnx",
+            "sha256": "0" * 64,
+            "input": {
+                "size": [64, 64],
+                "resize": "letterbox",
+                "channels": 3,
+                "mean": [0, 0, 0],
+                "std": [1, 1, 1],
+            },
+            "output": {"postprocess": "rcnn"},
+            "operating_points": rows,
+            "data": "test",
+            "licence": "test",
+            "recipe": {},
+            "metrics": {},
+        }
+    )
+
+
+TABLE = detector_card(ROWS)
 
 
 def test_rows_are_returned_exactly():
@@ -27,10 +56,16 @@ def test_between_rows_is_linear():
     assert point.expected_recall == pytest.approx((0.785 + 0.805) / 2)
 
 
-def test_table_order_does_not_matter():
-    assert op.from_fp_rate(TABLE[::-1], 0.15).detector_threshold == pytest.approx(
-        (0.576 + 0.379) / 2
-    )
+def test_a_table_that_does_not_rise_is_refused_at_load():
+    with pytest.raises(ValueError):
+        detector_card(ROWS[::-1])
+
+
+def test_the_range_is_the_cards_table():
+    short = detector_card(ROWS[:3])  # 0.1 to 0.3
+    assert op.from_fp_rate(short, 0.3).detector_threshold == pytest.approx(0.262)
+    with pytest.raises(ValueError, match=r"\[0.1, 0.3\]"):
+        op.from_fp_rate(short, 0.4)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.09, 0.51, 2.0])

@@ -72,7 +72,7 @@ def test_nms_and_yolo_decoding():
     raw = np.array(
         [[5, 5.5, 25], [5, 5.5, 25], [10, 9, 10], [10, 9, 10], [0.9, 0.8, 0.05]], np.float32
     )
-    out_boxes, out_scores = yolo_detections(raw, 0.1)
+    out_boxes, out_scores = yolo_detections(raw, 0.1, 0.7)
     assert np.allclose(out_boxes, [[0, 0, 10, 10]]) and np.allclose(out_scores, [0.9])
 
 
@@ -88,7 +88,7 @@ def test_yolo_postprocessing_equals_ultralytics_nms():
     scores = rng.permutation(np.linspace(0.0005, 0.99, anchors))  # distinct: no ties
     raw = np.concatenate([centres, sizes, scores[None]]).astype(np.float32)  # 5 x anchors
     for threshold in (0.001, 0.25, 0.6):
-        ours_boxes, ours_scores = yolo_detections(raw, threshold)
+        ours_boxes, ours_scores = yolo_detections(raw, threshold, 0.7)
         ref = nms_module.non_max_suppression(
             torch.from_numpy(raw[None]), conf_thres=threshold, iou_thres=0.7
         )[0]

@@ -1,0 +1,165 @@
+"""The model card: the one contract between training (writes it) and serving (reads it).
+
+A card is validated when training writes it and when the service loads it, so a bad card fails
+at start-up (not ready, naming the file) instead of as a KeyError inside a request. Serving reads
+every model parameter from here: the input spec, the detector's post-processing kind and NMS IoU,
+the operating-point table (which also bounds the accepted fp_per_image), the classifier's
+decision threshold and the cropper's margin. Provenance, metrics and recipe are free blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Task = Literal["segmentation", "classification", "detection"]
+ROLES: dict[str, str] = {
+    "segmentation": "cropper",
+    "classification": "classifier",
+    "detection": "detector",
+}
+# Detector output decoders the service implements (app.postprocess), by card `output.postprocess`.
+Postprocess = Literal["yolo", "rcnn"]
+# The FROC rows every detector card carries, and the service's default operating point.
+FP_RATES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_FP_PER_IMAGE = 0.4
+DEFAULT_CROP_MARGIN = 0.05
+
+
+class CardError(ValueError):
+    """A model card that cannot be served; the message names the file."""
+
+
+class InputSpec(BaseModel):
+    """How a crop becomes the model's input tensor (app.preprocessing.model_input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: tuple[int, int] = Field(description="input height and width in pixels")
+    resize: Literal["letterbox", "stretch"]
+    pad_value: float = Field(0.0, description="letterbox padding, in [0, 1] grey")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    batch: bool = Field(True, description="False: the graph takes one CHW image")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InputSpec:
+        if min(self.size) < 1:
+            raise ValueError(f"input size must be positive, got {self.size}")
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if min(self.std) <= 0:
+            raise ValueError("std must be positive")
+        return self
+
+
+class DetectorOutput(BaseModel):
+    """What a detector graph emits and how the service decodes it."""
+
+    model_config = ConfigDict(extra="allow")  # plus a description per output tensor
+
+    postprocess: Postprocess
+    nms_iou: float | None = Field(None, gt=0, le=1, description="NMS IoU of the yolo decoder")
+
+    @model_validator(mode="after")
+    def _yolo_has_iou(self) -> DetectorOutput:
+        if self.postprocess == "yolo" and self.nms_iou is None:
+            raise ValueError("a yolo detector card needs output.nms_iou")
+        return self
+
+
+class OperatingPointRow(BaseModel):
+    """One FROC row calibrated on val: the lowest threshold with mean FP/image <= the target."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fp_per_image: float = Field(gt=0)
+    threshold: float = Field(ge=0, le=1)
+    recall: float = Field(ge=0, le=1)
+    precision: float | None = None
+    achieved_fp_per_image: float | None = None
+
+
+class ModelCard(BaseModel):
+    """A shipped model: identity, file, input contract, role-specific serving parameters."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str
+    task: Task
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input: InputSpec
+    output: dict[str, Any]
+    data: str
+    licence: str
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+    decision_threshold: float | None = Field(None, ge=0, le=1)
+    operating_points: list[OperatingPointRow] | None = None
+    crop_margin: float | None = Field(None, ge=0, le=0.5)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_as_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("version"), int | float):
+            data = {**data, "version": str(data["version"])}
+        return data
+
+    @model_validator(mode="after")
+    def _role_fields(self) -> ModelCard:
+        if self.task == "classification" and self.decision_threshold is None:
+            raise ValueError("a classifier card needs decision_threshold")
+        if self.task == "segmentation" and self.crop_margin is None:
+            raise ValueError("a cropper card needs crop_margin")
+        if self.task == "detection":
+            DetectorOutput.model_validate(self.output)
+            rows = self.operating_points or []
+            rates = [r.fp_per_image for r in rows]
+            if len(rows) < 2 or rates != sorted(set(rates)):
+                raise ValueError("a detector card needs >= 2 operating points, fp_per_image rising")
+        return self
+
+    @property
+    def role(self) -> str:
+        return ROLES[self.task]
+
+    @property
+    def detector_output(self) -> DetectorOutput:
+        return DetectorOutput.model_validate(self.output)
+
+    @property
+    def fp_range(self) -> tuple[float, float]:
+        """The fp_per_image values this detector's table covers (requests outside: 422)."""
+        rates = [r.fp_per_image for r in self.operating_points or []]
+        return min(rates), max(rates)
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def validate_card(card: dict[str, Any], source: str) -> ModelCard:
+    """A card dict as a ModelCard; CardError naming `source` and every problem otherwise."""
+    try:
+        return ModelCard.model_validate(card)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'card'}: {e['msg']}" for e in exc.errors()
+        )
+        raise CardError(f"model card {source} is invalid: {problems}") from None
+
+
+def read_card(path: Path) -> ModelCard:
+    """Read and validate one card file; CardError naming the file when it cannot be served."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CardError(f"model card {path.name} cannot be read: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CardError(f"model card {path.name} is not a JSON object")
+    return validate_card(raw, path.name)
