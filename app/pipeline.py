@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from app.answers import Detection, ImageResult
 from app.decoding import DecodedImage
 from app.operating_point import OperatingPoint
 from app.postprocess import rcnn_detections, yolo_detections
@@ -138,31 +139,27 @@ def detect_crops(
     return found
 
 
-def image_answer(index: int, w: ImageWork, decision_threshold: float) -> dict[str, Any]:
+def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageResult:
     img = w.image
-    return {
-        "index": index,
-        "filename": img.filename,
-        "sop_instance_uid": img.sop_instance_uid,
-        "study_instance_uid": img.study_instance_uid,
-        "series_instance_uid": img.series_instance_uid,
-        "source": img.source,
-        "width": img.width,
-        "height": img.height,
-        "pixel_spacing": img.pixel_spacing,
-        "crop_box": [int(v) for v in w.crop_box],
-        "crop_fallback": w.crop_fallback,
-        "notes": img.notes
+    return ImageResult(
+        index=index,
+        filename=img.filename,
+        sop_instance_uid=img.sop_instance_uid,
+        study_instance_uid=img.study_instance_uid,
+        series_instance_uid=img.series_instance_uid,
+        source=img.source,
+        width=img.width,
+        height=img.height,
+        pixel_spacing=img.pixel_spacing,
+        crop_box=[int(v) for v in w.crop_box],
+        crop_fallback=w.crop_fallback,
+        notes=img.notes
         + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"]),
-        "fracture_probability": round(w.probability, 6),
-        "fracture": w.probability >= decision_threshold,
-        "detections": [
-            {
-                "box": [round(float(v), 1) for v in b],
-                "score": round(float(s), 6),
-                "label": "fracture",
-            }
+        fracture_probability=round(w.probability, 6),
+        fracture=w.probability >= decision_threshold,
+        detections=[
+            Detection(box=[round(float(v), 1) for v in b], score=round(float(s), 6))
             for b, s in zip(w.boxes, w.scores, strict=True)
         ],
-        "timings_ms": {"decode": w.decode_ms, **w.timings},
-    }
+        timings_ms={"decode": w.decode_ms, **w.timings},
+    )

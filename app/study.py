@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from app import operating_point as op
+from app.answers import ModelRef, ModelsUsed, OperatingPointAnswer, StudyAnswer, StudyVerdict
 from app.core.errors import ApiError
 from app.pipeline import ImageWork, image_answer, run_study
 from app.runtime import OnnxModel
@@ -70,7 +70,7 @@ async def analyse_study(
     point: op.OperatingPoint,
     models: Models,
     request_id: str,
-) -> dict[str, Any]:
+) -> StudyAnswer:
     """Run the pipeline on the decoded images of one study; the answer of /v1/predict."""
     crp, clf, det = models
 
@@ -84,18 +84,22 @@ async def analyse_study(
     threshold = float(clf.card.decision_threshold)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]
     for img in images:
-        state.metrics.images.labels("fracture" if img["fracture"] else "no_fracture").inc()
-    study_p = max(img["fracture_probability"] for img in images)
+        state.metrics.images.labels("fracture" if img.fracture else "no_fracture").inc()
+    study_p = max(img.fracture_probability for img in images)
     log.info("request %s: %d image(s), study probability %.3f", request_id, len(images), study_p)
-    return {
-        "request_id": request_id,
-        "models": {m.role: {"name": m.name, "version": m.version} for m in (crp, clf, det)},
-        "operating_point": point.as_dict(),
-        "decision_threshold": threshold,
-        "images": images,
-        "study": {
-            "fracture_probability": study_p,
-            "fracture": any(img["fracture"] for img in images),
-            "images": len(images),
-        },
-    }
+    return StudyAnswer(
+        request_id=request_id,
+        models=ModelsUsed(
+            cropper=ModelRef(name=crp.name, version=crp.version),
+            classifier=ModelRef(name=clf.name, version=clf.version),
+            detector=ModelRef(name=det.name, version=det.version),
+        ),
+        operating_point=OperatingPointAnswer(**point.as_dict()),
+        decision_threshold=threshold,
+        images=images,
+        study=StudyVerdict(
+            fracture_probability=study_p,
+            fracture=any(img.fracture for img in images),
+            images=len(images),
+        ),
+    )

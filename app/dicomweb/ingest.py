@@ -8,13 +8,14 @@ understand (not DICOM, undecodable pixel data), 0xA700 out of resources (over th
 from __future__ import annotations
 
 import time
-from typing import Any
+import uuid
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 
+from app.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.core.errors import ApiError
 from app.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.dicomweb.results import (
@@ -24,6 +25,7 @@ from app.dicomweb.results import (
     encode,
     source_header,
 )
+from app.operating_point import OperatingPoint
 from app.pipeline import ImageWork
 from app.state import AppState
 from app.study import Models, analyse_study
@@ -68,25 +70,30 @@ def read_instance(
 
 
 def build_results(
-    answer: dict[str, Any],
+    point: OperatingPoint,
+    decision_threshold: float,
     accepted: list[Accepted],
     works: list[ImageWork],
     algorithm: tuple[str, str],
 ) -> list[bytes]:
+    """The SR and the secondary captures of one study, from the exact values the pipeline
+    computed (not the rounded JSON)."""
     findings = [
         ImageFindings(
             source=a.header,
             pixels=w.image.pixels,
-            probability=img["fracture_probability"],
-            fracture=img["fracture"],
-            boxes=np.asarray([d["box"] for d in img["detections"]], dtype=np.float32).reshape(
-                -1, 4
-            ),
-            scores=np.asarray([d["score"] for d in img["detections"]], dtype=np.float32),
+            probability=w.probability,
+            fracture=w.probability >= decision_threshold,
+            boxes=np.asarray(w.boxes, dtype=np.float32).reshape(-1, 4),
+            scores=np.asarray(w.scores, dtype=np.float32),
         )
-        for a, w, img in zip(accepted, works, answer["images"], strict=True)
+        for a, w in zip(accepted, works, strict=True)
     ]
-    sr = build_sr(findings, answer["operating_point"], algorithm, generate_uid())
+    exact_point = {
+        "detector_threshold": point.detector_threshold,
+        "fp_per_image": point.fp_per_image,
+    }
+    sr = build_sr(findings, exact_point, algorithm, generate_uid())
     sc_series = generate_uid()
     captures = [build_secondary_capture(f, sc_series, i + 1) for i, f in enumerate(findings)]
     return [encode(sr), *(encode(c) for c in captures)]
@@ -95,11 +102,11 @@ def build_results(
 async def analyse_instances(
     state: AppState,
     studies: dict[str, list[Accepted]],
-    point: Any,
+    point: OperatingPoint,
     models: Models,
     request_id: str,
     base_url: str,
-) -> list[dict[str, Any]]:
+) -> list[StoredStudyAnswer]:
     """Analyse accepted instances, one study per StudyInstanceUID; make, keep and queue the
     SR and secondary captures. Shared by STOW-RS and the DIMSE C-STORE receiver."""
     answers = []
@@ -107,14 +114,23 @@ async def analyse_instances(
     for study_uid, accepted in studies.items():
         works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
         answer = await analyse_study(state, works, point, models, request_id)
-        answer["study"]["study_instance_uid"] = study_uid
         instances = await run_in_threadpool(
-            build_results, answer, accepted, works, (detector.name, detector.version)
+            build_results,
+            point,
+            answer.decision_threshold,
+            accepted,
+            works,
+            (detector.name, detector.version),
         )
-        result = state.results.add(study_uid, answer, instances)
-        answer["result_id"] = result.result_id
-        answer["results_url"] = f"{base_url}/dicomweb/studies/{study_uid}"
-        answers.append(answer)
+        result_id = uuid.uuid4().hex[:12]
+        stored = StoredStudyAnswer(
+            **answer.model_dump(exclude={"study"}),
+            study=StoredStudyVerdict(**answer.study.model_dump(), study_instance_uid=study_uid),
+            result_id=result_id,
+            results_url=f"{base_url}/dicomweb/studies/{study_uid}",
+        )
+        state.results.add(study_uid, stored, instances, result_id)
+        answers.append(stored)
         if state.deliverer is not None:
             state.deliverer.wakeup.set()
     return answers

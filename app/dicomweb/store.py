@@ -8,12 +8,11 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
+from app.answers import StoredStudyAnswer
 from app.dicomweb.multipart import build_related
 
 log = logging.getLogger("app.dicomweb.delivery")
@@ -23,7 +22,7 @@ log = logging.getLogger("app.dicomweb.delivery")
 class StudyResult:
     result_id: str
     study_uid: str
-    findings: dict[str, Any]
+    findings: StoredStudyAnswer
     instances: list[bytes]  # the SR and the secondary captures, Part 10 encoded
     created: float = field(default_factory=time.monotonic)
     delivered: bool = False
@@ -40,8 +39,10 @@ class ResultStore:
         self._lock = threading.Lock()
         self._by_study: dict[str, StudyResult] = {}
 
-    def add(self, study_uid: str, findings: dict[str, Any], instances: list[bytes]) -> StudyResult:
-        result = StudyResult(uuid.uuid4().hex[:12], study_uid, findings, instances)
+    def add(
+        self, study_uid: str, findings: StoredStudyAnswer, instances: list[bytes], result_id: str
+    ) -> StudyResult:
+        result = StudyResult(result_id, study_uid, findings, instances)
         with self._lock:
             self._by_study[study_uid] = result
         return result

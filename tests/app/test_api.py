@@ -58,6 +58,27 @@ def test_openapi_documents_predict(app_client):
     assert "multipart/form-data" in spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
 
 
+def test_openapi_documents_every_answer_and_the_real_error_shape(app_client):
+    """Every route documents its 200 body, and errors as {error, detail}: never FastAPI's default
+    validation shape, which this service does not send."""
+    spec = app_client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            ok = op["responses"]["200"]
+            assert ok.get("content"), (method, path)
+            for status, response in op["responses"].items():
+                if status.startswith(("4", "5")) and "application/dicom+json" not in response.get(
+                    "content", {}
+                ):  # STOW-RS 409 answers in DICOM JSON, as PS3.18 says
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    predict = spec["paths"]["/v1/predict"]["post"]["responses"]
+    assert predict["200"]["content"]["application/json"]["schema"]["$ref"].endswith("StudyAnswer")
+    image = spec["components"]["schemas"]["ImageResult"]["properties"]
+    assert {"fracture_probability", "crop_box", "detections"} <= set(image)
+
+
 # --- predictions on real images ------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
+from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
 from app.dicomweb.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
 from app.dicomweb.multipart import MultipartError, build_related, media_params, parse_related
@@ -39,7 +40,17 @@ STOW_DOC = {
         },
         "required": True,
     },
-    "responses": {"200": {"content": {"application/dicom+json": {}, "application/json": {}}}},
+    "responses": {
+        "200": {"content": {"application/dicom+json": {}, "application/json": {}}},
+        "202": {
+            "description": "some instances stored, some failed (FailedSOPSequence)",
+            "content": {"application/dicom+json": {}},
+        },
+        "409": {
+            "description": "no instance stored (FailedSOPSequence says why)",
+            "content": {"application/dicom+json": {}},
+        },
+    },
 }
 
 
@@ -119,7 +130,8 @@ async def _store(
     if "application/json" in request.headers.get(
         "accept", ""
     ) and "dicom+json" not in request.headers.get("accept", ""):
-        return _json({"request_id": request_id, "studies": answers, "failed": len(failed)}, status)
+        body = StowJson(request_id=request_id, studies=answers, failed=len(failed))
+        return _json(body.model_dump(mode="json"), status)
     response = Dataset()
     if url_study or len(studies) == 1:
         response.RetrieveURL = f"{base}/dicomweb/studies/{url_study or next(iter(studies))}"
@@ -128,7 +140,7 @@ async def _store(
     if referenced:
         response.ReferencedSOPSequence = referenced
     headers = (
-        {"Link": ", ".join(f'<{a["results_url"]}/findings>; rel="describedby"' for a in answers)}
+        {"Link": ", ".join(f'<{a.results_url}/findings>; rel="describedby"' for a in answers)}
         if answers
         else {}
     )
@@ -144,7 +156,10 @@ def _json(
 
 
 @router.post(
-    "/dicomweb/studies", summary="STOW-RS: store (analyse) instances", openapi_extra=STOW_DOC
+    "/dicomweb/studies",
+    summary="STOW-RS: store (analyse) instances",
+    openapi_extra=STOW_DOC,
+    responses=errors(400, 413, 415, 422, 503),
 )
 async def store_instances(
     request: Request,
@@ -162,6 +177,7 @@ async def store_instances(
     "/dicomweb/studies/{study_uid}",
     summary="STOW-RS: store (analyse) instances of one study",
     openapi_extra=STOW_DOC,
+    responses=errors(400, 413, 415, 422, 503),
 )
 async def store_study_instances(
     request: Request,
@@ -184,7 +200,16 @@ def _result_or_404(request: Request, study_uid: str):
 
 
 @router.get(
-    "/dicomweb/studies/{study_uid}", summary="WADO-RS: our result objects (SR, SC) of a study"
+    "/dicomweb/studies/{study_uid}",
+    summary="WADO-RS: our result objects (SR, SC) of a study",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "our SR and secondary captures, Part 10 instances",
+            "content": {'multipart/related; type="application/dicom"': {}},
+        },
+        **errors(404, 422),
+    },
 )
 async def retrieve_results(
     request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
@@ -197,17 +222,19 @@ async def retrieve_results(
 @router.get(
     "/dicomweb/studies/{study_uid}/findings",
     summary="our JSON findings of a study, and their delivery",
+    response_model=Findings,
+    responses=errors(404, 422),
 )
 async def study_findings(
     request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
-) -> dict:
+) -> Findings:
     result = _result_or_404(request, study_uid)
-    return {
-        **result.findings,
-        "delivery": {
-            "destination_configured": request.app.state.fracture.deliverer is not None,
-            "delivered": result.delivered,
-            "attempts": result.attempts,
-            "last_error": result.last_error,
-        },
-    }
+    return Findings(
+        **result.findings.model_dump(),
+        delivery=Delivery(
+            destination_configured=request.app.state.fracture.deliverer is not None,
+            delivered=result.delivered,
+            attempts=result.attempts,
+            last_error=result.last_error,
+        ),
+    )

@@ -5,22 +5,31 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from app.api.schemas import Live, Ready, errors
 from app.core.errors import error_response
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="alive")
-@router.get("/v2/health/live", summary="alive (KServe path)")
-async def live() -> dict:
-    return {"status": "alive"}
+@router.get("/healthz", summary="alive", response_model=Live)
+@router.get("/v2/health/live", summary="alive (KServe path)", response_model=Live)
+async def live() -> Live:
+    return Live(status="alive")
 
 
-@router.get("/readyz", summary="models loaded, sha256 checked, warm-up passed")
-@router.get("/v2/health/ready", summary="ready (KServe path)")
-async def ready(request: Request) -> JSONResponse:
+@router.get(
+    "/readyz",
+    summary="models loaded, sha256 checked, warm-up passed",
+    response_model=Ready,
+    responses=errors(503),
+)
+@router.get(
+    "/v2/health/ready", summary="ready (KServe path)", response_model=Ready, responses=errors(503)
+)
+async def ready(request: Request) -> Ready | JSONResponse:
     state = request.app.state.fracture
     if not state.ready:
         return error_response(503, "not_ready", state.not_ready_reason)
-    models = {m.name: m.provider for m in state.registry.models.values()}
-    return JSONResponse({"status": "ready", "models": models})
+    return Ready(
+        status="ready", models={m.name: m.provider for m in state.registry.models.values()}
+    )

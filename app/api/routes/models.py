@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from app.api.schemas import ModelList, ServedModel, errors
 from app.core.errors import ApiError
 
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models", summary="model cards of every served model")
-async def list_models(request: Request) -> dict:
+@router.get(
+    "/v1/models",
+    summary="model cards of every served model",
+    response_model=ModelList,
+    responses=errors(503),
+)
+async def list_models(request: Request) -> ModelList:
     state = request.app.state.fracture
     if state.registry is None:
         raise ApiError(503, "not_ready", state.not_ready_reason)
@@ -25,4 +31,4 @@ async def list_models(request: Request) -> dict:
                 **m.describe(),
             }
         )
-    return {"models": models}
+    return ModelList(models=[ServedModel.model_validate(m) for m in models])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app.answers import StudyAnswer
+from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.decoding import DecodedImage, decode
 from app.pipeline import ImageWork
@@ -110,7 +111,11 @@ def _decode_all(
 
 
 @router.post(
-    "/v1/predict", summary="fracture probability and boxes for one study", openapi_extra=UPLOAD_DOC
+    "/v1/predict",
+    summary="fracture probability and boxes for one study",
+    openapi_extra=UPLOAD_DOC,
+    response_model=StudyAnswer,
+    responses=errors(400, 413, 415, 422, 503),
 )
 async def predict(
     request: Request,
@@ -122,7 +127,7 @@ async def predict(
     ),
     classifier: str | None = Query(None, description="classifier name (see /v1/models)"),
     detector: str | None = Query(None, description="detector name (see /v1/models)"),
-) -> dict[str, Any]:
+) -> StudyAnswer:
     state: AppState = request.app.state.fracture
     crp, clf, det, point = resolve_models(
         state, classifier, detector, fp_per_image, score_threshold
