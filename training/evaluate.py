@@ -26,8 +26,9 @@ from app.pipeline import ImageWork, run_study
 from app.runtime import ModelRegistry
 from training import metrics, plots
 from training.common import MODELS_DIR, REPO
-from training.data import Record, data_root, load_records
+from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
+from training.shifts import SHIFTS, shift_image
 
 
 def evaluate(
@@ -37,7 +38,11 @@ def evaluate(
     detector: str | None = None,
     report_dir: Path | None = None,
     batch: int = 8,
+    shift: str = "none",
 ) -> dict[str, Any]:
+    """The served pipeline on `records` (optionally under a source shift, training/shifts.py):
+    classifier, detector and fused image score with bootstrap 95% intervals and per-region AUROC.
+    """
     registry = ModelRegistry(models_dir)
     registry.load_all("cpu", 0)
     crp = registry.get("cropper", None, "")
@@ -49,18 +54,19 @@ def evaluate(
     t0 = time.perf_counter()
     for start in range(0, len(records), batch):
         chunk = records[start : start + batch]
-        works = []
+        works, chunk_boxes = [], []
         for rec in chunk:
-            image = decode(
-                Path(rec.path).read_bytes(), None, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]
-            )
+            data, ctype = Path(rec.path).read_bytes(), None
+            boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
+            if shift != "none":
+                data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
+            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
             works.append(ImageWork(image=image, decode_ms=0.0))
+            chunk_boxes.append(boxes)
         run_study(works, crp, clf, det, collect)
-        for rec, w in zip(chunk, works, strict=True):
+        for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
-            gt = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4) * np.array(
-                [wd, h, wd, h], np.float32
-            )
+            gt = boxes * np.array([wd, h, wd, h], np.float32)
             x1, y1, x2, y2 = w.crop_box
             inside += [
                 bool(b[0] >= x1 - 1 and b[1] >= y1 - 1 and b[2] <= x2 + 1 and b[3] <= y2 + 1)
@@ -99,6 +105,17 @@ def evaluate(
             ],
         },
         "combined_image_auroc": metrics.classification_metrics(labels, combined, 0.5)["auroc"],
+        "fused_image_auroc": {
+            f"{w} * classifier + {1 - w} * max box": metrics.classification_metrics(
+                labels, [w * p + (1 - w) * m for p, m in zip(probs, max_box, strict=True)], 0.5
+            )["auroc"]
+            for w in (0.0, 0.25, 0.5, 0.75, 1.0)
+        },
+        "classifier_ci95": metrics.bootstrap_classification(
+            labels, probs, float(clf.card.decision_threshold)
+        ),
+        "classifier_by_region": metrics.auroc_by_group(labels, probs, [r.region for r in records]),
+        "shift": shift,
         "fracture_boxes_inside_crop": float(np.mean(inside)) if inside else None,
         "seconds_per_image_cpu": round(seconds / max(len(records), 1), 4),
     }
@@ -123,6 +140,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--detector")
     parser.add_argument("--limit", type=int, help="first N images only")
     parser.add_argument(
+        "--shift",
+        choices=SHIFTS,
+        default="none",
+        help="degrade every image as another source might (training/shifts.py)",
+    )
+    parser.add_argument(
         "--report", type=Path, help="report folder (default reports/<split or folder>)"
     )
     args = parser.parse_args(argv)
@@ -132,7 +155,10 @@ def main(argv: list[str]) -> int:
         records = [r for r in records if r.split == split]
     if args.limit:
         records = records[: args.limit]
-    report = args.report or REPO / "reports" / (split or Path(args.folder).name)
-    result = evaluate(records, args.models_dir, args.classifier, args.detector, report)
+    name = (split or Path(args.folder).name) + ("" if args.shift == "none" else f"-{args.shift}")
+    report = args.report or REPO / "reports" / name
+    result = evaluate(
+        records, args.models_dir, args.classifier, args.detector, report, shift=args.shift
+    )
     print(json.dumps(result, indent=2))
     return 0

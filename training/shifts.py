@@ -1,0 +1,59 @@
+"""Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
+differ (lower resolution, lower contrast, strong JPEG compression, burned-in markers, another
+orientation), so that generalisation can be measured with the labels we have. Each shift is
+deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from training.augment import _burn_marker
+
+SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "all")
+
+
+def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate counter-clockwise k quarter turns; normalised xyxy boxes follow."""
+    out = np.rot90(grey, k).copy()
+    b = boxes.copy()
+    for _ in range(k % 4):  # (x, y) -> (y, 1 - x) per quarter turn, counter-clockwise
+        x1, y1, x2, y2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()
+        b = np.stack([y1, 1 - x2, y2, 1 - x1], axis=1)
+    return out, b
+
+
+def shift_image(
+    grey: np.ndarray, boxes: np.ndarray, kind: str, image_id: str
+) -> tuple[bytes, str, np.ndarray]:
+    """(encoded bytes, content type, boxes) of one grey uint8 image under a shift."""
+    import cv2
+
+    if kind not in SHIFTS:
+        raise ValueError(f"unknown shift {kind!r}; one of {SHIFTS}")
+    rng = random.Random(zlib.crc32(f"{kind}:{image_id}".encode()))
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    out = grey.copy()
+    if kind in ("lowres", "all"):  # about 60% of the pixels per side, kept small
+        h, w = out.shape
+        out = cv2.resize(out, (max(8, round(w * 0.6)), max(8, round(h * 0.6))), cv2.INTER_AREA)
+    if kind in ("contrast", "all"):  # flatter, brighter: a different detector and LUT
+        f = out.astype(np.float32) / 255.0
+        f = 0.5 + (f**1.4 - 0.5) * 0.6 + 0.08
+        out = (np.clip(f, 0, 1) * 255).astype(np.uint8)
+    if kind in ("markers", "all"):
+        for _ in range(2):
+            _burn_marker(out, rng)
+    if kind in ("rot90", "all"):
+        out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
+    buf = io.BytesIO()
+    if kind in ("jpeg", "all"):
+        Image.fromarray(out).save(buf, format="JPEG", quality=35)
+        return buf.getvalue(), "image/jpeg", boxes
+    Image.fromarray(out).save(buf, format="PNG")
+    return buf.getvalue(), "image/png", boxes
