@@ -99,7 +99,7 @@ def load_models(state: AppState) -> None:
     s = state.settings
     t0 = time.perf_counter()
     try:
-        registry = ModelRegistry(s.models_dir)
+        registry = ModelRegistry(s.models_dir, s.site_calibration)
         state.registry = registry
         registry.load_all(s.execution_provider, s.intra_op_threads)
         for role in ("classifier", "detector"):

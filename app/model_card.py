@@ -10,6 +10,7 @@ decision threshold and the cropper's margin. Provenance, metrics and recipe are 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,6 +85,24 @@ class OperatingPointRow(BaseModel):
     achieved_fp_per_image: float | None = None
 
 
+class Calibration(BaseModel):
+    """Platt scaling of a classifier's probability: p' = sigmoid(slope * logit(p) + intercept),
+    fitted on labelled images run through the served pipeline. Monotone: AUROC is unchanged,
+    the probability reads as a frequency on the images it was fitted on."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: Literal["platt"] = "platt"
+    slope: float
+    intercept: float
+    fitted_on: str = Field(description="which images, how many, through which pipeline")
+
+    def apply(self, p: float) -> float:
+        q = min(max(float(p), 1e-7), 1 - 1e-7)
+        z = self.slope * math.log(q / (1 - q)) + self.intercept
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+
 class ModelCard(BaseModel):
     """A shipped model: identity, file, input contract, role-specific serving parameters."""
 
@@ -103,6 +122,8 @@ class ModelCard(BaseModel):
     decision_threshold: float | None = Field(None, ge=0, le=1)
     operating_points: list[OperatingPointRow] | None = None
     crop_margin: float | None = Field(None, ge=0, le=0.5)
+    calibration: Calibration | None = None
+    site: str | None = Field(None, description="site calibration applied over the shipped card")
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +136,8 @@ class ModelCard(BaseModel):
     def _role_fields(self) -> ModelCard:
         if self.task == "classification" and self.decision_threshold is None:
             raise ValueError("a classifier card needs decision_threshold")
+        if self.calibration is not None and self.task != "classification":
+            raise ValueError("only a classifier card carries a calibration")
         if self.task == "segmentation" and self.crop_margin is None:
             raise ValueError("a cropper card needs crop_margin")
         if self.task == "detection":
@@ -163,3 +186,49 @@ def read_card(path: Path) -> ModelCard:
     if not isinstance(raw, dict):
         raise CardError(f"model card {path.name} is not a JSON object")
     return validate_card(raw, path.name)
+
+
+class SiteClassifier(BaseModel):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: Calibration | None = None
+    decision_threshold: float = Field(ge=0, le=1, description="on the calibrated probability")
+
+
+class SiteDetector(BaseModel):
+    name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    operating_points: list[OperatingPointRow]
+
+
+class SiteCalibration(BaseModel):
+    """A site's own operating points, fitted on its labelled images by
+    `python -m training calibrate --folder ...`, loaded over the shipped cards
+    (FRACTURE_SITE_CALIBRATION). Each entry names the exact model file (sha256) it was fitted for."""
+
+    site: str
+    created: str
+    images: int = Field(ge=1)
+    fractured: int = Field(ge=0)
+    classifier: SiteClassifier | None = None
+    detector: SiteDetector | None = None
+
+    def overlay(self, card: ModelCard) -> ModelCard:
+        """The card with this site's values where the site calibrated this very model."""
+        for entry in (self.classifier, self.detector):
+            if entry is None or entry.name != card.name:
+                continue
+            if entry.sha256 != card.sha256:
+                raise CardError(
+                    f"site calibration {self.site!r} was fitted for another file of {card.name}"
+                )
+            update = entry.model_dump(exclude={"name", "sha256"})
+            return validate_card({**card.as_json(), **update, "site": self.site}, card.file)
+        return card
+
+
+def read_site_calibration(path: Path) -> SiteCalibration:
+    try:
+        return SiteCalibration.model_validate_json(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CardError(f"site calibration {path.name} cannot be used: {exc}") from None

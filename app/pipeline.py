@@ -76,8 +76,10 @@ def run_study(
     with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec)[0] for w in works])
         probs = classifier.run(batch)[0]
+        calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
-            w.probability = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
+            raw = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
+            w.probability = calibration.apply(raw) if calibration else raw
     with _timed("detect", works, on_stage):
         found = detect_crops(detector, [w.crop for w in works], operating_point.detector_threshold)
         for w, (boxes, scores) in zip(works, found, strict=True):

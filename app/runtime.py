@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import ROLES, CardError, DetectorOutput, InputSpec, ModelCard, read_card
+from app.model_card import (
+    ROLES,
+    CardError,
+    DetectorOutput,
+    InputSpec,
+    ModelCard,
+    read_card,
+    read_site_calibration,
+)
 
 log = logging.getLogger("app.runtime")
 
@@ -149,12 +157,17 @@ class ModelRegistry:
     """Every model card in a folder, by role and name. Each *.json there must be a valid card
     (ModelLoadError naming the file otherwise), and names must be unique."""
 
-    def __init__(self, models_dir: Path):
+    def __init__(self, models_dir: Path, site_calibration: Path | None = None):
         self.models_dir = models_dir
         self.models: dict[str, OnnxModel] = {}
+        try:
+            site = read_site_calibration(site_calibration) if site_calibration else None
+        except CardError as exc:
+            raise ModelLoadError(str(exc)) from None
         for card_path in sorted(models_dir.glob("*.json")):
             try:
                 card = read_card(card_path)
+                card = site.overlay(card) if site else card
             except CardError as exc:
                 raise ModelLoadError(str(exc)) from None
             if card.name in self.models:

@@ -1,7 +1,8 @@
 """python -m training <family> --config training/configs/<family>.yaml [--set key=value ...]
 
 Families: cropper, simclr, dino, mobilenet, bam, yolo, frcnn. `python -m training evaluate ...` evaluates the
-served pipeline on a split or a folder in the release layout (see training/evaluate.py).
+served pipeline on a split or a folder in the release layout (see training/evaluate.py);
+`python -m training calibrate ...` fits a site's operating points (training/calibrate.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        from training.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m training")
     parser.add_argument("family", choices=sorted(FAMILIES))
     parser.add_argument("--config", required=True, help="YAML recipe")

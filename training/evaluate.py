@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,82 @@ from app.decoding import decode
 from app.model_card import DEFAULT_FP_PER_IMAGE
 from app.operating_point import from_fp_rate, from_score
 from app.pipeline import ImageWork, run_study
-from app.runtime import ModelRegistry
+from app.runtime import ModelRegistry, OnnxModel
 from training import metrics, plots
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
 from training.shifts import SHIFTS, shift_image
+
+
+@dataclass
+class Collected:
+    """What the served pipeline said about labelled images, with their ground truth."""
+
+    probs: list[float] = field(default_factory=list)
+    preds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    gts: list[np.ndarray] = field(default_factory=list)
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    inside: list[bool] = field(default_factory=list)
+    shown: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def served_models(
+    models_dir: Path, classifier: str | None, detector: str | None
+) -> tuple[OnnxModel, OnnxModel, OnnxModel]:
+    """Cropper, classifier and detector as the service would load them (defaults from Settings)."""
+    registry = ModelRegistry(models_dir)
+    registry.load_all("cpu", 0)
+    defaults = Settings()
+    return (
+        registry.get("cropper", None, ""),
+        registry.get("classifier", classifier, defaults.default_classifier),
+        registry.get("detector", detector, defaults.default_detector),
+    )
+
+
+def collect(
+    records: list[Record],
+    models: tuple[OnnxModel, OnnxModel, OnnxModel],
+    shift: str = "none",
+    batch: int = 8,
+) -> Collected:
+    """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records."""
+    crp, clf, det = models
+    point = from_score(COLLECT_THRESHOLD)
+    out = Collected()
+    t0 = time.perf_counter()
+    for start in range(0, len(records), batch):
+        chunk = records[start : start + batch]
+        works, chunk_boxes = [], []
+        for rec in chunk:
+            data, ctype = Path(rec.path).read_bytes(), None
+            boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
+            if shift != "none":
+                data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
+            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
+            works.append(ImageWork(image=image, decode_ms=0.0))
+            chunk_boxes.append(boxes)
+        run_study(works, crp, clf, det, point)
+        for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
+            h, wd = w.image.height, w.image.width
+            gt = boxes * np.array([wd, h, wd, h], np.float32)
+            x1, y1, x2, y2 = w.crop_box
+            out.inside += [
+                bool(b[0] >= x1 - 1 and b[1] >= y1 - 1 and b[2] <= x2 + 1 and b[3] <= y2 + 1)
+                for b in gt
+            ]
+            out.probs.append(w.probability)
+            out.preds.append((w.boxes, w.scores))
+            out.gts.append(gt)
+            out.sizes.append((wd, h))
+            out.labels.append(int(rec.fractured))
+            if len(out.shown) < 12 and (len(gt) or len(out.shown) >= 8):
+                out.shown.append((w.image.pixels, gt, w.boxes[:3], w.scores[:3]))
+    out.seconds = time.perf_counter() - t0
+    return out
 
 
 def evaluate(
@@ -43,43 +114,10 @@ def evaluate(
     """The served pipeline on `records` (optionally under a source shift, training/shifts.py):
     classifier, detector and fused image score with bootstrap 95% intervals and per-region AUROC.
     """
-    registry = ModelRegistry(models_dir)
-    registry.load_all("cpu", 0)
-    crp = registry.get("cropper", None, "")
-    defaults = Settings()
-    clf = registry.get("classifier", classifier, defaults.default_classifier)
-    det = registry.get("detector", detector, defaults.default_detector)
-    collect = from_score(COLLECT_THRESHOLD)
-    probs, preds, gts, sizes, labels, inside, shown = [], [], [], [], [], [], []
-    t0 = time.perf_counter()
-    for start in range(0, len(records), batch):
-        chunk = records[start : start + batch]
-        works, chunk_boxes = [], []
-        for rec in chunk:
-            data, ctype = Path(rec.path).read_bytes(), None
-            boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
-            if shift != "none":
-                data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
-            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
-            works.append(ImageWork(image=image, decode_ms=0.0))
-            chunk_boxes.append(boxes)
-        run_study(works, crp, clf, det, collect)
-        for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
-            h, wd = w.image.height, w.image.width
-            gt = boxes * np.array([wd, h, wd, h], np.float32)
-            x1, y1, x2, y2 = w.crop_box
-            inside += [
-                bool(b[0] >= x1 - 1 and b[1] >= y1 - 1 and b[2] <= x2 + 1 and b[3] <= y2 + 1)
-                for b in gt
-            ]
-            probs.append(w.probability)
-            preds.append((w.boxes, w.scores))
-            gts.append(gt)
-            sizes.append((wd, h))
-            labels.append(int(rec.fractured))
-            if len(shown) < 12 and (len(gt) or len(shown) >= 8):
-                shown.append((w.image.pixels, gt, w.boxes[:3], w.scores[:3]))
-    seconds = time.perf_counter() - t0
+    crp, clf, det = served_models(models_dir, classifier, detector)
+    c = collect(records, (crp, clf, det), shift, batch)
+    probs, preds, gts, sizes, labels = c.probs, c.preds, c.gts, c.sizes, c.labels
+    inside, shown, seconds = c.inside, c.shown, c.seconds
 
     froc = metrics.froc(preds, gts)
     served_point = from_fp_rate(det.card, DEFAULT_FP_PER_IMAGE)

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(
         32, ge=1, description="most images in one study request (413 above)"
     )
+    site_calibration: Path | None = Field(
+        None,
+        description="a site's operating points and calibration over the shipped cards, written by "
+        "`python -m training calibrate --folder ...` (README: site calibration)",
+    )
     default_fp_per_image: float = Field(
         DEFAULT_FP_PER_IMAGE, description="operating point when a request gives none"
     )
