@@ -30,6 +30,41 @@ def input_spec(size: int) -> dict[str, Any]:
     }
 
 
+# The ImageNet MobileNetV2 of ../shared/pretrained as the FPN body: its `features` blocks that
+# end each stride (4, 8, 16, 32) and their widths.
+IMAGENET_MOBILENET_V2 = "mobilenet_v2_imagenet"
+MOBILENET_STAGES = (("3", "0"), ("6", "1"), ("13", "2"), ("18", "3"))
+MOBILENET_STAGE_CHANNELS = [24, 32, 96, 1280]
+
+
+def imagenet_mobilenet_body(recipe: dict[str, Any]) -> Any:
+    """The converted ImageNet MobileNetV2 `features`, BatchNorms frozen as what the file folded
+    (identity plus bias): detection batches of 4 crops are too small for batch statistics."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from training import pretrained
+
+    source = pretrained.FILES[recipe.get("pretrained", pretrained.MOBILENET_V2.file)]
+    features = pretrained.mobilenet_v2(source).features
+    return _freeze_batchnorm(features, FrozenBatchNorm2d)
+
+
+def _freeze_batchnorm(module: Any, frozen_cls: Any) -> Any:
+    from torch import nn
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = frozen_cls(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            _freeze_batchnorm(child, frozen_cls)
+    return module
+
+
 def build_model(recipe: dict[str, Any]) -> Any:
     """Faster R-CNN on a torchvision ResNet body with an FPN of `fpn_channels` and a two-layer
     box head of `box_head_dim` (narrower than torchvision's 256 / 1024: CPU training, small file)."""
@@ -41,15 +76,23 @@ def build_model(recipe: dict[str, Any]) -> Any:
     from torchvision.ops import MultiScaleRoIAlign
 
     size = recipe["input_size"]
-    body = getattr(torchvision.models, recipe["backbone"])(weights=None)
-    stage_channels = [body.inplanes // 8 * m for m in (1, 2, 4, 8)]  # 64..512 for resnet18
     channels = recipe.get("fpn_channels", 256)
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-        in_channels_list=stage_channels,
-        out_channels=channels,
-    )
+    if recipe["backbone"] == IMAGENET_MOBILENET_V2:
+        backbone = BackboneWithFPN(
+            imagenet_mobilenet_body(recipe),
+            return_layers=dict(MOBILENET_STAGES),
+            in_channels_list=MOBILENET_STAGE_CHANNELS,
+            out_channels=channels,
+        )
+    else:
+        body = getattr(torchvision.models, recipe["backbone"])(weights=None)
+        stage_channels = [body.inplanes // 8 * m for m in (1, 2, 4, 8)]  # 64..512 for resnet18
+        backbone = BackboneWithFPN(
+            body,
+            return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+            in_channels_list=stage_channels,
+            out_channels=channels,
+        )
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in recipe["anchor_sizes"]),
         aspect_ratios=((0.5, 1.0, 2.0),) * len(recipe["anchor_sizes"]),
@@ -62,7 +105,7 @@ def build_model(recipe: dict[str, Any]) -> Any:
         min_size=size,
         max_size=size,
         image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.25, 0.25, 0.25],
+        image_std=[recipe.get("image_std", 0.25)] * 3,
         rpn_anchor_generator=anchors,
         box_roi_pool=pooler,
         box_head=TwoMLPHead(channels * 7 * 7, head_dim),
@@ -79,6 +122,12 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
     the SimCLR backbone, or the classifier fine-tuned with box supervision), else a verified
     file, else from scratch."""
     path, sha = recipe.get("init_weights"), recipe.get("init_sha256")
+    if recipe["backbone"] == IMAGENET_MOBILENET_V2:
+        from training import pretrained
+
+        source = pretrained.FILES[recipe.get("pretrained", pretrained.MOBILENET_V2.file)]
+        log.write(event="init", weights=source.file, sha256=source.sha256)
+        return f"ImageNet MobileNetV2: {source.file} ({source.origin}, {source.licence})"
     if path:
         state = load_verified_state_dict(path, sha)
         source = f"verified file {path}"

@@ -330,3 +330,29 @@ def test_imagenet_classifier_tiny_run_and_resume(family, tiny_cache, run_dirs):
     # A second call finds the finished checkpoint and trains no further epoch.
     module.train(load_recipe(CONFIGS / f"{family}.yaml", over), out_dir=models)
     assert len(epoch_losses(log)) == 3
+
+
+def test_frcnn_on_imagenet_mobilenet_tiny_run(tiny_cache, run_dirs):
+    """Faster R-CNN with the converted ImageNet MobileNetV2 as its FPN body: trains, exports with
+    parity and names the pretrained file in the card."""
+    from tests.training.test_pretrained import need_pretrained
+
+    need_pretrained()
+    from training import frcnn
+
+    runs, models = run_dirs
+    recipe = load_recipe(
+        CONFIGS / "frcnn-mobilenet.yaml",
+        {
+            "cache": str(tiny_cache),
+            "name": "t-frcnn-mnv2",
+            "input_size": 96,
+            "epochs": 2,
+            "negatives_per_positive": 1.0,
+        },
+    )
+    card = frcnn.train(recipe, out_dir=models)
+    assert len(epoch_losses(runs / "t-frcnn-mnv2" / "log.jsonl")) == 2
+    c = check_card(models, "t-frcnn-mnv2")
+    assert "mobilenet_v2_1.0_224_quant.tflite" in c["backbone_init"]
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
