@@ -30,6 +30,13 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 DICOM_TYPES = {"application/dicom", "application/dicom+octet-stream"}
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg"}
 GENERIC_TYPES = {"", "application/octet-stream"}
+# A truncated JPEG/PNG is analysed (with a note) while at most this share of its rows is missing;
+# FracAtlas's own truncated JPEGs lose up to 51% of their rows and are analysed; more is 422.
+MAX_MISSING_ROWS = 0.55
+# The fewest bytes a real image of w x h pixels needs: deflate cannot beat ~1032:1 (PNG, per
+# byte of raw pixels), a baseline JPEG spends at least a bit per 8x8 block.
+PNG_MAX_RATIO = 1100
+JPEG_MIN_BITS_PER_BLOCK = 1
 
 
 @dataclass
@@ -94,6 +101,56 @@ def decode(
     return image
 
 
+def refuse_without_anatomy(pixels: np.ndarray) -> None:
+    """422 for a blank or near-uniform image: nothing there to call fractured or not."""
+    sample = pixels[:: max(1, pixels.shape[0] // 256), :: max(1, pixels.shape[1] // 256)]
+    lo, hi = np.percentile(sample, [1, 99])
+    if hi - lo <= 1e-6 * max(1.0, float(np.abs(sample).max())):
+        raise ApiError(
+            422,
+            "no_anatomy",
+            "the image is blank or uniform (98% of its pixels share one value): nothing to analyse",
+        )
+
+
+def _truncated(data: bytes, kind: str) -> bool:
+    """No end marker: JPEG EOI (FFD9) or PNG IEND near the end of the bytes."""
+    tail = data[-64:]
+    return b"\xff\xd9" not in tail if kind == "jpeg" else b"IEND" not in tail
+
+
+def _missing_row_share(im: Image.Image) -> float:
+    """Share of rows at the bottom that a truncated decode filled with one constant value."""
+    grey = np.asarray(im.convert("L"))
+    rows = grey.min(axis=1) == grey.max(axis=1)
+    constant = rows & (grey[:, 0] == grey[-1, 0])
+    if not constant[-1]:
+        return 0.0
+    filled = np.flatnonzero(~constant[::-1])
+    return (int(filled[0]) if filled.size else len(constant)) / len(constant)
+
+
+def _check_dimensions_fit(data: bytes, kind: str, w: int, h: int) -> None:
+    """422 before decoding when the header claims more pixels than the bytes could hold."""
+    if kind == "png":
+        channels = 1 if im_mode_is_grey(data) else 3
+        least = w * h * channels // PNG_MAX_RATIO
+    else:
+        least = (w * h // 64) * JPEG_MIN_BITS_PER_BLOCK // 8
+    if len(data) < least:
+        raise ApiError(
+            422,
+            "dimensions_exceed_data",
+            f"the {kind.upper()} header claims {w}x{h} pixels but the file has {len(data)} bytes, "
+            f"fewer than any such image needs ({least})",
+        )
+
+
+def im_mode_is_grey(data: bytes) -> bool:
+    """PNG colour type from the IHDR chunk: 0 (grey) or 4 (grey + alpha)."""
+    return len(data) > 25 and data[25] in (0, 4)
+
+
 def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
     try:
         im = Image.open(io.BytesIO(data))
@@ -108,11 +165,28 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
         raise ApiError(
             413, "image_too_large", f"the image has {w}x{h} pixels, over the limit of {max_pixels}"
         )
+    _check_dimensions_fit(data, kind, w, h)
+    notes: list[str] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             im.load()
+            if _truncated(data, kind):
+                missing = _missing_row_share(im)
+                if missing > MAX_MISSING_ROWS:
+                    raise ApiError(
+                        422,
+                        "truncated_image",
+                        f"the {kind.upper()} file is truncated: {missing:.0%} of its rows are "
+                        f"missing (at most {MAX_MISSING_ROWS:.0%} is analysed)",
+                    )
+                notes.append(
+                    f"the {kind.upper()} file is truncated: {missing:.0%} of its rows are "
+                    "missing and were analysed as filled"
+                )
             im = ImageOps.exif_transpose(im)
+    except ApiError:
+        raise
     except Exception as exc:
         raise ApiError(
             422,
@@ -126,13 +200,61 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
     else:
         # Colour (or palette, alpha): luminance; FracAtlas JPEGs are RGB with R = G = B.
         pixels = np.asarray(im.convert("RGB").convert("L"), dtype=np.float32)
-    return DecodedImage(pixels=pixels, source=kind)
+    refuse_without_anatomy(pixels)
+    return DecodedImage(pixels=pixels, source=kind, notes=notes)
 
 
-def parse_dicom(data: bytes) -> Dataset:
-    """Part 10 bytes (or a bare dataset) -> pydicom Dataset; 422 when they are not DICOM."""
+def inflated_dataset_limit(max_pixels: int) -> int:
+    """Most bytes a deflated dataset may inflate to: 16-bit pixels at the pixel limit plus 8 MiB
+    of header; a deflate bomb stops there instead of filling memory."""
+    return 2 * max_pixels + (8 << 20)
+
+
+def _inflate_bounded(data: bytes, limit: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file rewritten as Explicit VR Little Endian, inflating
+    at most `limit` bytes (413 past it); any other file is returned as it is."""
+    import zlib
+
+    # pydicom has no public reader of group 2 from a stream; this private one is stable in 3.x.
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        if read_preamble(fp, force=True) is None:
+            return data  # no preamble: not Part 10, pydicom's own reader decides below
+        meta = _read_file_meta_info(fp)
+    except Exception:
+        return data
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return data
+    body = data[fp.tell() :]
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise ApiError(422, "invalid_dicom", "the deflated dataset cannot be inflated") from None
+    if len(inflated) > limit or inflater.unconsumed_tail:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"the deflated dataset inflates past {limit} bytes, over the pixel limit",
+        )
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)
+    out.write(inflated)
+    return out.getvalue()
+
+
+def parse_dicom(data: bytes, max_pixels: int = 60_000_000) -> Dataset:
+    """Part 10 bytes (or a bare dataset) -> pydicom Dataset; 422 when they are not DICOM.
+    Deflated datasets are inflated within the pixel limit first (413 beyond)."""
     import pydicom
 
+    data = _inflate_bounded(data, inflated_dataset_limit(max_pixels))
     try:
         return pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
@@ -142,7 +264,7 @@ def parse_dicom(data: bytes) -> Dataset:
 
 
 def decode_dicom(data: bytes, max_pixels: int, allowed_modalities: Sequence[str]) -> DecodedImage:
-    return decode_dicom_dataset(parse_dicom(data), max_pixels, allowed_modalities)
+    return decode_dicom_dataset(parse_dicom(data, max_pixels), max_pixels, allowed_modalities)
 
 
 def decode_dicom_dataset(
@@ -212,6 +334,7 @@ def decode_dicom_dataset(
     pixels, notes = _to_presentation(ds, arr, photometric)
     if not np.isfinite(pixels).all():
         raise ApiError(422, "invalid_dicom", "decoded pixel values are not finite")
+    refuse_without_anatomy(pixels)
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return DecodedImage(
         pixels=pixels,

@@ -1,8 +1,9 @@
 """DICOM instances in, findings and result objects out: what STOW-RS and C-STORE share.
 
 Failure reasons (DICOM status codes, the same for STOW-RS FailureReason and C-STORE status):
-0xA900 study UID mismatch, 0x0122 SOP class or modality not supported, 0xC000 cannot
-understand (not DICOM, undecodable pixel data), 0xA700 out of resources (over the pixel limit).
+0xA900 study UID mismatch or a missing SOP/study UID, 0x0122 SOP class or modality not
+supported, 0xC000 cannot understand (not DICOM, undecodable pixel data), 0xA700 out of resources
+(over the pixel limit).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ STUDY_UID_MISMATCH = 0xA900
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
+# Data set does not match the SOP class: SOP class, SOP instance or study UID missing.
+MISSING_UID = 0xA900
 
 
 class Accepted:
@@ -49,11 +52,15 @@ def read_instance(
     """An accepted instance, or (SOP class, SOP instance, failure reason)."""
     t0 = time.perf_counter()
     try:
-        ds = parse_dicom(data)  # parsed once: the header for the checks, the pixels to decode
+        ds = parse_dicom(
+            data, state.settings.max_image_pixels
+        )  # parsed once: the header for the checks, the pixels to decode
         sop_class = str(ds.SOPClassUID)
         sop_uid = str(ds.SOPInstanceUID)
     except (ApiError, AttributeError):
         return "", "", CANNOT_UNDERSTAND
+    if not sop_class or not sop_uid or not str(ds.get("StudyInstanceUID", "") or ""):
+        return sop_class, sop_uid, MISSING_UID  # refused before any inference
     if url_study and str(ds.get("StudyInstanceUID", "")) != url_study:
         return sop_class, sop_uid, STUDY_UID_MISMATCH
     try:

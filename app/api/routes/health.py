@@ -11,20 +11,27 @@ from app.core.errors import error_response
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="alive", response_model=Live)
-@router.get("/v2/health/live", summary="alive (KServe path)", response_model=Live)
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="alive", response_model=Live)
+@router.api_route(
+    "/v2/health/live", methods=["GET", "HEAD"], summary="alive (KServe path)", response_model=Live
+)
 async def live() -> Live:
     return Live(status="alive")
 
 
-@router.get(
+@router.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     summary="models loaded, sha256 checked, warm-up passed",
     response_model=Ready,
     responses=errors(503),
 )
-@router.get(
-    "/v2/health/ready", summary="ready (KServe path)", response_model=Ready, responses=errors(503)
+@router.api_route(
+    "/v2/health/ready",
+    methods=["GET", "HEAD"],
+    summary="ready (KServe path)",
+    response_model=Ready,
+    responses=errors(503),
 )
 async def ready(request: Request) -> Ready | JSONResponse:
     state = request.app.state.fracture
