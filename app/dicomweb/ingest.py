@@ -20,6 +20,7 @@ from app.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.core.errors import ApiError
 from app.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.dicomweb.results import (
+    Algorithms,
     ImageFindings,
     build_secondary_capture,
     build_sr,
@@ -81,7 +82,7 @@ def build_results(
     decision_threshold: float,
     accepted: list[Accepted],
     works: list[ImageWork],
-    algorithm: tuple[str, str],
+    algorithms: Algorithms,
 ) -> list[bytes]:
     """The SR and the secondary captures of one study, from the exact values the pipeline
     computed (not the rounded JSON)."""
@@ -100,7 +101,7 @@ def build_results(
         "detector_threshold": point.detector_threshold,
         "fp_per_image": point.fp_per_image,
     }
-    sr = build_sr(findings, exact_point, algorithm, generate_uid())
+    sr = build_sr(findings, exact_point, algorithms, generate_uid())
     sc_series = generate_uid()
     captures = [build_secondary_capture(f, sc_series, i + 1) for i, f in enumerate(findings)]
     return [encode(sr), *(encode(c) for c in captures)]
@@ -117,7 +118,7 @@ async def analyse_instances(
     """Analyse accepted instances, one study per StudyInstanceUID; make, keep and queue the
     SR and secondary captures. Shared by STOW-RS and the DIMSE C-STORE receiver."""
     answers = []
-    detector = models[2]
+    algorithms = Algorithms(*((m.name, m.version) for m in models))
     for study_uid, accepted in studies.items():
         works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
         answer = await analyse_study(state, works, point, models, request_id)
@@ -127,7 +128,7 @@ async def analyse_instances(
             answer.decision_threshold,
             accepted,
             works,
-            (detector.name, detector.version),
+            algorithms,
         )
         result_id = uuid.uuid4().hex[:12]
         stored = StoredStudyAnswer(

@@ -78,13 +78,24 @@ def _codes() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Algorithms:
+    """Name and version of each model that made a measurement, for its AlgorithmIdentification."""
+
+    cropper: tuple[str, str]
+    classifier: tuple[str, str]
+    detector: tuple[str, str]
+
+
 def build_sr(
     findings: list[ImageFindings],
     operating_point: dict[str, Any],
-    algorithm: tuple[str, str],
+    algorithms: Algorithms,
     series_uid: str,
 ) -> Dataset:
-    """TID 1500 measurement report over every image of the study."""
+    """TID 1500 measurement report over every image of the study. Each measurement names the
+    model that made it: the probability the classifier (the crop it saw came from the cropper,
+    named in the group's algorithm parameters), each box and score the detector."""
     from highdicom.sr import (
         AlgorithmIdentification,
         ComprehensiveSR,
@@ -105,14 +116,24 @@ def build_sr(
     from pydicom.sr.codedict import codes
 
     c = _codes()
-    algorithm_id = AlgorithmIdentification(name=algorithm[0], version=algorithm[1])
+    cropper_text = f"cropper {algorithms.cropper[0]} {algorithms.cropper[1]}"
+    classifier_id = AlgorithmIdentification(
+        name=algorithms.classifier[0],
+        version=algorithms.classifier[1],
+        parameters=[cropper_text],
+    )
+    detector_id = AlgorithmIdentification(
+        name=algorithms.detector[0],
+        version=algorithms.detector[1],
+        parameters=[cropper_text, f"threshold {operating_point['detector_threshold']:.6f}"],
+    )
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=DEVICE_UID_ROOT + "1",
             name=MODEL_NAME,
             manufacturer_name=MANUFACTURER,
-            model_name=algorithm[0],
+            model_name=MODEL_NAME,
         ),
     )
     groups: list[Any] = []
@@ -122,12 +143,13 @@ def build_sr(
                 name=c["probability"],
                 value=float(f.probability),
                 unit=c["unitless"],
-                algorithm_id=algorithm_id,
+                algorithm_id=classifier_id,
             ),
             Measurement(
                 name=c["threshold"],
                 value=float(operating_point["detector_threshold"]),
                 unit=c["unitless"],
+                algorithm_id=detector_id,
             ),
         ]
         if operating_point.get("fp_per_image") is not None:
@@ -136,6 +158,7 @@ def build_sr(
                     name=c["fp_rate"],
                     value=float(operating_point["fp_per_image"]),
                     unit=c["unitless"],
+                    algorithm_id=detector_id,
                 )
             )
         evaluations = (
@@ -147,7 +170,7 @@ def build_sr(
                     uid=generate_uid(), identifier=f"image {i + 1}"
                 ),
                 finding_type=c["fracture"],
-                algorithm_id=algorithm_id,
+                algorithm_id=classifier_id,
                 measurements=measurements,
                 qualitative_evaluations=evaluations,
                 source_images=[SourceImageForMeasurementGroup.from_source_image(f.source)],
@@ -172,9 +195,14 @@ def build_sr(
                         source_image=SourceImageForRegion.from_source_image(f.source),
                     ),
                     finding_type=c["fracture"],
-                    algorithm_id=algorithm_id,
+                    algorithm_id=detector_id,
                     measurements=[
-                        Measurement(name=c["box_score"], value=float(score), unit=c["unitless"])
+                        Measurement(
+                            name=c["box_score"],
+                            value=float(score),
+                            unit=c["unitless"],
+                            algorithm_id=detector_id,
+                        )
                     ],
                 )
             )
@@ -195,7 +223,15 @@ def build_sr(
     )
     sr.SeriesDescription = "Fracture detection report (AI)"
     sr.ManufacturerModelName = MODEL_NAME
-    sr.SoftwareVersions = [f"{algorithm[0]} {algorithm[1]}"]
+    sr.SoftwareVersions = [
+        f"{name} {version}"
+        for name, version in (algorithms.cropper, algorithms.classifier, algorithms.detector)
+    ]
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = SCHEME
+    scheme.CodingSchemeName = "Fracture service local codes"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
 
 

@@ -21,3 +21,34 @@ def assert_regions_match(sr: Dataset, detections: list[dict], source_sop_uid: st
         referenced = roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
         assert referenced == source_sop_uid
         assert roi.get_measurements()[0].value == pytest.approx(det["score"], abs=1e-4)
+
+
+def measurement_algorithms(item: Dataset, out: dict[str, list[str]] | None = None) -> dict:
+    """Concept code of every measurement in the SR tree -> the Algorithm Names (DCM 111001)
+    attached to it (read from the raw dataset, as a PACS would)."""
+    out = {} if out is None else out
+    for child in item.get("ContentSequence", []):
+        code = child.ConceptNameCodeSequence[0].CodeValue
+        if child.ValueType == "NUM":
+            names = [
+                str(g.TextValue)
+                for g in child.get("ContentSequence", [])
+                if g.ConceptNameCodeSequence[0].CodeValue == "111001"
+            ]
+            out.setdefault(code, []).append(names)
+        measurement_algorithms(child, out)
+    return out
+
+
+def assert_provenance(sr: Dataset, models: dict[str, dict]) -> None:
+    """Each measurement names the model that made it; every model's version is in the SR; the
+    local coding scheme is declared."""
+    found = measurement_algorithms(sr)
+    assert found["FRACPROB"] and all(n == [models["classifier"]["name"]] for n in found["FRACPROB"])
+    for code in ("FRACSCORE", "DETTHR"):
+        assert all(n == [models["detector"]["name"]] for n in found.get(code, []))
+    versions = list(sr.SoftwareVersions)
+    for role in ("cropper", "classifier", "detector"):
+        assert f"{models[role]['name']} {models[role]['version']}" in versions
+    schemes = [s.CodingSchemeDesignator for s in sr.CodingSchemeIdentificationSequence]
+    assert "99FRACTURE" in schemes

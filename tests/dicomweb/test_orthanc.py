@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import DICOM_DIR, bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
-from tests.dicomweb.sr_checks import assert_regions_match
+from tests.dicomweb.sr_checks import assert_provenance, assert_regions_match
 from tests.live import ServiceProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -170,6 +170,7 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
             findings["operating_point"]["detector_threshold"], abs=1e-4
         )
         assert_regions_match(sr, image["detections"], source.SOPInstanceUID)
+        assert_provenance(sr, findings["models"])  # read back from the PACS
     finally:
         if service:
             service.stop()

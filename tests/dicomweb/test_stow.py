@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from app.dicomweb.multipart import build_related, media_params, parse_related
 from tests.conftest import bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
-from tests.dicomweb.sr_checks import assert_regions_match
+from tests.dicomweb.sr_checks import assert_provenance, assert_regions_match
 
 FAILED, REFERENCED, REASON, SOP_UID = "00081198", "00081199", "00081197", "00081155"
 
@@ -167,3 +167,4 @@ def test_sr_regions_are_the_json_boxes(app_client, dicom_dir):
     parts = parse_related(wado.content, media_params(wado.headers["content-type"])[1]["boundary"])
     sr = next(o for o in (pydicom.dcmread(io.BytesIO(p.body)) for p in parts) if o.Modality == "SR")
     assert_regions_match(sr, detections, source.SOPInstanceUID)
+    assert_provenance(sr, r.json()["studies"][0]["models"])
