@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -246,16 +246,26 @@ def build_secondary_capture(
     grey = (stretch_grey(finding.pixels) * 255).astype(np.uint8)
     canvas = Image.fromarray(grey).convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    width = max(2, round(min(grey.shape) / 300))
+    h, w = grey.shape
+    width = max(2, round(min(h, w) / 300))
+    # Text readable when the image is fitted to a screen: about 1/40 of the short side.
+    font = ImageFont.load_default(size=max(12, round(min(h, w) / 40)))
+    colour, shadow = (255, 210, 0), (0, 0, 0)
     for box, score in zip(finding.boxes, finding.scores, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
-        draw.rectangle([x1, y1, x2, y2], outline=(255, 210, 0), width=width)
-        draw.text(
-            (x1 + width, max(0.0, y1 - 14 * width)), f"fracture {score:.2f}", fill=(255, 210, 0)
-        )
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        text = f"fracture {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        # Just above the box, or just below it when the box touches the top edge.
+        ty = y1 - (bottom - top) - 2 * width if y1 - (bottom - top) - 2 * width >= 0 else y2 + width
+        tx = min(max(0.0, x1), max(0.0, w - (right - left)))
+        draw.text((tx, ty - top), text, fill=colour, font=font, stroke_width=1, stroke_fill=shadow)
     label = f"AI fracture probability {finding.probability:.2f} - not for primary diagnosis"
-    draw.text((10, 10), label, fill=(255, 210, 0))
+    margin = max(4, round(min(h, w) / 100))
+    draw.text((margin, margin), label, fill=colour, font=font, stroke_width=1, stroke_fill=shadow)
+    # Orientation copied from the source when it has one; otherwise none is claimed.
     orientation = finding.source.get("PatientOrientation")
+    known = bool(orientation) and len(orientation) == 2
     sc = SCImage.from_ref_dataset(
         ref_dataset=finding.source,
         pixel_array=np.asarray(canvas),
@@ -267,11 +277,12 @@ def build_secondary_capture(
         sop_instance_uid=generate_uid(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(orientation)
-        if orientation and len(orientation) == 2
-        else ("L", "F"),
+        # highdicom insists on a value; an unknown one is emptied below (Type 2: may be empty)
+        patient_orientation=tuple(orientation) if known else ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    if not known:
+        sc.PatientOrientation = None
     sc.SeriesDescription = "Fracture detections (AI, burned in)"
     sc.BurnedInAnnotation = "YES"
     sc.ManufacturerModelName = MODEL_NAME

@@ -1,0 +1,52 @@
+"""The secondary capture a radiologist sees in the PACS: readable labels next to their boxes,
+no made-up orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.dicomweb.results import ImageFindings, build_secondary_capture, source_header
+from tests.conftest import bone_phantom
+from tests.dicom_factory import make_dataset
+
+
+def capture(height: int, width: int, boxes: list[list[float]], orientation=None):
+    pixels = bone_phantom(height, width)
+    ds = make_dataset(pixels.astype(np.uint16) * 8, bits_stored=12)
+    if orientation:
+        ds.PatientOrientation = orientation
+    finding = ImageFindings(
+        source=source_header(ds),
+        pixels=pixels.astype(np.float32),
+        probability=0.8,
+        fracture=True,
+        boxes=np.asarray(boxes, np.float32),
+        scores=np.full(len(boxes), 0.6, np.float32),
+    )
+    return build_secondary_capture(finding, "1.2.3.4", 1)
+
+
+def label_rows(rgb: np.ndarray, x1: int, x2: int, y1: int, y2: int) -> np.ndarray:
+    """Rows of a region that hold label pixels (the yellow text colour)."""
+    region = rgb[y1:y2, x1:x2].astype(int)
+    yellow = (region[..., 0] > 200) & (region[..., 1] > 170) & (region[..., 2] < 80)
+    return np.flatnonzero(yellow.any(axis=1)) + y1
+
+
+def test_label_scales_with_the_image_and_sits_at_its_box():
+    h, w = 1800, 1500
+    box = [600, 900, 800, 1100]
+    rgb = capture(h, w, [box]).pixel_array
+    above = label_rows(rgb, 600, 900, 800, 899)  # the strip right above the box
+    assert len(above) >= min(h, w) / 60  # text height ~ 1/40 of the short side, not 11 px
+    assert above.max() >= 880  # adjacent to the box, not 84 px above it
+    header = label_rows(rgb, 0, w, 0, 120)
+    assert len(header) >= min(h, w) / 60
+
+
+def test_orientation_is_copied_or_left_empty():
+    assert capture(300, 240, [[10, 10, 60, 60]], orientation=["A", "F"]).PatientOrientation == [
+        "A",
+        "F",
+    ]
+    assert not capture(300, 240, [[10, 10, 60, 60]]).get("PatientOrientation")
