@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.admission import Admission
 from app.api.routes import dicomweb, health, metrics, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
@@ -128,7 +129,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.inference_slots = asyncio.Semaphore(settings.inference_workers)
+        state.admission = Admission(
+            settings.inference_workers, settings.queue_limit, state.metrics.overloaded.inc
+        )
         load_models(state)
         delivery = None
         if settings.dicomweb_destination:

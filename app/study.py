@@ -6,7 +6,9 @@ Shared by every way a study arrives: /v1/predict, STOW-RS and the DIMSE receiver
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -64,14 +66,28 @@ def resolve_models(
     return crp, clf, det, point
 
 
+Gone = Callable[[], Awaitable[bool]]
+
+
+async def abandon_if_gone(gone: Gone | None, state: AppState, request_id: str) -> None:
+    """Stop before spending model time on a client that has disconnected (it waited in the
+    queue and gave up): counted, logged, answered with a 499 nobody reads."""
+    if gone is not None and await gone():
+        state.metrics.abandoned.inc()
+        log.info("request %s: client gone before inference; not computed", request_id)
+        raise ApiError(499, "client_closed_request", "the client disconnected")
+
+
 async def analyse_study(
     state: AppState,
     works: list[ImageWork],
     point: op.OperatingPoint,
     models: Models,
     request_id: str,
+    gone: Gone | None = None,
 ) -> StudyAnswer:
-    """Run the pipeline on the decoded images of one study; the answer of /v1/predict."""
+    """Run the pipeline on the decoded images of one study; the answer of /v1/predict.
+    `gone` says whether the client has left: checked once a model slot is free."""
     crp, clf, det = models
 
     def on_stage(stage: str, seconds: float, n: int) -> None:
@@ -79,7 +95,10 @@ async def analyse_study(
         state.metrics.batch_size.labels(stage).observe(n)
 
     async with state.inference_slots:
+        await abandon_if_gone(gone, state, request_id)
+        t0 = time.perf_counter()
         await run_in_threadpool(run_study, works, crp, clf, det, point, on_stage)
+        state.admission.observe(time.perf_counter() - t0)
 
     threshold = float(clf.card.decision_threshold)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         2, ge=1, description="requests whose models run at the same time"
     )
+    max_queue: int | None = Field(
+        None,
+        ge=0,
+        description="requests that may wait for a model slot beyond those running; past it 503 "
+        "with Retry-After (default: 4 per inference worker)",
+    )
     max_body_bytes: int = Field(
         128 * 1024 * 1024, ge=1024, description="largest request body (413 above)"
     )
@@ -77,6 +83,10 @@ class Settings(BaseSettings):
     result_retention_s: float = Field(
         86_400.0, gt=0, description="how long results stay retrievable here, delivered or not"
     )
+
+    @property
+    def queue_limit(self) -> int:
+        return 4 * self.inference_workers if self.max_queue is None else self.max_queue
 
 
 @lru_cache

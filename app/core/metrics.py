@@ -36,6 +36,16 @@ class Metrics:
         )
         self.images = Counter("fracture_images", "Images by outcome", ["outcome"], registry=r)
         self.in_flight = Gauge("fracture_requests_in_flight", "Requests being served", registry=r)
+        self.abandoned = Counter(
+            "fracture_requests_abandoned",
+            "Requests whose client disconnected before inference (not computed)",
+            registry=r,
+        )
+        self.overloaded = Counter(
+            "fracture_requests_overloaded",
+            "Requests refused with 503 because the queue in front of the models was full",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "fracture_inference_batch_size",
             "Images per model run",

@@ -93,26 +93,27 @@ async def _store(
             f"{len(parts)} instances; the limit is {state.settings.max_images_per_request}",
         )
 
-    failed: list[Dataset] = []
-    studies: OrderedDict[str, list[Accepted]] = OrderedDict()
-    for part in parts:
-        ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
-        outcome: Accepted | tuple[str, str, int]
-        if ptype != "application/dicom":
-            outcome = ("", "", CANNOT_UNDERSTAND)
-        else:
-            outcome = await run_in_threadpool(read_instance, part.body, state, url_study)
-        if isinstance(outcome, Accepted):
-            studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
-        else:
-            item = _sop_item(outcome[0], outcome[1])
-            item.FailureReason = outcome[2]
-            failed.append(item)
-            state.metrics.images.labels("rejected").inc()
+    async with state.admission.admit():  # 503 with Retry-After when the queue is full
+        failed: list[Dataset] = []
+        studies: OrderedDict[str, list[Accepted]] = OrderedDict()
+        for part in parts:
+            ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
+            outcome: Accepted | tuple[str, str, int]
+            if ptype != "application/dicom":
+                outcome = ("", "", CANNOT_UNDERSTAND)
+            else:
+                outcome = await run_in_threadpool(read_instance, part.body, state, url_study)
+            if isinstance(outcome, Accepted):
+                studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
+            else:
+                item = _sop_item(outcome[0], outcome[1])
+                item.FailureReason = outcome[2]
+                failed.append(item)
+                state.metrics.images.labels("rejected").inc()
 
-    request_id = request_id_of(request)
-    base = str(request.base_url).rstrip("/")
-    answers = await analyse_instances(state, studies, point, (crp, clf, det), request_id, base)
+        request_id = request_id_of(request)
+        base = str(request.base_url).rstrip("/")
+        answers = await analyse_instances(state, studies, point, (crp, clf, det), request_id, base)
     referenced = [
         _sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID))
         for accepted in studies.values()

@@ -15,7 +15,7 @@ from app.core.errors import ApiError
 from app.decoding import DecodedImage, decode
 from app.pipeline import ImageWork
 from app.state import AppState
-from app.study import analyse_study, request_id_of, resolve_models
+from app.study import abandon_if_gone, analyse_study, request_id_of, resolve_models
 
 log = logging.getLogger("app.predict")
 router = APIRouter(tags=["inference"])
@@ -134,7 +134,10 @@ async def predict(
     )
     request_id = request_id_of(request)
     uploads = await read_uploads(request, state.settings.max_images_per_request)
-
-    async with state.inference_slots:
-        works = await run_in_threadpool(_decode_all, state, uploads)
-    return await analyse_study(state, works, point, (crp, clf, det), request_id)
+    async with state.admission.admit():
+        async with state.inference_slots:
+            await abandon_if_gone(request.is_disconnected, state, request_id)
+            works = await run_in_threadpool(_decode_all, state, uploads)
+        return await analyse_study(
+            state, works, point, (crp, clf, det), request_id, request.is_disconnected
+        )
