@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.admission import Admission
+from app.api.auth import ApiKeyMiddleware
 from app.api.routes import dicomweb, health, metrics, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
@@ -148,9 +150,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             receiver = StoreReceiver(
                 state,
                 asyncio.get_running_loop(),
-                "0.0.0.0",
+                settings.dimse_host or os.environ.get("HOST", "127.0.0.1"),
                 settings.dimse_port,
                 settings.dimse_ae_title,
+                settings.dimse_calling_ae_titles,
             )
             receiver.start()
         yield
@@ -172,5 +175,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (predict, dicomweb, models, health, metrics):
         app.include_router(module.router)
+    app.add_middleware(
+        ApiKeyMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public
+    )
     app.add_middleware(LimitsAndMetricsMiddleware, state=state)
     return app

@@ -61,6 +61,20 @@ class Settings(BaseSettings):
         description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",
     )
     log_level: str = Field("INFO", description="Python log level")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="JSON list of API keys; when set, every endpoint but the probes needs "
+        "`Authorization: Bearer <key>`",
+        repr=False,
+    )
+    metrics_public: bool = Field(False, description="serve /metrics without a key")
+    dimse_host: str | None = Field(
+        None, description="address the C-STORE receiver binds (default: HOST, else 127.0.0.1)"
+    )
+    dimse_calling_ae_titles: list[str] = Field(
+        default_factory=list,
+        description="JSON list of calling AE titles allowed to send (empty: any)",
+    )
     dicomweb_destination: str | None = Field(
         None,
         description="DICOMweb base URL that receives our SR and SC objects (STOW-RS), e.g. http://pacs:8042/dicom-web",

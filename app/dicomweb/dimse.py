@@ -45,12 +45,19 @@ TRANSFER_SYNTAXES = (
 
 class StoreReceiver:
     def __init__(
-        self, state: AppState, loop: asyncio.AbstractEventLoop, host: str, port: int, ae_title: str
+        self,
+        state: AppState,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        ae_title: str,
+        calling_ae_titles: list[str] | None = None,
     ):
         self.state = state
         self.loop = loop
         self.address = (host, port)
         self.ae_title = ae_title
+        self.calling_ae_titles = [t.strip() for t in calling_ae_titles or []]
         self.server: Any = None
         self._pending: dict[int, list[Accepted]] = {}
         self._lock = threading.Lock()
@@ -60,6 +67,9 @@ class StoreReceiver:
         from pynetdicom.sop_class import Verification
 
         ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = True  # associations addressed to another AE title are rejected
+        if self.calling_ae_titles:
+            ae.require_calling_aet = self.calling_ae_titles
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)

@@ -272,5 +272,14 @@ def test_storescu_sends_over_dimse(tmp_path):
         )
         assert refused.returncode != 0
         assert "Refused: SOPClassNotSupported" in refused.stdout + refused.stderr  # status 0x0122
+        # An association addressed to another AE title is rejected outright.
+        wrong = subprocess.run(
+            [storescu, "-aec", "NOT-US", "127.0.0.1", str(dimse_port), str(files[0])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert wrong.returncode != 0
+        assert "Association Rejected" in wrong.stdout + wrong.stderr
     finally:
         service.stop()
