@@ -10,6 +10,7 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 
 from app.admission import Admission
@@ -137,12 +138,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         load_models(state)
         delivery = None
         if settings.dicomweb_destination:
+            basic = (
+                httpx.BasicAuth(
+                    settings.dicomweb_destination_username,
+                    settings.dicomweb_destination_password or "",
+                )
+                if settings.dicomweb_destination_username
+                else None
+            )
+            token = settings.dicomweb_destination_token
             state.deliverer = Deliverer(
                 state.results,
                 settings.dicomweb_destination,
                 settings.delivery_retry_s,
                 settings.delivery_max_backoff_s,
                 settings.delivery_timeout_s,
+                auth=basic,
+                headers={"Authorization": f"Bearer {token}"} if token else None,
             )
             delivery = asyncio.create_task(state.deliverer.run())
         receiver = None

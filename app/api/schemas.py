@@ -73,6 +73,7 @@ class Delivery(BaseModel):
     delivered: bool
     attempts: int
     last_error: str | None
+    given_up: bool = Field(description="the destination refused it for good: not retried")
 
 
 class Findings(StoredStudyAnswer):

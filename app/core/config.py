@@ -79,6 +79,15 @@ class Settings(BaseSettings):
         None,
         description="DICOMweb base URL that receives our SR and SC objects (STOW-RS), e.g. http://pacs:8042/dicom-web",
     )
+    dicomweb_destination_token: str | None = Field(
+        None, description="bearer token for the destination", repr=False
+    )
+    dicomweb_destination_username: str | None = Field(
+        None, description="basic-auth user for the destination"
+    )
+    dicomweb_destination_password: str | None = Field(
+        None, description="basic-auth password for the destination", repr=False
+    )
     delivery_retry_s: float = Field(
         5.0, gt=0, description="first retry delay of a failed delivery (doubles)"
     )

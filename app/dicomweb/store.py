@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class StudyResult:
     attempts: int = 0
     next_attempt: float = 0.0
     last_error: str | None = None
+    given_up: bool = False  # the destination refused it for good (a 4xx other than 408/429)
 
 
 class ResultStore:
@@ -53,7 +55,11 @@ class ResultStore:
 
     def pending(self, now: float) -> list[StudyResult]:
         with self._lock:
-            return [r for r in self._by_study.values() if not r.delivered and r.next_attempt <= now]
+            return [
+                r
+                for r in self._by_study.values()
+                if not r.delivered and not r.given_up and r.next_attempt <= now
+            ]
 
     def expire(self, now: float) -> None:
         with self._lock:
@@ -80,8 +86,12 @@ class Deliverer:
         retry_s: float,
         max_backoff_s: float,
         timeout_s: float,
+        auth: httpx.Auth | None = None,
+        headers: dict[str, str] | None = None,
     ):
         self.store = store
+        self.auth = auth
+        self.headers = headers or {}
         self.url = destination.rstrip("/") + "/studies"
         self.retry_s = retry_s
         self.max_backoff_s = max_backoff_s
@@ -89,7 +99,9 @@ class Deliverer:
         self.wakeup = asyncio.Event()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+        async with httpx.AsyncClient(
+            timeout=self.timeout_s, auth=self.auth, headers=self.headers
+        ) as client:
             while True:
                 now = time.monotonic()
                 self.store.expire(now)
@@ -108,10 +120,20 @@ class Deliverer:
                 content=body,
                 headers={"content-type": ctype, "accept": "application/dicom+json"},
             )
-            ok = response.status_code in (200, 202)
-            error = None if ok else f"HTTP {response.status_code}"
+            ok, error = _stored(response)
         except httpx.HTTPError as exc:
             ok, error = False, type(exc).__name__
+            response = None
+        status = response.status_code if response is not None else 0
+        if not ok and 400 <= status < 500 and status not in (408, 429):
+            # The destination will refuse this again: stop, say so once, keep it retrievable.
+            result.given_up, result.last_error = True, error
+            log.error(
+                "result %s refused by the PACS (%s): not retried; still retrievable here",
+                result.result_id,
+                error,
+            )
+            return
         if ok:
             result.delivered = True
             result.last_error = None
@@ -122,7 +144,9 @@ class Deliverer:
                 result.attempts,
             )
             return
+        # Exponential backoff with jitter, so many failed results do not retry in lockstep.
         backoff = min(self.max_backoff_s, self.retry_s * 2 ** (result.attempts - 1))
+        backoff *= random.uniform(0.8, 1.2)
         result.next_attempt = time.monotonic() + backoff
         result.last_error = error
         log.warning(
@@ -132,3 +156,19 @@ class Deliverer:
             error,
             backoff,
         )
+
+
+def _stored(response: httpx.Response) -> tuple[bool, str | None]:
+    """Whether a STOW-RS answer means every object was stored: a 202 listing failed SOP
+    instances is a partial failure, not a success."""
+    if response.status_code == 200:
+        return True, None
+    if response.status_code == 202:
+        try:
+            failed = response.json().get("00081198", {}).get("Value", [])
+        except ValueError:
+            failed = []
+        if failed:
+            return False, f"HTTP 202 with {len(failed)} failed object(s)"
+        return True, None
+    return False, f"HTTP {response.status_code}"

@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import highdicom as hd
@@ -49,7 +50,14 @@ def orthanc_binary() -> str:
     return path
 
 
+PACS_USER, PACS_PASSWORD = "fracture", "pacs-secret-1"
+SERVICE_KEY = "service-key-for-orthanc"
+
+
 class Orthanc:
+    """A real Orthanc with authentication on (as in docker-compose): our service delivers to it
+    with basic credentials, and it calls our STOW-RS with our API key."""
+
     def __init__(self, root: Path, http_port: int, service_url: str | None):
         binary = orthanc_binary()
         plugin = next(
@@ -58,7 +66,16 @@ class Orthanc:
             if (Path(d) / "libOrthancDicomWeb.so").exists()
         )
         root.mkdir(parents=True, exist_ok=True)
-        servers = {"fracture": [service_url]} if service_url else {}
+        servers = (
+            {
+                "fracture": {
+                    "Url": service_url,
+                    "HttpHeaders": {"Authorization": f"Bearer {SERVICE_KEY}"},
+                }
+            }
+            if service_url
+            else {}
+        )
         config = {
             "Name": "test-pacs",
             "StorageDirectory": str(root / "db"),
@@ -66,7 +83,8 @@ class Orthanc:
             "HttpPort": http_port,
             "DicomPort": free_port(),
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {PACS_USER: PACS_PASSWORD},
             "HttpTimeout": 120,
             "Plugins": [plugin],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers},
@@ -77,8 +95,13 @@ class Orthanc:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=120)
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{http_port}",
+            timeout=120,
+            auth=(PACS_USER, PACS_PASSWORD),
+        )
         wait_for(lambda: self.http.get("/system").status_code == 200, 60, "Orthanc to start")
+        assert httpx.get(f"http://127.0.0.1:{http_port}/system").status_code == 401
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -86,13 +109,18 @@ class Orthanc:
 
 
 def start_service(port: int, destination: str, **env: str) -> ServiceProcess:
-    return ServiceProcess(
-        port,
-        FRACTURE_DICOMWEB_DESTINATION=destination,
-        FRACTURE_DELIVERY_RETRY_S="0.5",
-        FRACTURE_DELIVERY_MAX_BACKOFF_S="1",
+    settings = {
+        "FRACTURE_DICOMWEB_DESTINATION": destination,
+        "FRACTURE_DICOMWEB_DESTINATION_USERNAME": PACS_USER,
+        "FRACTURE_DICOMWEB_DESTINATION_PASSWORD": PACS_PASSWORD,
+        "FRACTURE_API_KEYS": json.dumps([SERVICE_KEY]),
+        "FRACTURE_DELIVERY_RETRY_S": "0.5",
+        "FRACTURE_DELIVERY_MAX_BACKOFF_S": "1",
         **env,
-    )
+    }
+    service = ServiceProcess(port, **settings)
+    service.http.headers["Authorization"] = f"Bearer {SERVICE_KEY}"
+    return service
 
 
 def source_dicom() -> bytes:
@@ -213,6 +241,37 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
         service.stop()
         if pacs:
             pacs.stop()
+
+
+def test_a_destination_that_refuses_for_good_is_not_retried(tmp_path):
+    """Wrong PACS credentials: 401 is permanent, so the result is kept here, marked given up,
+    and not sent again and again."""
+    app_port, pacs_port = free_port(), free_port()
+    pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
+    service = start_service(
+        app_port,
+        f"http://127.0.0.1:{pacs_port}/dicom-web",
+        FRACTURE_DICOMWEB_DESTINATION_PASSWORD="wrong",
+    )
+    try:
+        ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
+        from app.dicomweb.multipart import build_related
+
+        body, ctype = build_related([to_bytes(ds)])
+        r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200
+        findings_url = f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+        state = wait_for(
+            lambda: (f := service.http.get(findings_url).json()["delivery"])["given_up"] and f,
+            30,
+            "the delivery to be given up",
+        )
+        assert state["attempts"] == 1 and "401" in state["last_error"]
+        time.sleep(2)  # several retry periods: no further attempt
+        assert service.http.get(findings_url).json()["delivery"]["attempts"] == 1
+    finally:
+        service.stop()
+        pacs.stop()
 
 
 def test_storescu_sends_over_dimse(tmp_path):

@@ -237,5 +237,6 @@ async def study_findings(
             delivered=result.delivered,
             attempts=result.attempts,
             last_error=result.last_error,
+            given_up=result.given_up,
         ),
     )
