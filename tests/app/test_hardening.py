@@ -138,3 +138,10 @@ def test_stow_without_a_study_uid_is_refused_before_inference(app_client):
 def test_head_on_the_probes(app_client):
     for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
         assert app_client.head(path).status_code == 200, path
+
+
+def test_a_hundred_parts_is_413_as_documented(app_client):
+    small = png_bytes(bone_phantom(64, 64))
+    files = [("files", (f"{i}.png", small, "image/png")) for i in range(100)]
+    r = app_client.post("/v1/predict", files=files)
+    assert r.status_code == 413 and r.json()["error"] == "too_many_images", r.text

@@ -52,6 +52,12 @@ async def read_uploads(
         except ApiError:
             raise
         except Exception as exc:
+            if "too many files" in str(exc).lower():  # starlette stops at max_files
+                raise ApiError(
+                    413,
+                    "too_many_images",
+                    f"more than {max_images} images in one request",
+                ) from None
             raise ApiError(
                 400,
                 "invalid_multipart",
