@@ -83,10 +83,15 @@ def calibrate(
     return site, summary
 
 
-def write_into_cards(site: SiteCalibration, models_dir: Path, summary: dict[str, Any]) -> None:
-    """Store the fit in the shipped classifier card (calibration, threshold) and the detector's
-    table; the ONNX files and their sha256 are untouched."""
-    for entry in (site.classifier, site.detector):
+def write_into_cards(
+    site: SiteCalibration,
+    models_dir: Path,
+    summary: dict[str, Any],
+    roles: tuple[str, ...] = ("classifier", "detector"),
+) -> None:
+    """Store the fit in the shipped classifier card (calibration, threshold) and/or the
+    detector's table; the ONNX files and their sha256 are untouched."""
+    for entry in (getattr(site, role) for role in roles):
         path = models_dir / f"{entry.name}.json"
         card = json.loads(path.read_text())
         if card["sha256"] != entry.sha256:
@@ -114,6 +119,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--write-card", action="store_true", help="store the fit in the shipped cards instead"
     )
+    parser.add_argument(
+        "--roles",
+        default="classifier,detector",
+        help="with --write-card: which cards to update (comma-separated)",
+    )
     args = parser.parse_args(argv)
     records = load_records(args.folder or data_root())
     split = args.split or (None if args.folder else "val")
@@ -124,7 +134,7 @@ def main(argv: list[str]) -> int:
     source = args.site or (Path(args.folder).name if args.folder else f"FracAtlas {split}")
     site, summary = calibrate(records, args.models_dir, args.classifier, args.detector, source)
     if args.write_card:
-        write_into_cards(site, args.models_dir, summary)
+        write_into_cards(site, args.models_dir, summary, tuple(args.roles.split(",")))
     if args.out:
         args.out.write_text(site.model_dump_json(indent=2) + "\n")
     print(json.dumps({"calibration": site.model_dump(mode="json"), "summary": summary}, indent=2))

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(REPO_MODELS, description="folder of ONNX models and their JSON cards")
     default_classifier: str = Field(
-        "classifier-simclr-resnet18", description="classifier used when a request names none"
+        "classifier-mobilenetv2", description="classifier used when a request names none"
     )
     default_detector: str = Field(
         "detector-yolov8n", description="detector used when a request names none"
