@@ -50,13 +50,15 @@ format: install-test
 	$(BIN)/ruff check --fix app training tests bench
 	$(BIN)/ruff format app training tests bench
 
-# Retrain every shipped model from its recipe (CPU: a few hours; see README).
+# Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
+# see README). Each run writes runs/<name>/export first; promote validates and copies.
+TRAIN_RUNS := cropper:cropper-unet simclr:classifier-simclr-resnet18 \
+	mobilenet:classifier-mobilenetv2 bam:classifier-bam-mobilenetv2 yolo:detector-yolov8n \
+	frcnn:detector-frcnn-r18 dino:classifier-dino-vits14
 train: install-test
-	$(BIN)/python -m training cropper --config training/configs/cropper.yaml
-	$(BIN)/python -m training simclr --config training/configs/simclr.yaml
-	$(BIN)/python -m training yolo --config training/configs/yolo.yaml
-	$(BIN)/python -m training frcnn --config training/configs/frcnn.yaml
-	$(BIN)/python -m training dino --config training/configs/dino.yaml
+	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; name=$${run#*:}; \
+	  $(BIN)/python -m training $$family; \
+	  $(BIN)/python -m training promote runs/$$name/export; done
 
 bench: install
 	$(BIN)/python bench/latency.py

@@ -1,8 +1,14 @@
-"""python -m training <family> --config training/configs/<family>.yaml [--set key=value ...]
+"""python -m training <command> ...: train a family, evaluate, calibrate, promote.
 
-Families: cropper, simclr, dino, mobilenet, bam, yolo, frcnn. `python -m training evaluate ...` evaluates the
-served pipeline on a split or a folder in the release layout (see training/evaluate.py);
-`python -m training calibrate ...` fits a site's operating points (training/calibrate.py).
+    python -m training mobilenet                       # training/configs/mobilenet.yaml
+    python -m training frcnn --config training/configs/frcnn-mobilenet.yaml --set epochs=20
+    python -m training promote runs/classifier-mobilenetv2/export
+    python -m training evaluate --split val
+    python -m training calibrate --folder /data/site --out site.json
+
+A family trains into runs/<name>/ (checkpoints, log, plots) and writes its ONNX file and card to
+runs/<name>/export/; `promote` validates that card and copies both into models/, the folder the
+service serves. Nothing overwrites a shipped model by accident.
 """
 
 from __future__ import annotations
@@ -10,59 +16,130 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from training.common import load_recipe
+from training.common import MODELS_DIR, REPO, RUNS_DIR, load_recipe
 
 FAMILIES = {
-    "cropper": "training.cropper",
-    "simclr": "training.simclr",
-    "dino": "training.dino",
-    "yolo": "training.yolo",
-    "frcnn": "training.frcnn",
-    "mobilenet": "training.mobilenet",
-    "bam": "training.bam",
+    "cropper": ("training.cropper", "U-Net bone cropper (Xie et al.)"),
+    "simclr": ("training.simclr", "SimCLR ResNet-18 classifier (Thorat et al.)"),
+    "dino": ("training.dino", "DINO ViT-S/14 classifier (FractuVision)"),
+    "mobilenet": ("training.mobilenet", "ImageNet MobileNetV2 classifier, box-supervised"),
+    "bam": ("training.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
+    "yolo": ("training.yolo", "YOLOv8 detector (FractuVision)"),
+    "frcnn": ("training.frcnn", "Faster R-CNN detector (Xie et al.)"),
 }
+# Keys a run may set that recipes do not carry: the data cache and a smoke-run image limit.
+RUN_KEYS = {"cache", "limit"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "evaluate":
-        from training.evaluate import main as evaluate_main
+def parse_overrides(items: list[str], recipe_path: Path) -> dict:
+    """--set key=value pairs; a key the recipe does not have is refused (typos would otherwise
+    be recorded in the card as if they had been used)."""
+    base = yaml.safe_load(recipe_path.read_text())
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        node, known = base, True
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                known = False
+                break
+            node = node[part]
+        if not known and key not in RUN_KEYS:
+            raise SystemExit(f"--set {key}: {recipe_path.name} has no such entry")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
 
-        return evaluate_main(argv[1:])
-    if argv and argv[0] == "calibrate":
-        from training.calibrate import main as calibrate_main
 
-        return calibrate_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m training")
-    parser.add_argument("family", choices=sorted(FAMILIES))
-    parser.add_argument("--config", required=True, help="YAML recipe")
+def promote(export_dir: Path, models_dir: Path = MODELS_DIR) -> list[Path]:
+    """Copy a run's ONNX file(s) and card(s) into models/ after validating each card against its
+    file (schema and sha256)."""
+    from app.model_card import read_card
+    from app.runtime import sha256_of
+
+    copied = []
+    cards = sorted(export_dir.glob("*.json"))
+    if not cards:
+        raise SystemExit(f"{export_dir}: no model card to promote")
+    for card_path in cards:
+        card = read_card(card_path)
+        onnx = export_dir / card.file
+        if sha256_of(onnx) != card.sha256:
+            raise SystemExit(f"{card_path.name}: {card.file} does not match its sha256")
+        for path in (onnx, card_path):
+            shutil.copy2(path, models_dir / path.name)
+            copied.append(models_dir / path.name)
+    return copied
+
+
+def train_main(family: str, argv: list[str]) -> int:
+    module, about = FAMILIES[family]
+    parser = argparse.ArgumentParser(prog=f"python -m training {family}", description=about)
+    default = REPO / "training" / "configs" / f"{family}.yaml"
+    parser.add_argument("--config", type=Path, default=default, help=f"default: {default.name}")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe entry (dotted keys, YAML values)",
+        help="override a recipe entry (dotted keys, YAML values); unknown keys are refused",
     )
     parser.add_argument(
-        "--out",
-        default=None,
-        help="folder for the ONNX file and card (default: models/)",
+        "--out", type=Path, help="folder for the ONNX file and card (default runs/<name>/export)"
     )
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    recipe = load_recipe(args.config, overrides)
-    train = importlib.import_module(FAMILIES[args.family]).train
-    card = train(recipe, Path(args.out)) if args.out else train(recipe)
+    recipe = load_recipe(args.config, parse_overrides(args.set, args.config))
+    out = args.out or RUNS_DIR / recipe["name"] / "export"
+    card = importlib.import_module(module).train(recipe, out)
     print(json.dumps(card.get("metrics", {}), indent=2, default=str))
+    print(f"wrote {out}; ship it with: python -m training promote {out}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    for family, (_, about) in FAMILIES.items():
+        commands.add_parser(family, help=f"train: {about}", add_help=False)
+    commands.add_parser("evaluate", help="the served pipeline on a split or folder", add_help=False)
+    commands.add_parser(
+        "calibrate", help="a site's calibration and operating points", add_help=False
+    )
+    promote_parser = commands.add_parser("promote", help="copy a run's export into models/")
+    promote_parser.add_argument("export_dir", type=Path)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "evaluate":
+        from training.evaluate import main as evaluate_main
+
+        return evaluate_main(rest)
+    if command == "calibrate":
+        from training.calibrate import main as calibrate_main
+
+        return calibrate_main(rest)
+    if command == "promote":
+        args = parser.parse_args(argv)
+        for path in promote(args.export_dir):
+            print(f"promoted {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+        return 0
+    if command in FAMILIES:
+        return train_main(command, rest)
+    parser.parse_args(argv)  # prints the usage error
+    return 2
 
 
 if __name__ == "__main__":

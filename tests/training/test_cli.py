@@ -1,0 +1,54 @@
+"""The training command line: every command listed, typos in --set refused, promote validates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from training.__main__ import FAMILIES, parse_overrides, promote
+from training.common import MODELS_DIR, REPO
+
+CONFIGS = REPO / "training" / "configs"
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=REPO
+    )
+    assert out.returncode == 0
+    for command in (*FAMILIES, "evaluate", "calibrate", "promote"):
+        assert command in out.stdout
+
+
+def test_unknown_override_keys_are_refused():
+    recipe = CONFIGS / "simclr.yaml"
+    assert parse_overrides(["pretrain.epochs=50", "cache=/tmp/c"], recipe) == {
+        "pretrain.epochs": 50,
+        "cache": "/tmp/c",
+    }
+    with pytest.raises(SystemExit, match="no such entry"):
+        parse_overrides(["pretrain.epoch=50"], recipe)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["pretrain.epochs"], recipe)
+
+
+def test_promote_copies_a_valid_export_and_refuses_a_tampered_one(tmp_path):
+    export, models = tmp_path / "export", tmp_path / "models"
+    export.mkdir()
+    models.mkdir()
+    for suffix in (".onnx", ".json"):
+        shutil.copy(MODELS_DIR / f"cropper-unet{suffix}", export / f"cropper-unet{suffix}")
+    copied = promote(export, models)
+    assert sorted(p.name for p in copied) == ["cropper-unet.json", "cropper-unet.onnx"]
+    (export / "cropper-unet.onnx").write_bytes(b"not the model")
+    with pytest.raises(SystemExit, match="sha256"):
+        promote(export, models)
+    card = json.loads((export / "cropper-unet.json").read_text())
+    del card["crop_margin"]
+    (export / "cropper-unet.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="crop_margin"):
+        promote(export, models)
