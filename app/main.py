@@ -18,6 +18,8 @@ from app.api.auth import ApiKeyMiddleware
 from app.api.routes import dicomweb, health, metrics, models, predict
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
+from app.core.logs import configure as configure_logging
+from app.core.logs import new_request_id, request_id
 from app.core.metrics import Metrics
 from app.dicomweb.dimse import StoreReceiver
 from app.dicomweb.store import Deliverer, ResultStore
@@ -25,6 +27,8 @@ from app.runtime import ModelLoadError, ModelRegistry
 from app.state import AppState
 
 log = logging.getLogger("app")
+access = logging.getLogger("app.access")
+UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics")
 
 
 class BodyTooLargeError(Exception):
@@ -47,11 +51,23 @@ class LimitsAndMetricsMiddleware:
         m = self.state.metrics
         started = time.perf_counter()
         status = {"code": 500}
-        m.in_flight.inc()
+        # Probes and scrapes are not work: they stay out of the gauge the autoscaler reads.
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        if counted:
+            m.in_flight.inc()
+        headers = dict(scope.get("headers") or [])
+        rid = new_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
+        token = request_id.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", rid.encode()),
+                ]
             await send(message)
 
         try:
@@ -85,11 +101,32 @@ class LimitsAndMetricsMiddleware:
                     f"the body is over the limit of {limit} bytes",
                 )
         finally:
-            m.in_flight.dec()
+            if counted:
+                m.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
+            seconds = time.perf_counter() - started
             m.requests.labels(endpoint, str(status["code"])).inc()
-            m.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            m.request_duration.labels(endpoint).observe(seconds)
+            if counted:
+                access.info(
+                    "%s %s %d",
+                    scope.get("method"),
+                    endpoint,
+                    status["code"],
+                    extra={
+                        "method": scope.get("method"),
+                        "path": endpoint,
+                        "status": status["code"],
+                        "duration_ms": round(1000 * seconds, 1),
+                        **(
+                            {"key_id": scope["state"]["key_id"]}
+                            if "key_id" in scope["state"]
+                            else {}
+                        ),
+                    },
+                )
+            request_id.reset(token)
 
 
 async def _send_error(send: Any, status: int, code: str, detail: str) -> None:
@@ -123,9 +160,7 @@ def load_models(state: AppState) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_json)
     state = AppState(
         settings=settings, metrics=Metrics(), results=ResultStore(settings.result_retention_s)
     )
@@ -155,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.delivery_timeout_s,
                 auth=basic,
                 headers={"Authorization": f"Bearer {token}"} if token else None,
+                metrics=state.metrics,
             )
             delivery = asyncio.create_task(state.deliverer.run())
         receiver = None

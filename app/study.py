@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +15,7 @@ from starlette.requests import Request
 from app import operating_point as op
 from app.answers import ModelRef, ModelsUsed, OperatingPointAnswer, StudyAnswer, StudyVerdict
 from app.core.errors import ApiError
+from app.core.logs import new_request_id
 from app.pipeline import ImageWork, image_answer, run_study
 from app.runtime import OnnxModel
 from app.state import AppState
@@ -36,9 +36,10 @@ def _pick(state: AppState, role: str, name: str | None, default: str) -> OnnxMod
 
 
 def request_id_of(request: Request) -> str:
-    """The caller's X-Request-ID when it is a plain token, else a new one."""
-    given = request.headers.get("x-request-id", "")[:64]
-    return given if given and given.replace("-", "").isalnum() else uuid.uuid4().hex
+    """This request's id (set by the middleware from X-Request-ID, echoed in the answer)."""
+    return request.scope.get("state", {}).get("request_id") or new_request_id(
+        request.headers.get("x-request-id")
+    )
 
 
 def resolve_models(

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
         description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",
     )
     log_level: str = Field("INFO", description="Python log level")
+    log_json: bool = Field(True, description="one JSON object per log line (false: plain text)")
     api_keys: list[str] = Field(
         default_factory=list,
         description="JSON list of API keys; when set, every endpoint but the probes needs "

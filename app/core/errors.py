@@ -54,7 +54,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Only the exception type: messages can carry request content.
+        rid = request.scope.get("state", {}).get("request_id", "")
         log.error("unhandled %s on %s", type(exc).__name__, request.url.path, exc_info=False)
         return error_response(
-            500, "internal_error", "the service failed; the request id is in the logs"
+            500,
+            "internal_error",
+            f"the service failed; request id {rid} (X-Request-ID) is in the logs",
         )

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGES = ("decode", "crop", "classify", "detect")
@@ -14,6 +22,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_* (CPU, RSS, open files), python_info and python_gc_*, as in the default registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            r.register(collector)
         self.requests = Counter(
             "fracture_requests",
             "HTTP requests by endpoint and status",
@@ -59,6 +70,27 @@ class Metrics:
             ["role", "name", "version", "sha256_prefix", "execution_provider"],
             registry=r,
         )
+        self.delivery_backlog = Gauge(
+            "fracture_delivery_backlog",
+            "Results waiting to reach the DICOMweb destination",
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "fracture_delivery_attempts",
+            "Delivery attempts by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.delivery_dropped = Counter(
+            "fracture_delivery_dropped",
+            "Results that never reached the destination (refused for good, or past retention)",
+            ["reason"],
+            registry=r,
+        )
+        for outcome in ("delivered", "failed"):
+            self.delivery_attempts.labels(outcome)
+        for reason in ("refused", "retention"):
+            self.delivery_dropped.labels(reason)
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for outcome in ("fracture", "no_fracture", "rejected"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from app.answers import StoredStudyAnswer
+from app.core.metrics import Metrics
 from app.dicomweb.multipart import build_related
 
 log = logging.getLogger("app.dicomweb.delivery")
@@ -61,12 +62,20 @@ class ResultStore:
                 if not r.delivered and not r.given_up and r.next_attempt <= now
             ]
 
-    def expire(self, now: float) -> None:
+    def backlog(self) -> int:
+        """Results still to deliver (not delivered, not given up)."""
+        with self._lock:
+            return sum(not r.delivered and not r.given_up for r in self._by_study.values())
+
+    def expire(self, now: float) -> int:
+        """Forget results past retention; the number dropped undelivered (each logged)."""
+        dropped = 0
         with self._lock:
             old = [k for k, r in self._by_study.items() if now - r.created > self.retention_s]
             for key in old:
                 result = self._by_study.pop(key)
-                if not result.delivered:
+                if not result.delivered and not result.given_up:
+                    dropped += 1
                     log.error(
                         "result %s dropped undelivered after %d attempts (retention %.0f s): %s",
                         result.result_id,
@@ -74,6 +83,7 @@ class ResultStore:
                         self.retention_s,
                         result.last_error,
                     )
+        return dropped
 
 
 class Deliverer:
@@ -88,8 +98,10 @@ class Deliverer:
         timeout_s: float,
         auth: httpx.Auth | None = None,
         headers: dict[str, str] | None = None,
+        metrics: Metrics | None = None,
     ):
         self.store = store
+        self.metrics = metrics
         self.auth = auth
         self.headers = headers or {}
         self.url = destination.rstrip("/") + "/studies"
@@ -104,9 +116,13 @@ class Deliverer:
         ) as client:
             while True:
                 now = time.monotonic()
-                self.store.expire(now)
+                dropped = self.store.expire(now)
+                if dropped and self.metrics is not None:
+                    self.metrics.delivery_dropped.labels("retention").inc(dropped)
                 for result in self.store.pending(now):
                     await self._deliver(client, result)
+                if self.metrics is not None:
+                    self.metrics.delivery_backlog.set(self.store.backlog())
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), timeout=self.retry_s)
@@ -125,9 +141,13 @@ class Deliverer:
             ok, error = False, type(exc).__name__
             response = None
         status = response.status_code if response is not None else 0
+        if self.metrics is not None:
+            self.metrics.delivery_attempts.labels("delivered" if ok else "failed").inc()
         if not ok and 400 <= status < 500 and status not in (408, 429):
             # The destination will refuse this again: stop, say so once, keep it retrievable.
             result.given_up, result.last_error = True, error
+            if self.metrics is not None:
+                self.metrics.delivery_dropped.labels("refused").inc()
             log.error(
                 "result %s refused by the PACS (%s): not retried; still retrievable here",
                 result.result_id,
