@@ -4,7 +4,7 @@ FracAtlas split or any folder in the release layout.
     python -m training evaluate --split test
     python -m training evaluate --folder /data/fracatlas-extra [--split test] [--limit 100]
 
-Writes metrics.json and plots (ROC, PR, confusion matrix, FROC, detections) to the report folder.
+Writes metrics.json, plots and one self-contained report.html (training/report.py) to the report folder.
 Ground-truth boxes are compared in the pixel frame of each image as decoded (EXIF applied).
 """
 
@@ -25,7 +25,7 @@ from app.model_card import DEFAULT_FP_PER_IMAGE
 from app.operating_point import from_fp_rate, from_score
 from app.pipeline import ImageWork, run_study
 from app.runtime import ModelRegistry, OnnxModel
-from training import metrics, plots
+from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
@@ -157,14 +157,46 @@ def evaluate(
         "fracture_boxes_inside_crop": float(np.mean(inside)) if inside else None,
         "seconds_per_image_cpu": round(seconds / max(len(records), 1), 4),
     }
+    result["model_cards"] = {
+        m.role: {"name": m.name, "version": m.version, "sha256": m.card.sha256}
+        for m in (crp, clf, det)
+    }
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
         plots.roc_pr_plots(labels, probs, report_dir, "classifier")
         plots.confusion_plot(result["classifier"]["confusion_matrix"], report_dir, "classifier")
-        plots.froc_plot(froc.fp_per_image, froc.recall, report_dir, "detector")
+        plots.froc_plot(froc.fp_per_image, froc.recall, report_dir, "detector", froc.table())
         plots.detection_grid(shown, report_dir / "detections.png")
+        report.calibration_plot(labels, probs, report_dir, "classifier")
+        worst_cases(records, c, shift, report_dir)
         (report_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        report.write_html(report_dir, result, f"Evaluation: {report_dir.name}")
     return result
+
+
+def worst_cases(records: list[Record], c: Collected, shift: str, report_dir: Path) -> None:
+    """Galleries of the 8 fractured images with the lowest probability and the 8 unfractured
+    ones with the highest, each with its truth (red) and detections (cyan)."""
+    probs, labels = np.asarray(c.probs), np.asarray(c.labels)
+    groups = {
+        "worst_false_negatives": [int(i) for i in np.argsort(probs) if labels[i] == 1][:8],
+        "worst_false_positives": [int(i) for i in np.argsort(-probs) if labels[i] == 0][:8],
+    }
+    for name, picked in groups.items():
+        samples = []
+        for i in picked:
+            rec = records[i]
+            data, ctype = Path(rec.path).read_bytes(), None
+            if shift != "none":
+                data, ctype, _ = shift_image(
+                    read_grey(rec.path), np.zeros((0, 4)), shift, rec.image_id
+                )
+            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
+            boxes, scores = c.preds[i]
+            top = scores >= max(0.05, float(scores.max()) if len(scores) else 1.0) - 1e-9
+            samples.append((image.pixels, c.gts[i], boxes[top][:3], scores[top][:3]))
+        if samples:
+            plots.detection_grid(samples, report_dir / f"{name}.png")
 
 
 def main(argv: list[str]) -> int:
@@ -194,9 +226,9 @@ def main(argv: list[str]) -> int:
     if args.limit:
         records = records[: args.limit]
     name = (split or Path(args.folder).name) + ("" if args.shift == "none" else f"-{args.shift}")
-    report = args.report or REPO / "reports" / name
+    report_dir = args.report or REPO / "reports" / name
     result = evaluate(
-        records, args.models_dir, args.classifier, args.detector, report, shift=args.shift
+        records, args.models_dir, args.classifier, args.detector, report_dir, shift=args.shift
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -98,10 +98,26 @@ def confusion_plot(cm: dict, out_dir: Path, prefix: str) -> None:
     plt.close(fig)
 
 
-def froc_plot(fp_per_image: np.ndarray, recall: np.ndarray, out_dir: Path, prefix: str) -> None:
+def froc_plot(
+    fp_per_image: np.ndarray,
+    recall: np.ndarray,
+    out_dir: Path,
+    prefix: str,
+    points: Sequence[dict] = (),
+) -> None:
+    """FROC curve; `points` (operating-point rows: fp_per_image, recall) are marked on it."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.step(fp_per_image, recall, where="post")
+    for row in points:
+        ax.plot(row["achieved_fp_per_image"], row["recall"], "o", color="tab:red", ms=4)
+        ax.annotate(
+            str(row["fp_per_image"]),
+            (row["achieved_fp_per_image"], row["recall"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set(
         xscale="symlog",
         xlabel="mean false positives per image",
