@@ -8,7 +8,7 @@ ORT ?= cpu
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: serve install install-test system-deps test lint format train bench clean
+.PHONY: serve install install-test system-deps test lint format train bench screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ train: install-test
 	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; name=$${run#*:}; \
 	  $(BIN)/python -m training $$family; \
 	  $(BIN)/python -m training promote runs/$$name/export; done
+
+# README pictures, taken by the browser tests (a real chromium on the real pages).
+screenshots: install-test system-deps
+	$(BIN)/python -m pytest -q tests/app/test_viewer.py tests/training/test_report.py
+	mkdir -p docs && cp reports/viewer.png reports/report.png docs/
 
 bench: install
 	$(BIN)/python bench/latency.py

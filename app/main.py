@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from app.admission import Admission
 from app.api.auth import ApiKeyMiddleware
-from app.api.routes import dicomweb, health, metrics, models, predict
+from app.api.routes import dicomweb, health, metrics, models, predict, viewer
 from app.core.config import Settings, get_settings
 from app.core.errors import error_response, install_handlers
 from app.core.logs import configure as configure_logging
@@ -221,7 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fracture = state
     install_handlers(app)
-    for module in (predict, dicomweb, models, health, metrics):
+    for module in (predict, viewer, dicomweb, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(
         ApiKeyMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public

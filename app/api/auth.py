@@ -11,7 +11,16 @@ from typing import Any
 
 from app.core.errors import error_response
 
-OPEN_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
+# Probes, and the viewer's static page (it holds no data; its calls to the API carry the key).
+OPEN_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/viewer",
+    "/viewer/viewer.js",
+    "/viewer/viewer.css",
+)
 
 
 def key_id(key: str) -> str:

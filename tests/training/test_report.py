@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.browser import chromium
-from tests.conftest import FRACATLAS, need
+from tests.conftest import FRACATLAS, REPO, need
 
 
 def test_report_renders_with_every_image(tmp_path):
@@ -25,4 +25,6 @@ def test_report_renders_with_every_image(tmp_path):
         text = browser.find_element("tag name", "body").text
         for needle in ("AUROC", "95% CI", "By body region", "fp_per_image", "sha256"):
             assert needle in text
-        browser.save_screenshot(str(tmp_path / "report.png"))
+        out = REPO / "reports" / "report.png"
+        out.parent.mkdir(exist_ok=True)
+        browser.save_screenshot(str(out))

@@ -1,0 +1,81 @@
+"""The viewer page (GET /viewer, static files in app/viewer/, no build step) and the preview it
+draws on (POST /v1/preview): the image exactly as the service decoded it, grey-stretched and
+downsampled to at most 1024 px, so a DICOM looks in the browser as the models saw it."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from app.api.routes.predict import UPLOAD_DOC, read_uploads
+from app.api.schemas import errors
+from app.core.errors import ApiError
+from app.decoding import decode
+from app.preprocessing import stretch_grey
+from app.state import AppState
+
+STATIC = Path(__file__).resolve().parents[2] / "viewer"
+PREVIEW_LONG_SIDE = 1024
+router = APIRouter(tags=["viewer"])
+
+
+@router.get("/viewer", summary="the viewer page", response_class=FileResponse)
+async def viewer_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/viewer/{name}", summary="the viewer's script and style", response_class=FileResponse)
+async def viewer_asset(name: str) -> FileResponse:
+    path = STATIC / name
+    if name not in ("viewer.js", "viewer.css") or not path.is_file():
+        raise ApiError(404, "not_found", f"no viewer file {name!r}")
+    return FileResponse(path)
+
+
+def preview_png(data: bytes, ctype: str | None, state: AppState) -> tuple[bytes, int, int]:
+    s = state.settings
+    image = decode(data, ctype, None, s.max_image_pixels, s.allowed_modalities)
+    grey = (stretch_grey(image.pixels) * 255).astype(np.uint8)
+    im = Image.fromarray(grey)
+    scale = PREVIEW_LONG_SIDE / max(im.size)
+    if scale < 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue(), image.width, image.height
+
+
+@router.post(
+    "/v1/preview",
+    summary="the first uploaded image as the service decoded it, as PNG (at most 1024 px)",
+    openapi_extra=UPLOAD_DOC,
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"image/png": {}},
+            "description": "X-Image-Width / X-Image-Height give the decoded size",
+        },
+        **errors(400, 413, 415, 422),
+    },
+)
+async def preview(request: Request) -> Response:
+    state: AppState = request.app.state.fracture
+    uploads = await read_uploads(request, 1)
+    data, ctype, _ = uploads[0]
+    png, width, height = await run_in_threadpool(preview_png, data, ctype, state)
+    # Nothing is stored; the answer is for this browser only.
+    return Response(
+        png,
+        media_type="image/png",
+        headers={
+            "X-Image-Width": str(width),
+            "X-Image-Height": str(height),
+            "Cache-Control": "no-store",
+        },
+    )

@@ -1,0 +1,106 @@
+"""The viewer page in a real browser (Debian's chromium) against a real server with API keys on:
+a FracAtlas radiograph and a shared DICOM are uploaded, drawn, and redrawn at another operating
+point; what the page shows is what the API answers."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.browser import chromium
+from tests.conftest import DICOM_DIR, FRACATLAS, REPO, need
+from tests.live import ServiceProcess, free_port
+
+KEY = "viewer-test-key-1"
+
+
+def wait_rendered(browser, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rendered = browser.execute_script("return Number(document.body.dataset.rendered || 0)")
+        if rendered >= count:
+            return
+        status = browser.find_element("id", "status")
+        if "error" in (status.get_attribute("class") or ""):
+            raise AssertionError(f"the page reports an error: {status.text}")
+        time.sleep(0.3)
+    raise AssertionError("the page did not draw the answer")
+
+
+def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
+    need(FRACATLAS)
+    need(DICOM_DIR)
+    jpeg = next((FRACATLAS / "images" / "Fractured").glob("*.jpg"))
+    dicom = DICOM_DIR / "RG2_JPLY_fixed.dcm"
+    service = ServiceProcess(free_port(), FRACTURE_API_KEYS=json.dumps([KEY]))
+    try:
+        base = str(service.http.base_url).rstrip("/")
+        assert service.http.get("/viewer").status_code == 200  # the page itself is open
+        with chromium(1400, 1800) as browser:
+            browser.get(f"{base}/viewer")
+            browser.find_element("id", "key").send_keys(KEY)
+            browser.find_element("id", "files").send_keys(f"{jpeg}\n{dicom}")
+            wait_rendered(browser, 1)
+            cards = browser.find_elements("css selector", "article.card")
+            assert len(cards) == 2
+            answer = service.http.post(
+                "/v1/predict?fp_per_image=0.40",
+                files=[
+                    ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
+                    ("files", (dicom.name, dicom.read_bytes(), "application/dicom")),
+                ],
+                headers={"Authorization": f"Bearer {KEY}"},
+            ).json()
+            for card, image in zip(cards, answer["images"], strict=True):
+                assert int(card.get_attribute("data-boxes")) == len(image["detections"])
+                shown = f"{100 * image['fracture_probability']:.1f}%"
+                assert shown in card.text
+                size = browser.execute_script(
+                    "const c = arguments[0].querySelector('canvas'); return [c.width, c.height]",
+                    card,
+                )
+                assert size[0] > 100 and size[1] > 100
+            assert "Study:" in browser.find_element("id", "study").text
+            browser.save_screenshot(str(tmp_path / "viewer-0.4.png"))
+
+            # Move the operating point: the page asks again and redraws.
+            browser.execute_script(
+                "const s = document.getElementById('fp'); s.value = '0.1';"
+                "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));"
+            )
+            wait_rendered(browser, 2)
+            strict = service.http.post(
+                "/v1/predict?fp_per_image=0.10",
+                files=[
+                    ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
+                    ("files", (dicom.name, dicom.read_bytes(), "application/dicom")),
+                ],
+                headers={"Authorization": f"Bearer {KEY}"},
+            ).json()
+            cards = browser.find_elements("css selector", "article.card")
+            for card, image in zip(cards, strict["images"], strict=True):
+                assert int(card.get_attribute("data-boxes")) == len(image["detections"])
+            assert "0.1 FP/image" in browser.find_element("id", "study").text
+            out = REPO / "reports" / "viewer.png"
+            out.parent.mkdir(exist_ok=True)
+            browser.save_screenshot(str(out))
+    finally:
+        service.stop()
+
+
+def test_preview_is_the_decoded_image(app_client):
+    need(DICOM_DIR)
+    data = (DICOM_DIR / "RG2_JPLY_fixed.dcm").read_bytes()
+    r = app_client.post("/v1/preview", content=data, headers={"content-type": "application/dicom"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert int(r.headers["x-image-width"]) > 0 and r.headers["cache-control"] == "no-store"
+    bad = app_client.post("/v1/preview", content=b"nope", headers={"content-type": "image/png"})
+    assert bad.status_code == 422
+
+
+@pytest.mark.parametrize("asset", ["viewer.js", "viewer.css"])
+def test_viewer_assets_are_served(app_client, asset):
+    assert app_client.get(f"/viewer/{asset}").status_code == 200
+    assert app_client.get("/viewer/secrets.txt").status_code == 404
