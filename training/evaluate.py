@@ -138,6 +138,9 @@ def evaluate(
             "froc_cpm": froc.cpm(),
             "recall_at_0.4_fp": froc.recall_at(DEFAULT_FP_PER_IMAGE),
             "at_served_fp_0.4_threshold": froc.at_threshold(served_point.detector_threshold),
+            "at_served_fp_0.4_threshold_ci95": metrics.bootstrap_detection_at(
+                preds, gts, served_point.detector_threshold
+            ),
             "image_auroc_max_box_score": metrics.classification_metrics(labels, max_box, 0.5)[
                 "auroc"
             ],

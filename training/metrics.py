@@ -268,3 +268,39 @@ def auroc_by_group(labels: Sequence[int], scores: Sequence[float], groups: Seque
         ci = bootstrap_classification(y[m], s[m], 0.5, n_boot=500)["auroc"] if point else None
         out[name] = {"n": int(m.sum()), "fractured": int(y[m].sum()), "auroc": point, "ci95": ci}
     return out
+
+
+def bootstrap_detection_at(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    threshold: float,
+    iou_threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Lesion recall and mean FP/image of the boxes scoring >= threshold (FROC's definitions),
+    with 95% percentile-bootstrap intervals over images."""
+    hits, lesions, fps = [], [], []
+    for (boxes, scores), gt in zip(predictions, ground_truth, strict=True):
+        keep = np.asarray(scores, dtype=float).reshape(-1) >= threshold
+        boxes = np.asarray(boxes).reshape(-1, 4)[keep]
+        gt = np.asarray(gt).reshape(-1, 4)
+        iou = box_iou(boxes, gt) >= iou_threshold if len(gt) and len(boxes) else None
+        hits.append(int(iou.any(axis=0).sum()) if iou is not None else 0)
+        lesions.append(len(gt))
+        fps.append(int((~iou.any(axis=1)).sum()) if iou is not None else len(boxes))
+    h, n, f = (np.asarray(v, dtype=float) for v in (hits, lesions, fps))
+    rng = np.random.default_rng(seed)
+    recalls, rates = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(h), len(h))
+        if n[idx].sum():
+            recalls.append(h[idx].sum() / n[idx].sum())
+        rates.append(f[idx].mean())
+    return {
+        "threshold": float(threshold),
+        "recall": float(h.sum() / n.sum()) if n.sum() else None,
+        "recall_ci95": [float(np.percentile(recalls, q)) for q in (2.5, 97.5)] if recalls else None,
+        "fp_per_image": float(f.mean()) if len(f) else 0.0,
+        "fp_per_image_ci95": [float(np.percentile(rates, q)) for q in (2.5, 97.5)],
+    }

@@ -89,6 +89,7 @@ def write_html(report_dir: Path, result: dict[str, Any], title: str) -> Path:
         for role, m in result.get("model_cards", {}).items()
     )
     served = det.get("at_served_fp_0.4_threshold", {})
+    boot = det.get("at_served_fp_0.4_threshold_ci95", {})
     figures = "".join(
         _img(report_dir / name, alt)
         for name, alt in (
@@ -140,8 +141,10 @@ medical device, not for primary diagnosis.</p>
 <table><tr><th>score</th><th>AUROC</th></tr>{fused}</table>
 <h2>Detector</h2>
 <p>AP50 {det.get("ap50", float("nan")):.3f}, AP50-95 {det.get("ap50_95", float("nan")):.3f},
-{det["n_lesions"]} lesions; at the served fp_per_image=0.4 threshold: recall {served.get("recall", 0):.3f},
-{served.get("fp_per_image", 0):.3f} false positives per image.</p>
+{det["n_lesions"]} lesions; at the served fp_per_image=0.4 threshold: lesion recall
+{served.get("recall", 0):.3f} (95% CI {_ci(boot.get("recall_ci95"))}),
+{served.get("fp_per_image", 0):.3f} false positives per image
+(95% CI {_ci(boot.get("fp_per_image_ci95"))}).</p>
 <table><tr><th>fp_per_image</th><th>threshold</th><th>lesion recall</th><th>achieved FP/image</th></tr>{froc}</table>
 <h2>Figures</h2>{figures}
 <h2>Worst cases</h2>{gallery}

@@ -82,3 +82,18 @@ def test_froc_at_a_threshold():
     }
     assert f.at_threshold(0.5)["fp_per_image"] == 1.0
     assert f.at_threshold(0.95)["recall"] == 0.0
+
+
+def test_bootstrap_detection_at_a_threshold():
+    from training.metrics import bootstrap_detection_at
+
+    preds = [
+        (np.array([[0, 0, 10, 10], [50, 50, 60, 60]]), np.array([0.9, 0.8])),  # hit + one FP
+        (np.array([[0, 0, 10, 10]]), np.array([0.2])),  # below the threshold
+        (np.zeros((0, 4)), np.zeros(0)),
+    ]
+    gts = [np.array([[0, 0, 10, 10]]), np.array([[0, 0, 10, 10]]), np.zeros((0, 4))]
+    out = bootstrap_detection_at(preds, gts, 0.5, n_boot=200)
+    assert out["recall"] == 0.5 and out["fp_per_image"] == 1 / 3
+    lo, hi = out["recall_ci95"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
