@@ -19,6 +19,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
+from app.api.deps import StateDep
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
 from app.dicomweb.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
@@ -63,11 +64,11 @@ def _sop_item(sop_class: str, sop_uid: str) -> Dataset:
 
 async def _store(
     request: Request,
+    state: AppState,
     url_study: str | None,
     fp_per_image: float | None,
     score_threshold: float | None,
 ) -> Response:
-    state: AppState = request.app.state.fracture
     media, params = media_params(request.headers.get("content-type", ""))
     if (
         media != "multipart/related"
@@ -164,6 +165,7 @@ def _json(
 )
 async def store_instances(
     request: Request,
+    state: StateDep,
     fp_per_image: float | None = Query(
         None, description="operating point (0.1 to 0.5, default 0.4)"
     ),
@@ -171,7 +173,7 @@ async def store_instances(
         None, description="detector threshold; overrides fp_per_image"
     ),
 ) -> Response:
-    return await _store(request, None, fp_per_image, score_threshold)
+    return await _store(request, state, None, fp_per_image, score_threshold)
 
 
 @router.post(
@@ -182,15 +184,16 @@ async def store_instances(
 )
 async def store_study_instances(
     request: Request,
+    state: StateDep,
     study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
     fp_per_image: float | None = Query(None),
     score_threshold: float | None = Query(None),
 ) -> Response:
-    return await _store(request, study_uid, fp_per_image, score_threshold)
+    return await _store(request, state, study_uid, fp_per_image, score_threshold)
 
 
-def _result_or_404(request: Request, study_uid: str):
-    result = request.app.state.fracture.results.get(study_uid)
+def _result_or_404(state: AppState, study_uid: str):
+    result = state.results.get(study_uid)
     if result is None:
         raise ApiError(
             404,
@@ -213,9 +216,9 @@ def _result_or_404(request: Request, study_uid: str):
     },
 )
 async def retrieve_results(
-    request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Response:
-    result = _result_or_404(request, study_uid)
+    result = _result_or_404(state, study_uid)
     body, ctype = build_related(result.instances)
     return Response(body, media_type=ctype.split(";")[0], headers={"content-type": ctype})
 
@@ -227,13 +230,13 @@ async def retrieve_results(
     responses=errors(404, 422),
 )
 async def study_findings(
-    request: Request, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Findings:
-    result = _result_or_404(request, study_uid)
+    result = _result_or_404(state, study_uid)
     return Findings(
         **result.findings.model_dump(),
         delivery=Delivery(
-            destination_configured=request.app.state.fracture.deliverer is not None,
+            destination_configured=state.deliverer is not None,
             delivered=result.delivered,
             attempts=result.attempts,
             last_error=result.last_error,

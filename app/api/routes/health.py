@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.api.deps import StateDep
 from app.api.schemas import Live, Ready, errors
 from app.core.errors import error_response
 
@@ -33,8 +34,7 @@ async def live() -> Live:
     response_model=Ready,
     responses=errors(503),
 )
-async def ready(request: Request) -> Ready | JSONResponse:
-    state = request.app.state.fracture
+async def ready(state: StateDep) -> Ready | JSONResponse:
     if not state.ready:
         return error_response(503, "not_ready", state.not_ready_reason)
     return Ready(

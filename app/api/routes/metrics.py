@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api.deps import StateDep
 
 router = APIRouter(tags=["ops"])
 
@@ -14,6 +16,6 @@ router = APIRouter(tags=["ops"])
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.fracture.metrics.registry
+async def metrics(state: StateDep) -> Response:
+    registry = state.metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

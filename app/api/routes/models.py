@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from app.api.deps import StateDep
 from app.api.schemas import ModelList, ServedModel, errors
 from app.core.errors import ApiError
 
@@ -16,8 +17,7 @@ router = APIRouter(tags=["models"])
     response_model=ModelList,
     responses=errors(503),
 )
-async def list_models(request: Request) -> ModelList:
-    state = request.app.state.fracture
+async def list_models(state: StateDep) -> ModelList:
     if state.registry is None:
         raise ApiError(503, "not_ready", state.not_ready_reason)
     s = state.settings

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.answers import StudyAnswer
+from app.api.deps import StateDep
 from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.decoding import DecodedImage, decode
@@ -125,6 +126,7 @@ def _decode_all(
 )
 async def predict(
     request: Request,
+    state: StateDep,
     fp_per_image: float | None = Query(
         None, description="operating point in false positives per image, 0.1 to 0.5 (default 0.4)"
     ),
@@ -134,7 +136,6 @@ async def predict(
     classifier: str | None = Query(None, description="classifier name (see /v1/models)"),
     detector: str | None = Query(None, description="detector name (see /v1/models)"),
 ) -> StudyAnswer:
-    state: AppState = request.app.state.fracture
     crp, clf, det, point = resolve_models(
         state, classifier, detector, fp_per_image, score_threshold
     )

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from app.api.deps import StateDep
 from app.api.routes.predict import UPLOAD_DOC, read_uploads
 from app.api.schemas import errors
 from app.core.errors import ApiError
@@ -25,12 +26,22 @@ PREVIEW_LONG_SIDE = 1024
 router = APIRouter(tags=["viewer"])
 
 
-@router.get("/viewer", summary="the viewer page", response_class=FileResponse)
+@router.get(
+    "/viewer",
+    summary="the viewer page",
+    response_class=FileResponse,
+    responses={200: {"content": {"text/html": {}}}},
+)
 async def viewer_page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
-@router.get("/viewer/{name}", summary="the viewer's script and style", response_class=FileResponse)
+@router.get(
+    "/viewer/{name}",
+    summary="the viewer's script and style",
+    response_class=FileResponse,
+    responses={200: {"content": {"text/javascript": {}, "text/css": {}}}, **errors(404, 422)},
+)
 async def viewer_asset(name: str) -> FileResponse:
     path = STATIC / name
     if name not in ("viewer.js", "viewer.css") or not path.is_file():
@@ -64,8 +75,7 @@ def preview_png(data: bytes, ctype: str | None, state: AppState) -> tuple[bytes,
         **errors(400, 413, 415, 422),
     },
 )
-async def preview(request: Request) -> Response:
-    state: AppState = request.app.state.fracture
+async def preview(request: Request, state: StateDep) -> Response:
     uploads = await read_uploads(request, 1)
     data, ctype, _ = uploads[0]
     png, width, height = await run_in_threadpool(preview_png, data, ctype, state)
