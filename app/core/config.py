@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="JSON list of calling AE titles allowed to send (empty: any)",
     )
+    public_url: str | None = Field(
+        None,
+        description="the service's external base URL (e.g. https://fracture.example.org) for "
+        "RetrieveURL and results links; unset: links are paths relative to this host",
+    )
     dicomweb_destination: str | None = Field(
         None,
         description="DICOMweb base URL that receives our SR and SC objects (STOW-RS), e.g. http://pacs:8042/dicom-web",

@@ -168,3 +168,20 @@ def test_sr_regions_are_the_json_boxes(app_client, dicom_dir):
     sr = next(o for o in (pydicom.dcmread(io.BytesIO(p.body)) for p in parts) if o.Modality == "SR")
     assert_regions_match(sr, detections, source.SOPInstanceUID)
     assert_provenance(sr, r.json()["studies"][0]["models"])
+
+
+def test_links_never_reflect_the_host_header(app_client):
+    """A forged Host header must not end up in RetrieveURL, Link or the stored findings."""
+    study = generate_uid()
+    _, payload = instance(study)
+    body, ctype = build_related([payload])
+    r = app_client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"content-type": ctype, "host": "evil.example", "accept": "application/dicom+json"},
+    )
+    assert r.status_code == 200
+    assert "evil.example" not in r.text and "evil.example" not in r.headers.get("link", "")
+    assert r.json()["00081190"]["Value"][0] == f"/dicomweb/studies/{study}"
+    findings = app_client.get(f"/dicomweb/studies/{study}/findings").json()
+    assert findings["results_url"] == f"/dicomweb/studies/{study}"

@@ -113,7 +113,8 @@ async def _store(
                 state.metrics.images.labels("rejected").inc()
 
         request_id = request_id_of(request)
-        base = str(request.base_url).rstrip("/")
+        # Never the caller's Host header: it would be stored in the findings and shown to others.
+        base = (state.settings.public_url or "").rstrip("/")
         answers = await analyse_instances(state, studies, point, (crp, clf, det), request_id, base)
     referenced = [
         _sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID))
