@@ -1,15 +1,20 @@
-"""What the app holds between requests: settings, models, metrics, readiness."""
+"""The service object: what the app holds between requests (settings, the model registry,
+metrics, admission, results and their delivery) and how models are loaded at start-up."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass, field
 
 from app.admission import Admission
 from app.core.config import Settings
 from app.core.metrics import Metrics
-from app.dicomweb.store import Deliverer, ResultStore
-from app.runtime import ModelRegistry
+from app.dicom.store import Deliverer, ResultStore
+from app.inference.runtime import ModelLoadError, ModelRegistry
+
+log = logging.getLogger("app")
 
 
 @dataclass
@@ -20,11 +25,33 @@ class AppState:
     ready: bool = False
     not_ready_reason: str = "models are loading"
     admission: Admission = field(default_factory=lambda: Admission(2, 8))
+    results: ResultStore | None = None
+    deliverer: Deliverer | None = None
 
     @property
     def inference_slots(self) -> asyncio.Semaphore:
         """The model slots (`inference_workers` of them) that admitted requests wait for."""
         return self.admission.slots
 
-    results: ResultStore | None = None
-    deliverer: Deliverer | None = None
+
+def load_models(state: AppState) -> None:
+    """Load every card's model, check sha256, warm up; readiness follows the outcome."""
+    s = state.settings
+    t0 = time.perf_counter()
+    try:
+        registry = ModelRegistry(s.models_dir, s.site_calibration)
+        state.registry = registry
+        registry.load_all(s.execution_provider, s.intra_op_threads)
+        for role in ("classifier", "detector"):
+            registry.get(role, None, getattr(s, f"default_{role}"))
+    except (ModelLoadError, OSError, ValueError, KeyError) as exc:
+        state.ready = False
+        state.not_ready_reason = f"models failed to load: {exc}"
+        log.error(state.not_ready_reason)
+        return
+    for mdl in registry.models.values():
+        state.metrics.model_info.labels(
+            mdl.role, mdl.name, mdl.version, mdl.card.sha256[:12], mdl.provider
+        ).set(1)
+    state.ready = True
+    log.info("ready in %.2f s with %d models", time.perf_counter() - t0, len(registry.models))

@@ -12,12 +12,18 @@ from collections.abc import Awaitable, Callable
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from app import operating_point as op
-from app.answers import ModelRef, ModelsUsed, OperatingPointAnswer, StudyAnswer, StudyVerdict
 from app.core.errors import ApiError
 from app.core.logs import new_request_id
-from app.pipeline import ImageWork, image_answer, run_study
-from app.runtime import OnnxModel
+from app.inference import operating_point as op
+from app.inference.answers import (
+    ModelRef,
+    ModelsUsed,
+    OperatingPointAnswer,
+    StudyAnswer,
+    StudyVerdict,
+)
+from app.inference.pipeline import ImageWork, image_answer, run_study
+from app.inference.runtime import OnnxModel
 from app.state import AppState
 
 log = logging.getLogger("app.study")

@@ -120,7 +120,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import pydicom
 
-    from app.decoding import decode
+    from app.inference.decoding import decode
 
     def decode_ms(path: Path) -> float:
         data = path.read_bytes()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.runtime import ModelRegistry
+from app.inference.runtime import ModelRegistry
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import json
 
 import onnx
 
-from app.runtime import sha256_of
+from app.inference.runtime import sha256_of
 from tests.conftest import REPO
 from training.export import CARD_FIELDS
 

@@ -61,8 +61,8 @@ def parse_overrides(items: list[str], recipe_path: Path) -> dict:
 def promote(export_dir: Path, models_dir: Path = MODELS_DIR) -> list[Path]:
     """Copy a run's ONNX file(s) and card(s) into models/ after validating each card against its
     file (schema and sha256)."""
-    from app.model_card import read_card
-    from app.runtime import sha256_of
+    from app.inference.model_card import read_card
+    from app.inference.runtime import sha256_of
 
     copied = []
     cards = sorted(export_dir.glob("*.json"))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import (
+from app.inference.model_card import (
     Calibration,
     SiteCalibration,
     SiteClassifier,

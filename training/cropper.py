@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from app.preprocessing import crop_box_from_logits, model_input, resize, stretch_grey
+from app.inference.preprocessing import crop_box_from_logits, model_input, resize, stretch_grey
 from training import common, export, metrics
 from training.data import CROP_MARGIN, DEFAULT_CACHE, build_cache, load_cache
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from app.model_card import DEFAULT_CROP_MARGIN
-from app.preprocessing import mask_crop_box, model_input, stretch_grey
+from app.inference.model_card import DEFAULT_CROP_MARGIN
+from app.inference.preprocessing import mask_crop_box, model_input, stretch_grey
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 

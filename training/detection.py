@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import DEFAULT_FP_PER_IMAGE
-from app.preprocessing import stretch_grey
+from app.inference.model_card import DEFAULT_FP_PER_IMAGE
+from app.inference.preprocessing import stretch_grey
 from training import metrics, plots
 from training.data import CachedImage, crop_item
 
@@ -26,10 +26,10 @@ Detect = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def onnx_detector(onnx_path: Path, spec: dict[str, Any], output: dict[str, Any]) -> Detect:
-    """The exported detector run by the service's own detect stage (app.pipeline.detect_crops);
+    """The exported detector run by the service's own detect stage (app.inference.pipeline.detect_crops);
     `output` is the card's output block (postprocess kind, NMS IoU)."""
-    from app.pipeline import detect_crops
-    from app.runtime import OnnxModel
+    from app.inference.pipeline import detect_crops
+    from app.inference.runtime import OnnxModel
 
     model = OnnxModel.unshipped(onnx_path, spec, output)
     model.load(["CPUExecutionProvider"], intra_op_threads=0)

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from app.core.config import Settings
-from app.decoding import decode
-from app.model_card import DEFAULT_FP_PER_IMAGE
-from app.operating_point import from_fp_rate, from_score
-from app.pipeline import ImageWork, run_study
-from app.runtime import ModelRegistry, OnnxModel
+from app.inference.decoding import decode
+from app.inference.model_card import DEFAULT_FP_PER_IMAGE
+from app.inference.operating_point import from_fp_rate, from_score
+from app.inference.pipeline import ImageWork, run_study
+from app.inference.runtime import ModelRegistry, OnnxModel
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey

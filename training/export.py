@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import ModelCard, validate_card
-from app.runtime import sha256_of
+from app.inference.model_card import ModelCard, validate_card
+from app.inference.runtime import sha256_of
 
-# The fields every card has (app.model_card.ModelCard says what each must hold).
+# The fields every card has (app.inference.model_card.ModelCard says what each must hold).
 CARD_FIELDS = tuple(n for n, f in ModelCard.model_fields.items() if f.is_required())
 
 
@@ -91,7 +91,7 @@ def quantize_int8(model: Any, path: Path, batch: np.ndarray, tolerance: float) -
 
 def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
     """Write <model>.json next to the ONNX file, with the file's sha256, after validating it
-    against the schema the service loads it with (app.model_card.CardError otherwise)."""
+    against the schema the service loads it with (app.inference.model_card.CardError otherwise)."""
     card = {**card, "file": onnx_path.name, "sha256": sha256_of(onnx_path)}
     text = json.dumps(card, indent=2, default=_jsonable) + "\n"
     out = onnx_path.with_suffix(".json")

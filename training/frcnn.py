@@ -2,7 +2,7 @@
 
 The exported graph takes one CHW image in [0, 1] (normalisation and NMS are inside the graph)
 and returns boxes, labels, scores in input pixels. torchvision's detection graphs export with a
-batch of one image: the service loops over images for this family (see app/runtime.py).
+batch of one image: the service loops over images for this family (see app/inference/runtime.py).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.model_card import FP_RATES
+from app.inference.model_card import FP_RATES
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from app.runtime import sha256_of
+from app.inference.runtime import sha256_of
 
 
 class WeightsMismatchError(ValueError):

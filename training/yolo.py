@@ -2,7 +2,7 @@
 
 The dataset ultralytics trains on is written from the cache: stretched grey crops (the service's
 preprocessing) as PNG, labels in YOLO format. Train crops are widened to hold every box; val
-crops are label-free. Export: ONNX without NMS (see app/postprocess.py), dynamic batch axis.
+crops are label-free. Export: ONNX without NMS (see app/inference/postprocess.py), dynamic batch axis.
 Models trained with ultralytics are AGPL-3.0.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.preprocessing import stretch_grey
+from app.inference.preprocessing import stretch_grey
 from training import common, detection, export
 from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
 from training.weights import verify_sha256
@@ -174,8 +174,8 @@ def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict
     """
     import torch
 
-    from app.postprocess import yolo_detections
-    from app.preprocessing import model_input
+    from app.inference.postprocess import yolo_detections
+    from app.inference.preprocessing import model_input
 
     net = model.model.float().eval()
     import onnxruntime as ort

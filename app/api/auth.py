@@ -9,7 +9,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from app.core.errors import error_response
+from app.api.errors import error_response
 
 # Probes, and the viewer's static page (it holds no data; its calls to the API carry the key).
 OPEN_PATHS = (

@@ -1,4 +1,4 @@
-"""Public shapes of the HTTP API that are not study answers (those are app.answers): errors,
+"""Public shapes of the HTTP API that are not study answers (those are app.inference.answers): errors,
 health, model cards, STOW-RS JSON, findings. Every route declares its response model and its
 error statuses with these, so /docs shows what the service really sends."""
 
@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.answers import StoredStudyAnswer
+from app.inference.answers import StoredStudyAnswer
 
 
 class ErrorBody(BaseModel):
@@ -43,7 +43,7 @@ class Ready(BaseModel):
 
 
 class ServedModel(BaseModel):
-    """A model card (app.model_card.ModelCard fields) with how it is served."""
+    """A model card (app.inference.model_card.ModelCard fields) with how it is served."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.model_card import DEFAULT_FP_PER_IMAGE
+from app.inference.model_card import DEFAULT_FP_PER_IMAGE
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 

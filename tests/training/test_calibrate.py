@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.core.config import Settings
-from app.model_card import Calibration, read_site_calibration
+from app.inference.model_card import Calibration, read_site_calibration
 from tests.conftest import FRACATLAS, need
 
 

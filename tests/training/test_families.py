@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.runtime import sha256_of
+from app.inference.runtime import sha256_of
 from tests.conftest import FRACATLAS, bone_phantom
 from training import common
 from training.common import load_recipe

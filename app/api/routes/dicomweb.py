@@ -6,7 +6,7 @@ unsupported SOP class or modality, undecodable), 400 bad multipart syntax, 415 w
 FailureReason per instance: 0xA900 study UID mismatch, 0x0122 SOP class (or modality) not
 supported, 0xC000 cannot understand (not DICOM, undecodable pixels), 0xA700 out of resources
 (over the pixel limit). Results are stored for retrieval here and pushed to the configured
-DICOMweb destination (see app/dicomweb/store.py).
+DICOMweb destination (see app/dicom/store.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import StateDep
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
-from app.dicomweb.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
-from app.dicomweb.multipart import MultipartError, build_related, media_params, parse_related
+from app.dicom.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
+from app.dicom.multipart import MultipartError, build_related, media_params, parse_related
 from app.state import AppState
 from app.study import request_id_of, resolve_models
 

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
+from app.api.errors import error_response
 from app.api.schemas import Live, Ready, errors
-from app.core.errors import error_response
 
 router = APIRouter(tags=["health"])
 

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.answers import StudyAnswer
 from app.api.deps import StateDep
 from app.api.schemas import errors
 from app.core.errors import ApiError
-from app.decoding import DecodedImage, decode
-from app.pipeline import ImageWork
+from app.inference.answers import StudyAnswer
+from app.inference.decoding import DecodedImage, decode
+from app.inference.pipeline import ImageWork
 from app.state import AppState
 from app.study import abandon_if_gone, analyse_study, request_id_of, resolve_models
 

@@ -17,8 +17,8 @@ from app.api.deps import StateDep
 from app.api.routes.predict import UPLOAD_DOC, read_uploads
 from app.api.schemas import errors
 from app.core.errors import ApiError
-from app.decoding import decode
-from app.preprocessing import stretch_grey
+from app.inference.decoding import decode
+from app.inference.preprocessing import stretch_grey
 from app.state import AppState
 
 STATIC = Path(__file__).resolve().parents[2] / "viewer"

@@ -9,10 +9,10 @@ import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
-from app.dicomweb.multipart import build_related, media_params, parse_related
+from app.dicom.multipart import build_related, media_params, parse_related
+from tests.app.dicom.sr_checks import assert_provenance, assert_regions_match
 from tests.conftest import bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
-from tests.dicomweb.sr_checks import assert_provenance, assert_regions_match
 
 FAILED, REFERENCED, REASON, SOP_UID = "00081198", "00081199", "00081197", "00081155"
 

@@ -16,10 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from starlette.concurrency import run_in_threadpool
 
-from app.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.core.errors import ApiError
-from app.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
-from app.dicomweb.results import (
+from app.dicom.results import (
     Algorithms,
     ImageFindings,
     build_secondary_capture,
@@ -27,8 +25,10 @@ from app.dicomweb.results import (
     encode,
     source_header,
 )
-from app.operating_point import OperatingPoint
-from app.pipeline import ImageWork
+from app.inference.answers import StoredStudyAnswer, StoredStudyVerdict
+from app.inference.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
+from app.inference.operating_point import OperatingPoint
+from app.inference.pipeline import ImageWork
 from app.state import AppState
 from app.study import Models, analyse_study
 

@@ -22,7 +22,7 @@ ROLES: dict[str, str] = {
     "classification": "classifier",
     "detection": "detector",
 }
-# Detector output decoders the service implements (app.postprocess), by card `output.postprocess`.
+# Detector output decoders the service implements (app.inference.postprocess), by card `output.postprocess`.
 Postprocess = Literal["yolo", "rcnn"]
 # The FROC rows every detector card carries, and the service's default operating point.
 FP_RATES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -35,7 +35,7 @@ class CardError(ValueError):
 
 
 class InputSpec(BaseModel):
-    """How a crop becomes the model's input tensor (app.preprocessing.model_input)."""
+    """How a crop becomes the model's input tensor (app.inference.preprocessing.model_input)."""
 
     model_config = ConfigDict(extra="forbid")
 

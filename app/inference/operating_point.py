@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import ModelCard
+from app.inference.model_card import ModelCard
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.app.dicom.sr_checks import assert_provenance, assert_regions_match
 from tests.conftest import DICOM_DIR, bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
-from tests.dicomweb.sr_checks import assert_provenance, assert_regions_match
 from tests.live import ServiceProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow
@@ -213,7 +213,7 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
     pacs = None
     try:
         ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
-        from app.dicomweb.multipart import build_related
+        from app.dicom.multipart import build_related
 
         body, ctype = build_related([to_bytes(ds)])
         r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
@@ -255,7 +255,7 @@ def test_a_destination_that_refuses_for_good_is_not_retried(tmp_path):
     )
     try:
         ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
-        from app.dicomweb.multipart import build_related
+        from app.dicom.multipart import build_related
 
         body, ctype = build_related([to_bytes(ds)])
         r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.model_card import (
+from app.inference.model_card import (
     ROLES,
     CardError,
     DetectorOutput,
@@ -25,7 +25,7 @@ from app.model_card import (
     read_site_calibration,
 )
 
-log = logging.getLogger("app.runtime")
+log = logging.getLogger("app.inference.runtime")
 
 
 class ModelLoadError(RuntimeError):
@@ -70,7 +70,7 @@ class OnnxModel:
     output_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # The spec as the dict app.preprocessing reads, built once.
+        # The spec as the dict app.inference.preprocessing reads, built once.
         self._spec = self.input.model_dump()
 
     @classmethod

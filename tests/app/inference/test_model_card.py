@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.core.config import Settings
-from app.model_card import CardError, ModelCard, read_card
-from app.runtime import ModelLoadError, ModelRegistry
+from app.inference.model_card import CardError, ModelCard, read_card
+from app.inference.runtime import ModelLoadError, ModelRegistry
 
 MODELS = Settings().models_dir
 
@@ -81,8 +81,8 @@ def test_two_cards_with_one_name_are_refused(tmp_path):
 def test_a_corrupt_graph_whose_hash_matches_is_not_ready_not_a_crash(tmp_path):
     from fastapi.testclient import TestClient
 
+    from app.inference.runtime import sha256_of
     from app.main import create_app
-    from app.runtime import sha256_of
 
     copy_models(tmp_path)
     onnx = tmp_path / "cropper-unet.onnx"

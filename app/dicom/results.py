@@ -241,7 +241,7 @@ def build_secondary_capture(
     """The source image (grey stretched to 8 bits) with the boxes and scores burned in."""
     from highdicom.sc import SCImage
 
-    from app.preprocessing import stretch_grey
+    from app.inference.preprocessing import stretch_grey
 
     grey = (stretch_grey(finding.pixels) * 255).astype(np.uint8)
     canvas = Image.fromarray(grey).convert("RGB")

@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from app.core.errors import ApiError
-from app.decoding import decode
+from app.inference.decoding import decode
 from tests.conftest import bone_phantom, png_bytes
 from tests.dicom_factory import make_dataset, to_bytes
 

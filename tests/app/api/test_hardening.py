@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.decoding import MAX_MISSING_ROWS
+from app.inference.decoding import MAX_MISSING_ROWS
 from tests.conftest import bone_phantom, png_bytes
 from tests.dicom_factory import make_dataset, to_bytes
 
@@ -105,7 +105,7 @@ def test_a_deflate_bomb_is_stopped_at_the_pixel_limit():
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     from app.core.errors import ApiError
-    from app.decoding import decode, inflated_dataset_limit
+    from app.inference.decoding import decode, inflated_dataset_limit
 
     ds = make_dataset(bone_phantom(64, 64).astype(np.uint16) * 8, bits_stored=12, modality="DX")
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
@@ -120,7 +120,7 @@ def test_a_deflate_bomb_is_stopped_at_the_pixel_limit():
 
 
 def test_stow_without_a_study_uid_is_refused_before_inference(app_client):
-    from app.dicomweb.multipart import build_related
+    from app.dicom.multipart import build_related
 
     ds = make_dataset(bone_phantom(96, 80).astype(np.uint16) * 8, bits_stored=12)
     del ds.StudyInstanceUID

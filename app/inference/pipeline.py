@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from app.answers import Detection, ImageResult
-from app.decoding import DecodedImage
-from app.operating_point import OperatingPoint
-from app.postprocess import rcnn_detections, yolo_detections
-from app.preprocessing import Placement, crop_box_from_logits, model_input, stretch_grey
-from app.runtime import OnnxModel
+from app.inference.answers import Detection, ImageResult
+from app.inference.decoding import DecodedImage
+from app.inference.operating_point import OperatingPoint
+from app.inference.postprocess import rcnn_detections, yolo_detections
+from app.inference.preprocessing import Placement, crop_box_from_logits, model_input, stretch_grey
+from app.inference.runtime import OnnxModel
 
 StageTimer = Callable[[str, float, int], None]
 

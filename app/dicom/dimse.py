@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from app.dicomweb.ingest import Accepted, analyse_instances, read_instance
+from app.dicom.ingest import Accepted, analyse_instances, read_instance
 from app.state import AppState
 from app.study import resolve_models
 

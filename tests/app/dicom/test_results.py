@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.dicomweb.results import ImageFindings, build_secondary_capture, source_header
+from app.dicom.results import ImageFindings, build_secondary_capture, source_header
 from tests.conftest import bone_phantom
 from tests.dicom_factory import make_dataset
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from app.answers import StoredStudyAnswer
 from app.core.metrics import Metrics
-from app.dicomweb.multipart import build_related
+from app.dicom.multipart import build_related
+from app.inference.answers import StoredStudyAnswer
 
 log = logging.getLogger("app.dicomweb.delivery")
 

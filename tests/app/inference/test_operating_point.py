@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app import operating_point as op
-from app.model_card import ModelCard
+from app.inference import operating_point as op
+from app.inference.model_card import ModelCard
 
 ROWS = [
     {"fp_per_image": 0.1, "threshold": 0.576, "recall": 0.742},

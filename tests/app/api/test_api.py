@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from app.model_card import ModelCard
-from app.operating_point import from_fp_rate
-from tests.app.test_decoding import _png_header_only
+from app.inference.model_card import ModelCard
+from app.inference.operating_point import from_fp_rate
+from tests.app.inference.test_decoding import _png_header_only
 from tests.conftest import bone_phantom, phantom_box, png_bytes
 from tests.dicom_factory import PATIENT, make_dataset, to_bytes
 
