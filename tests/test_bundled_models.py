@@ -55,3 +55,11 @@ def test_models_folder_stays_small():
     sizes = {p.name: p.stat().st_size for p in MODELS.iterdir()}
     assert sum(sizes.values()) < MAX_FOLDER_BYTES, sizes
     assert max(sizes.values()) < 100 * 1024 * 1024
+
+
+def test_every_card_says_what_it_is_for_and_what_it_is_not():
+    for card_path in sorted(MODELS.glob("*.json")):
+        card = json.loads(card_path.read_text())
+        assert card["intended_use"] and "not for primary diagnosis" in card["intended_use"]
+        assert card["out_of_scope"] and card["limitations"], card["name"]
+        assert card["created"] and card["changelog"][-1]["version"] == card["version"]
