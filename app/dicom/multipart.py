@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 
 
 class MultipartError(ValueError):
     """The body is not valid multipart/related."""
+
+
+class TooManyPartsError(MultipartError):
+    """More parts than the caller allows."""
 
 
 @dataclass
@@ -18,49 +21,91 @@ class Part:
 
 
 def media_params(content_type: str) -> tuple[str, dict[str, str]]:
-    """'multipart/related; type="application/dicom"; boundary=x' -> (media type, params)."""
-    pieces = content_type.split(";")
-    params = {}
-    for piece in pieces[1:]:
-        key, _, value = piece.strip().partition("=")
-        if key:
-            params[key.strip().lower()] = value.strip().strip('"')
-    return pieces[0].strip().lower(), params
+    """'multipart/related; type="application/dicom"; boundary=x' -> (media type, params);
+    quoted values may hold ';' (RFC 2045 parameter syntax, parsed by the email package)."""
+    from email.message import Message
+
+    message = Message()
+    message["content-type"] = content_type or "application/octet-stream"
+    params = message.get_params() or []
+    media = params[0][0].lower() if params else ""
+    return media, {str(k).lower(): str(v) for k, v in params[1:]}
 
 
-def parse_related(body: bytes, boundary: str) -> list[Part]:
-    """Split a multipart body on its boundary; each part's headers and payload."""
-    if not boundary or len(boundary) > 200:
-        raise MultipartError("missing or invalid boundary parameter")
-    delimiter = b"--" + boundary.encode("latin-1")
-    if delimiter not in body:
-        raise MultipartError("the body does not contain its boundary")
-    chunks = body.split(delimiter)
-    parts = []
-    closed = False
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            closed = True
-            break
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk.lstrip(b"\n")
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            head, sep, payload = chunk.partition(b"\n\n")
-        if not sep:
-            raise MultipartError("a part has no header/body separator")
-        if payload.endswith(b"\r\n"):
-            payload = payload[:-2]
-        elif payload.endswith(b"\n"):
-            payload = payload[:-1]
-        headers = {}
-        for line in re.split(rb"\r?\n", head):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip():
-                headers[name.strip().lower()] = value.strip()
-        parts.append(Part(content_type=headers.get("content-type", ""), body=payload))
-    if not closed:
-        raise MultipartError("the body ends without its closing boundary")
-    return parts
+class RelatedParser:
+    """Incremental multipart/related parser on python-multipart's RFC 2046 state machine (a
+    delimiter is CRLF + "--" + boundary, so a payload holding the boundary string is not cut):
+    feed chunks as they arrive; memory is the parts themselves, never copies of the body."""
+
+    def __init__(self, boundary: str, max_parts: int):
+        from python_multipart.multipart import MultipartParser
+
+        if not boundary or len(boundary) > 200:
+            raise MultipartError("missing or invalid boundary parameter")
+        self.max_parts = max_parts
+        self.parts: list[Part] = []
+        self._data = bytearray()
+        self._headers: dict[str, str] = {}
+        self._field = b""
+        self._value = b""
+        self.closed = False
+        callbacks = {
+            "on_part_begin": self._begin,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_end": self._end,
+        }
+        self._parser = MultipartParser(boundary, callbacks)
+
+    def _begin(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise TooManyPartsError(f"more than {self.max_parts} parts")
+        self._data, self._headers = bytearray(), {}
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        self.parts.append(Part(self._headers.get("content-type", ""), bytes(self._data)))
+        self._data = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self._headers[name] = self._value.decode("latin-1").strip()
+        self._field, self._value = b"", b""
+
+    def _end(self) -> None:
+        self.closed = True
+
+    def feed(self, chunk: bytes) -> None:
+        from python_multipart.exceptions import MultipartParseError
+
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise MultipartError(f"the multipart body is malformed ({exc})") from None
+
+    def finish(self) -> list[Part]:
+        self._parser.finalize()
+        if not self.closed:
+            raise MultipartError("the body ends without its closing boundary")
+        return self.parts
+
+
+def parse_related(body: bytes, boundary: str, max_parts: int = 1000) -> list[Part]:
+    """Every part of a complete multipart/related body."""
+    parser = RelatedParser(boundary, max_parts)
+    parser.feed(body)
+    return parser.finish()
 
 
 def build_related(

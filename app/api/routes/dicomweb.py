@@ -23,7 +23,13 @@ from app.api.deps import StateDep
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
 from app.dicom.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
-from app.dicom.multipart import MultipartError, build_related, media_params, parse_related
+from app.dicom.multipart import (
+    MultipartError,
+    RelatedParser,
+    TooManyPartsError,
+    build_related,
+    media_params,
+)
 from app.state import AppState
 from app.study import request_id_of, resolve_models
 
@@ -80,19 +86,20 @@ async def _store(
             'STOW-RS takes multipart/related; type="application/dicom"',
         )
     crp, clf, det, point = resolve_models(state, None, None, fp_per_image, score_threshold)
-    body = await request.body()
-    try:
-        parts = parse_related(body, params.get("boundary", ""))
+    limit = state.settings.max_images_per_request
+    try:  # parsed as it streams in: memory is the parts, not copies of the body
+        parser = RelatedParser(params.get("boundary", ""), limit)
+        async for chunk in request.stream():
+            parser.feed(chunk)
+        parts = parser.finish()
+    except TooManyPartsError:
+        raise ApiError(
+            413, "too_many_images", f"more than {limit} instances; the limit is {limit}"
+        ) from None
     except MultipartError as exc:
         raise ApiError(400, "invalid_multipart", str(exc)) from None
     if not parts:
         raise ApiError(400, "no_instances", "the request carries no DICOM instance")
-    if len(parts) > state.settings.max_images_per_request:
-        raise ApiError(
-            413,
-            "too_many_images",
-            f"{len(parts)} instances; the limit is {state.settings.max_images_per_request}",
-        )
 
     async with state.admission.admit():  # 503 with Retry-After when the queue is full
         failed: list[Dataset] = []

@@ -185,3 +185,32 @@ def test_links_never_reflect_the_host_header(app_client):
     assert r.json()["00081190"]["Value"][0] == f"/dicomweb/studies/{study}"
     findings = app_client.get(f"/dicomweb/studies/{study}/findings").json()
     assert findings["results_url"] == f"/dicomweb/studies/{study}"
+
+
+def test_multipart_follows_rfc_2046():
+    """A payload holding '--boundary' without the CRLF before it is not cut; quoted parameters
+    may hold ';'; a body without its closing delimiter is refused."""
+    from app.dicom.multipart import MultipartError
+
+    boundary = "b0undary"
+    payload = b"DICM...--b0undary inside the payload"
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    parts = parse_related(body, boundary)
+    assert [p.body for p in parts] == [payload]
+    media, params = media_params('multipart/related; type="application/dicom; x=1"; boundary=q')
+    assert media == "multipart/related" and params["type"] == "application/dicom; x=1"
+    assert params["boundary"] == "q"
+    import pytest
+
+    with pytest.raises(MultipartError):
+        parse_related(body[: -len(f"--{boundary}--\r\n") - 2], boundary)
+
+
+def test_too_many_stow_parts_is_413(app_client):
+    body, ctype = build_related([b"x"] * 40)
+    r = app_client.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
+    assert r.status_code == 413 and r.json()["error"] == "too_many_images"
