@@ -45,14 +45,18 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
             wait_rendered(browser, 1)
             cards = browser.find_elements("css selector", "article.card")
             assert len(cards) == 2
-            answer = service.http.post(
-                "/v1/predict?fp_per_image=0.40",
-                files=[
-                    ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
-                    ("files", (dicom.name, dicom.read_bytes(), "application/dicom")),
-                ],
-                headers={"Authorization": f"Bearer {KEY}"},
-            ).json()
+
+            def api_answer(fp: str) -> dict:
+                return service.http.post(
+                    f"/v1/predict?fp_per_image={fp}",
+                    files=[
+                        ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
+                        ("files", (dicom.name, dicom.read_bytes(), "application/dicom")),
+                    ],
+                    headers={"Authorization": f"Bearer {KEY}"},
+                ).json()
+
+            answer = api_answer("0.40")
             for card, image in zip(cards, answer["images"], strict=True):
                 assert int(card.get_attribute("data-boxes")) == len(image["detections"])
                 shown = f"{100 * image['fracture_probability']:.1f}%"
@@ -71,14 +75,7 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
                 "s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change'));"
             )
             wait_rendered(browser, 2)
-            strict = service.http.post(
-                "/v1/predict?fp_per_image=0.10",
-                files=[
-                    ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
-                    ("files", (dicom.name, dicom.read_bytes(), "application/dicom")),
-                ],
-                headers={"Authorization": f"Bearer {KEY}"},
-            ).json()
+            strict = api_answer("0.10")
             cards = browser.find_elements("css selector", "article.card")
             for card, image in zip(cards, strict["images"], strict=True):
                 assert int(card.get_attribute("data-boxes")) == len(image["detections"])

@@ -205,6 +205,17 @@ def test_orthanc_sends_a_study_and_gets_sr_and_capture_back(tmp_path):
         pacs.stop()
 
 
+def stow_phantom(service: ServiceProcess) -> tuple[pydicom.Dataset, str]:
+    """STOW one phantom study to the service; (its dataset, its findings path)."""
+    from app.dicom.multipart import build_related
+
+    ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
+    body, ctype = build_related([to_bytes(ds)])
+    r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
+    assert r.status_code == 200
+    return ds, f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+
+
 def test_results_wait_for_a_destination_that_is_down(tmp_path):
     app_port, pacs_port = free_port(), free_port()
     service = start_service(
@@ -212,13 +223,7 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
     )  # nothing listens yet
     pacs = None
     try:
-        ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
-        from app.dicom.multipart import build_related
-
-        body, ctype = build_related([to_bytes(ds)])
-        r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
-        assert r.status_code == 200
-        findings_url = f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+        ds, findings_url = stow_phantom(service)
         state = wait_for(
             lambda: (f := service.http.get(findings_url).json()["delivery"])["attempts"] >= 2 and f,
             30,
@@ -254,13 +259,7 @@ def test_a_destination_that_refuses_for_good_is_not_retried(tmp_path):
         FRACTURE_DICOMWEB_DESTINATION_PASSWORD="wrong",
     )
     try:
-        ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
-        from app.dicom.multipart import build_related
-
-        body, ctype = build_related([to_bytes(ds)])
-        r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
-        assert r.status_code == 200
-        findings_url = f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+        ds, findings_url = stow_phantom(service)
         state = wait_for(
             lambda: (f := service.http.get(findings_url).json()["delivery"])["given_up"] and f,
             30,
