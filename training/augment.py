@@ -1,5 +1,6 @@
 """Augmentations on uint8 grey batches, shared by the classifier families.
 
+`ssl_views`: the two random views of self-supervised pretraining (SimCLR, DINO).
 `light`: flips, a small affine, brightness/contrast (the 1.0/2.0 recipes).
 `robust`: what other hospitals' radiographs differ by (issue: generalisation beyond FracAtlas):
 any-angle rotation, gamma and window changes, lower resolution (downsample and back), JPEG
@@ -112,3 +113,25 @@ def augment_batch(
     if masks is None:
         return torch.stack(images)
     return torch.stack(images), torch.stack(moved)
+
+
+def ssl_views(x_u8: Any, size: int) -> tuple[Any, Any]:
+    """Two independent augmentations of each uint8 image, as float tensors in [0, 1]."""
+    import torch
+    from torchvision.transforms import v2
+
+    aug = v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(0.3),
+            v2.RandomAffine(degrees=20, translate=(0.1, 0.1)),
+            v2.ColorJitter(brightness=0.4, contrast=0.4),
+            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.4),
+        ]
+    )
+
+    def one() -> Any:
+        return torch.stack([aug(img.unsqueeze(0)) for img in x_u8]).float() / 255.0
+
+    return one(), one()

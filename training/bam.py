@@ -80,13 +80,12 @@ def insert_bam(net: Any, reduction: int = 16, dilation: int = 4) -> Any:
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
+    run = common.start_run(recipe)  # seeded before the attention modules are initialised
     backbone, source = mobilenet.build_backbone(recipe)
     cfg = recipe.get("bam", {})
     insert_bam(backbone, cfg.get("reduction", 16), cfg.get("dilation", 4))
     return mobilenet.train_with(
-        recipe,
+        run,
         backbone,
         source,
         "MobileNetV2 1.0 + 3 BAM modules (stride 4/8/16 bottlenecks), ImageNet init, box-supervised",

@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,31 @@ def resume(path: Path, **stateful: Any) -> int:
 def checkpoint(path: Path, epoch: int, **stateful: Any) -> None:
     """Save the state of every named object after `epoch` (see resume)."""
     save_checkpoint(path, epoch=epoch, **{name: obj.state_dict() for name, obj in stateful.items()})
+
+
+@dataclass
+class Run:
+    """What every family starts from: its recipe, its log in runs/<name>/, the cached images."""
+
+    recipe: dict[str, Any]
+    log: RunLog
+    items: dict[str, list]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.log.run_dir
+
+
+def start_run(recipe: dict[str, Any]) -> Run:
+    """The preamble of every family: offline, seeded, the data cache built (or reused), the run
+    log opened, the three splits loaded."""
+    from training.data import DEFAULT_CACHE, build_cache, load_cache
+
+    go_offline()
+    seed_everything(recipe["seed"])
+    cache = Path(recipe.get("cache", DEFAULT_CACHE))
+    build_cache(
+        cache=cache, long_side=recipe.get("cache_long_side", 512), limit=recipe.get("limit")
+    )
+    log = RunLog(RUNS_DIR / recipe["name"], recipe)
+    return Run(recipe, log, {s: load_cache(cache, [s]) for s in ("train", "val", "test")})

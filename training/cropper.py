@@ -14,7 +14,7 @@ import numpy as np
 
 from app.inference.preprocessing import crop_box_from_logits, model_input, resize, stretch_grey
 from training import common, export, metrics
-from training.data import CROP_MARGIN, DEFAULT_CACHE, build_cache, load_cache
+from training.data import CROP_MARGIN
 
 
 def build_unet(base: int = 16, depth: int = 4) -> Any:
@@ -92,17 +92,10 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     import torch
     import torch.nn.functional as F
 
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(
-        cache=cache, long_side=recipe.get("cache_long_side", 512), limit=recipe.get("limit")
-    )
+    run = common.start_run(recipe)
+    log, run_dir = run.log, run.run_dir
     spec = input_spec(recipe["input_size"])
-    run_dir = common.RUNS_DIR / recipe["name"]
-    log = common.RunLog(run_dir, recipe)
-    train_items = load_cache(cache, ["train"])
-    val_items = load_cache(cache, ["val"])
+    train_items, val_items = run.items["train"], run.items["val"]
     x_train, y_train = (torch.from_numpy(a) for a in _arrays(train_items, spec))
     x_val, y_val = (torch.from_numpy(a) for a in _arrays(val_items, spec))
 
@@ -147,7 +140,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         model, torch.from_numpy(x_val[:1].numpy()), onnx_path, ("image",), ("mask_logits",)
     )
     parity = export.check_parity(model, onnx_path, x_val[:4].numpy(), tolerance=1e-3)
-    test_metrics = evaluate_onnx(onnx_path, load_cache(cache, ["test"]), spec, report_dir=run_dir)
+    test_metrics = evaluate_onnx(onnx_path, run.items["test"], spec, report_dir=run_dir)
     card = {
         "name": recipe["name"],
         "version": recipe["version"],

@@ -271,3 +271,13 @@ def input_item(item: CachedImage, spec: dict, use_boxes: bool) -> tuple[np.ndarr
     px[:, [0, 2]] += placement.pad_x
     px[:, [1, 3]] += placement.pad_y
     return x, px.astype(np.float32)
+
+
+def subsample_negatives(items: list, negatives_per_positive: float, seed: int) -> list:
+    """Every fractured item and a seeded draw of `negatives_per_positive` unfractured ones per
+    fractured (detectors learn little from the many empty crops)."""
+    rng = np.random.default_rng(seed)
+    pos = [it for it in items if it.fractured]
+    neg = [it for it in items if not it.fractured]
+    k = min(len(neg), round(len(pos) * negatives_per_positive))
+    return pos + [neg[i] for i in rng.choice(len(neg), size=k, replace=False)]

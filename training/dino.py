@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 
 from training import classifier, common
-from training.data import DEFAULT_CACHE, build_cache, load_cache
-from training.simclr import ssl_views
+from training.augment import ssl_views
 from training.weights import load_verified_state_dict
 
 EMBED_DIM = 384
@@ -102,12 +101,8 @@ def pretrain(
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(cache=cache, limit=recipe.get("limit"))
-    log = common.RunLog(common.RUNS_DIR / recipe["name"], recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    run = common.start_run(recipe)
+    log, items = run.log, run.items
     size = recipe["finetune"]["input_size"]
     if size % 14 or recipe["pretrain"]["input_size"] % 14:
         raise ValueError("ViT-S/14 input sizes must be multiples of 14")

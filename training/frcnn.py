@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from training import common, detection, export
-from training.data import DEFAULT_CACHE, build_cache, input_item, load_cache
+from training.data import input_item, subsample_negatives
 from training.weights import load_verified_state_dict
 
 
@@ -165,19 +165,12 @@ def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     import torch
 
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(cache=cache, limit=recipe.get("limit"))
-    run_dir = common.RUNS_DIR / recipe["name"]
-    log = common.RunLog(run_dir, recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    run = common.start_run(recipe)
+    log, items, run_dir = run.log, run.items, run.run_dir
     spec = input_spec(recipe["input_size"])
-    rng = np.random.default_rng(recipe["seed"])
-    pos = [it for it in items["train"] if it.fractured]
-    neg = [it for it in items["train"] if not it.fractured]
-    k = min(len(neg), round(len(pos) * recipe["negatives_per_positive"]))
-    train_items = pos + [neg[i] for i in rng.choice(len(neg), size=k, replace=False)]
+    train_items = subsample_negatives(
+        items["train"], recipe["negatives_per_positive"], recipe["seed"]
+    )
     data = _tensors(train_items, spec, use_boxes=True)
 
     model = build_model(recipe)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from training import classifier, common, pretrained
-from training.data import DEFAULT_CACHE, build_cache, load_cache
 
 FEATURE_DIM = 1280
 
@@ -33,16 +32,13 @@ def build_backbone(recipe: dict[str, Any]) -> tuple[Any, pretrained.PretrainedFi
 
 
 def train_with(
-    recipe: dict[str, Any],
+    run: common.Run,
     backbone: Any,
     source: pretrained.PretrainedFile,
     architecture: str,
     out_dir: Path,
 ) -> dict[str, Any]:
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(cache=cache, limit=recipe.get("limit"))
-    log = common.RunLog(common.RUNS_DIR / recipe["name"], recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    recipe, log, items = run.recipe, run.log, run.items
     return classifier.finetune(
         backbone,
         FEATURE_DIM,
@@ -62,11 +58,10 @@ def train_with(
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
+    run = common.start_run(recipe)  # seeded before any weight is initialised
     backbone, source = build_backbone(recipe)
     return train_with(
-        recipe,
+        run,
         backbone,
         source,
         "MobileNetV2 1.0 (torchvision layout, TF SAME padding), ImageNet init, box-supervised",

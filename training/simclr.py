@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from training import classifier, common
-from training.data import DEFAULT_CACHE, build_cache, load_cache
+from training.augment import ssl_views
 from training.weights import load_verified_state_dict
 
 
@@ -46,28 +46,6 @@ def build_simclr(backbone: Any, projection_dim: int, temperature: float) -> Any:
             return self.criterion(self.head(self.backbone(v1)), self.head(self.backbone(v2)))
 
     return SimCLR()
-
-
-def ssl_views(x_u8: Any, size: int) -> tuple[Any, Any]:
-    """Two independent augmentations of each uint8 image, as float tensors in [0, 1]."""
-    import torch
-    from torchvision.transforms import v2
-
-    aug = v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=(0.3, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(0.3),
-            v2.RandomAffine(degrees=20, translate=(0.1, 0.1)),
-            v2.ColorJitter(brightness=0.4, contrast=0.4),
-            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.4),
-        ]
-    )
-
-    def one() -> Any:
-        return torch.stack([aug(img.unsqueeze(0)) for img in x_u8]).float() / 255.0
-
-    return one(), one()
 
 
 def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[Any, dict[str, Any]]:
@@ -125,12 +103,8 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(cache=cache, limit=recipe.get("limit"))
-    log = common.RunLog(common.RUNS_DIR / recipe["name"], recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    run = common.start_run(recipe)
+    log, items = run.log, run.items
     backbone, summary = pretrain(recipe, items["train"] + items["val"], log)
     return classifier.finetune(
         backbone,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from app.inference.preprocessing import stretch_grey
 from training import common, detection, export
-from training.data import DEFAULT_CACHE, build_cache, crop_item, load_cache
+from training.data import crop_item, subsample_negatives
 from training.weights import verify_sha256
 
 NMS_IOU = 0.7  # ultralytics' default for predict and val; written into the card, served from it
@@ -40,16 +40,12 @@ def write_dataset(
     items: dict[str, list], root: Path, negatives_per_positive: float, seed: int
 ) -> Path:
     """YOLO folder layout: images/{train,val}/*.png, labels/{train,val}/*.txt, data.yaml."""
-    rng = np.random.default_rng(seed)
     for split, rows in items.items():
         img_dir, lbl_dir = root / "images" / split, root / "labels" / split
         img_dir.mkdir(parents=True, exist_ok=True)
         lbl_dir.mkdir(parents=True, exist_ok=True)
         if split == "train" and negatives_per_positive >= 0:
-            pos = [r for r in rows if r.fractured]
-            neg = [r for r in rows if not r.fractured]
-            k = min(len(neg), round(len(pos) * negatives_per_positive))
-            rows = pos + [neg[i] for i in rng.choice(len(neg), size=k, replace=False)]
+            rows = subsample_negatives(rows, negatives_per_positive, seed)
         for it in rows:
             crop, boxes = crop_item(it, use_boxes=split == "train")
             Image.fromarray((stretch_grey(crop) * 255).round().astype(np.uint8)).save(
@@ -69,17 +65,12 @@ def write_dataset(
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    common.go_offline()
-    common.seed_everything(recipe["seed"])
+    run = common.start_run(recipe)
+    log, items, run_dir = run.log, run.items, run.run_dir
     from ultralytics import YOLO
     from ultralytics.utils import SETTINGS
 
     SETTINGS.update({"sync": False})
-    cache = Path(recipe.get("cache", DEFAULT_CACHE))
-    build_cache(cache=cache, limit=recipe.get("limit"))
-    run_dir = common.RUNS_DIR / recipe["name"]
-    log = common.RunLog(run_dir, recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
     ds_root = common.REPO / ".cache" / "yolo" / recipe["name"]
     if not (ds_root / "data.yaml").exists():
         shutil.rmtree(ds_root, ignore_errors=True)

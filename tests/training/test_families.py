@@ -171,7 +171,8 @@ def test_simclr_objective_falls_on_a_fixed_batch():
     """NT-Xent on fixed pairs of views falls under SGD (tiny-run epoch means are too noisy)."""
     import torch
 
-    from training.simclr import build_resnet18, build_simclr, ssl_views
+    from training.augment import ssl_views
+    from training.simclr import build_resnet18, build_simclr
 
     torch.manual_seed(0)
     images = (torch.rand(8, 64, 64) * 255).to(torch.uint8)
