@@ -8,6 +8,7 @@ threshold is chosen on val (Youden's J) and written into the card; test is only 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,36 +253,60 @@ def epoch_indices(y: Any, negatives_per_positive: float | None) -> Any:
     return picked[torch.randperm(len(picked))]
 
 
-def finetune(
-    backbone: Any,
-    feature_dim: int,
-    recipe: dict[str, Any],
-    items: dict[str, list[CachedImage]],
+@dataclass
+class CropData:
+    """Letterboxed uint8 crops of every split as torch tensors, with labels (and, for train, the
+    box masks), and the input spec they are normalised with."""
+
+    spec: dict[str, Any]
+    x_train: Any
+    m_train: Any
+    y_train: Any
+    x_val: Any
+    y_val: np.ndarray
+    x_test: Any
+    y_test: np.ndarray
+    regions: dict[str, list[str]]
+
+
+def crop_data(items: dict[str, list[CachedImage]], cfg: dict[str, Any]) -> CropData:
+    import torch
+
+    size = cfg["input_size"]
+    train_crops, train_masks = crops_and_box_masks(items["train"], size, use_boxes=True)
+
+    def labels(split: str) -> np.ndarray:
+        return np.array([int(it.fractured) for it in items[split]])
+
+    return CropData(
+        spec=input_spec(size, cfg.get("mean", 0.5), cfg.get("std", 0.25)),
+        x_train=torch.from_numpy(train_crops),
+        m_train=torch.from_numpy(train_masks),
+        y_train=torch.tensor(labels("train"), dtype=torch.float32),
+        x_val=torch.from_numpy(crops_as_array(items["val"], size, use_boxes=False)),
+        y_val=labels("val"),
+        x_test=torch.from_numpy(crops_as_array(items["test"], size, use_boxes=False)),
+        y_test=labels("test"),
+        regions={s: [it.region for it in items[s]] for s in ("val", "test")},
+    )
+
+
+def fit(
+    model: Any,
+    data: CropData,
+    cfg: dict[str, Any],
     log: common.RunLog,
-    out_dir: Path,
-    architecture: str,
-    pretraining: dict[str, Any],
-    feature_map: str = "resnet",
     on_start: Any = None,
 ) -> dict[str, Any]:
-    """Linear probe, then full fine-tune, then threshold on val, export and card.
-
-    Checkpointed after every epoch (runs/<name>/finetune_last.pt): a killed run resumes at the
-    next epoch. `on_start(model, x_train_u8, spec)` runs once before the first epoch of a fresh
-    run (e.g. BatchNorm calibration of converted ImageNet weights).
-    """
+    """Linear probe, then the full fine-tune; the weights of the best val-AUROC epoch are loaded
+    at the end. Checkpointed after every epoch (runs/<name>/finetune_last.pt): a killed run
+    resumes at the next epoch. `on_start(model, x_train_u8, spec)` runs once before the first
+    epoch of a fresh run. Returns {"auroc", "epoch"} of the kept epoch."""
     import torch
     import torch.nn.functional as F
 
-    cfg = recipe["finetune"]
-    spec = input_spec(cfg["input_size"], cfg.get("mean", 0.5), cfg.get("std", 0.25))
-    size = cfg["input_size"]
+    spec, x_train, m_train, y_train = data.spec, data.x_train, data.m_train, data.y_train
     localising = bool(cfg.get("localisation"))
-    train_crops, train_masks = crops_and_box_masks(items["train"], size, use_boxes=True)
-    x_train, m_train = torch.from_numpy(train_crops), torch.from_numpy(train_masks)
-    x_val = torch.from_numpy(crops_as_array(items["val"], size, use_boxes=False))
-    y_train = torch.tensor([float(it.fractured) for it in items["train"]])
-    y_val = np.array([int(it.fractured) for it in items["val"]])
     balance = cfg.get("negatives_per_positive")
     pos = float(y_train.sum())
     negatives = (len(y_train) - pos) if not balance else pos * balance
@@ -291,11 +316,6 @@ def finetune(
         "rotate_degrees": cfg.get("rotate_degrees", 15.0),
         "rot90_p": cfg.get("rot90_p", 0.0),
     }
-
-    if localising:
-        model = build_localising_model(backbone, feature_dim, feature_map)
-    else:
-        model = build_probability_model(backbone, feature_dim)
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ckpt_path = log.run_dir / "finetune_last.pt"
@@ -312,6 +332,25 @@ def finetune(
     done = state["done"] if state else []
     best = state.get("best", {"auroc": -1.0, "state": None}) if state else {"auroc": -1.0}
     best.setdefault("state", None)
+
+    def batch_loss(idx: Any) -> Any:
+        if localising:
+            x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augment_args)
+            return localisation_loss(
+                model,
+                to_input(x_u8, spec).contiguous(memory_format=memory_format),
+                y_train[idx],
+                masks,
+                pos_weight,
+                cfg.get("cell_pos_weight", 10.0),
+            )
+        x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec)
+        return F.binary_cross_entropy_with_logits(
+            model.logits(x.contiguous(memory_format=memory_format))[:, 0],
+            y_train[idx],
+            pos_weight=pos_weight,
+        )
+
     for stage, epochs, lr in stages:
         if stage in done or epochs == 0:
             continue
@@ -335,42 +374,27 @@ def finetune(
             model.head.train()
             t0, losses = time.time(), []
             for idx in epoch_indices(y_train, balance).split(cfg["batch_size"]):
-                if localising:
-                    x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augment_args)
-                    loss = localisation_loss(
-                        model,
-                        to_input(x_u8, spec).contiguous(memory_format=memory_format),
-                        y_train[idx],
-                        masks,
-                        pos_weight,
-                        cfg.get("cell_pos_weight", 10.0),
-                    )
-                else:
-                    x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec)
-                    loss = F.binary_cross_entropy_with_logits(
-                        model.logits(x.contiguous(memory_format=memory_format))[:, 0],
-                        y_train[idx],
-                        pos_weight=pos_weight,
-                    )
+                loss = batch_loss(idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
-            val_scores = _scores(model, x_val, spec)
-            val = metrics.classification_metrics(y_val, val_scores, 0.5)
+            val_auroc = metrics.classification_metrics(
+                data.y_val, _scores(model, data.x_val, spec), 0.5
+            )["auroc"]
             log.write(
                 event="epoch",
                 stage=stage,
                 epoch=epoch,
                 loss=float(np.mean(losses)),
-                val_auroc=val["auroc"],
+                val_auroc=val_auroc,
                 images=per_epoch,
                 epoch_s=round(time.time() - t0, 1),
             )
-            if stage == "full" and (val["auroc"] or 0) > best["auroc"]:
+            if stage == "full" and (val_auroc or 0) > best["auroc"]:
                 best = {
-                    "auroc": val["auroc"],
+                    "auroc": val_auroc,
                     "epoch": epoch,
                     "state": {k: v.clone() for k, v in model.state_dict().items()},
                 }
@@ -389,33 +413,50 @@ def finetune(
         common.save_checkpoint(ckpt_path, model=model.state_dict(), done=done, best=best)
     if best["state"] is not None:  # keep the epoch with the best val AUROC
         model.load_state_dict(best["state"])
-    model = model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)
+    return {"auroc": best["auroc"], "epoch": best.get("epoch")}
 
-    x_test = torch.from_numpy(crops_as_array(items["test"], size, use_boxes=False))
-    y_test = np.array([int(it.fractured) for it in items["test"]])
-    ablation = None
-    if localising:
-        ablation = choose_fusion(model, x_val, y_val, x_test, y_test, spec, cfg)
-        torch.save(model.backbone.state_dict(), log.run_dir / "classifier_backbone.pt")
-    val_scores = _scores(model, x_val, spec)
-    threshold = metrics.youden_threshold(y_val, val_scores)
-    test_scores = _scores(model, x_test, spec)
 
+def calibrate(model: Any, data: CropData, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Choose what val decides after training: the localising model's fusion weight (every
+    variant's val and test AUROC is returned for the card; test is only reported)."""
+    if not hasattr(model, "map_head"):
+        return None
+    return choose_fusion(model, data.x_val, data.y_val, data.x_test, data.y_test, data.spec, cfg)
+
+
+def export_with_card(
+    model: Any,
+    data: CropData,
+    recipe: dict[str, Any],
+    log: common.RunLog,
+    out_dir: Path,
+    card_fields: dict[str, Any],
+    extra_metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Fold the head, export ONNX (int8 if the recipe says so) with parity checks, pick the
+    decision threshold on val (Youden, on the exported graph's scores when quantised), measure
+    val and test with bootstrap intervals and per region, write the card."""
+    spec = data.spec
+    val_scores = _scores(model, data.x_val, spec)
+    test_scores = _scores(model, data.x_test, spec)
     fold_head(model)
     onnx_path = out_dir / f"{recipe['name']}.onnx"
-    example = to_input(x_val[:2], spec)
-    export.export_onnx(model, example, onnx_path, ("image",), ("probability",))
-    parity_batch = to_input(x_val[:8], spec).numpy()
+    export.export_onnx(
+        model, to_input(data.x_val[:2], spec), onnx_path, ("image",), ("probability",)
+    )
+    parity_batch = to_input(data.x_val[:8], spec).numpy()
     parity = {"fp32": export.check_parity(model, onnx_path, parity_batch, tolerance=1e-4)}
     if recipe.get("quantize"):
-        # int8 weights (dynamic quantisation): a ViT-S file shrinks about 4x; test metrics below
+        # int8 weights (dynamic quantisation): a ViT-S file shrinks about 4x; the metrics below
         # are measured on the quantised graph itself.
         parity["int8"] = export.quantize_int8(model, onnx_path, parity_batch, tolerance=0.1)
-        test_scores = export.onnx_outputs(onnx_path, to_input(x_test, spec).numpy())[:, 0]
-        val_scores = export.onnx_outputs(onnx_path, to_input(x_val, spec).numpy())[:, 0]
-        threshold = metrics.youden_threshold(y_val, val_scores)
+        test_scores = export.onnx_outputs(onnx_path, to_input(data.x_test, spec).numpy())[:, 0]
+        val_scores = export.onnx_outputs(onnx_path, to_input(data.x_val, spec).numpy())[:, 0]
+    threshold = metrics.youden_threshold(data.y_val, val_scores)
     from training import plots
 
+    y_val, y_test = data.y_val, data.y_test
     plots.roc_pr_plots(y_test, test_scores, log.run_dir, "test")
     test = metrics.classification_metrics(y_test, test_scores, threshold)
     plots.confusion_plot(test["confusion_matrix"], log.run_dir, "test")
@@ -423,7 +464,6 @@ def finetune(
         "name": recipe["name"],
         "version": recipe["version"],
         "task": "classification",
-        "architecture": architecture,
         "input": spec,
         "output": {"probability": "N x 1 fracture probability (sigmoid in the graph)"},
         "decision_threshold": threshold,
@@ -431,8 +471,8 @@ def finetune(
         "data": common.FRACATLAS_ATTRIBUTION
         + "; inputs are crops to the weak anatomy mask (train: widened to hold every box)",
         "recipe": recipe,
-        "pretraining": pretraining,
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
+        **card_fields,
         "metrics": {
             "test": test,
             "val": metrics.classification_metrics(y_val, val_scores, threshold),
@@ -442,13 +482,10 @@ def finetune(
                 "method": "percentile bootstrap over images, 1000 resamples",
             },
             "by_region": {
-                "val": metrics.auroc_by_group(y_val, val_scores, [i.region for i in items["val"]]),
-                "test": metrics.auroc_by_group(
-                    y_test, test_scores, [i.region for i in items["test"]]
-                ),
+                "val": metrics.auroc_by_group(y_val, val_scores, data.regions["val"]),
+                "test": metrics.auroc_by_group(y_test, test_scores, data.regions["test"]),
             },
-            "best_epoch": best.get("epoch"),
-            "ablation_auroc": ablation,
+            **extra_metrics,
             "onnx_parity_max_abs_diff": parity,
             "note": "test inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",
         },
@@ -458,3 +495,39 @@ def finetune(
     export.write_card(onnx_path, card)
     log.write(event="done", metrics=card["metrics"])
     return card
+
+
+def finetune(
+    backbone: Any,
+    feature_dim: int,
+    recipe: dict[str, Any],
+    items: dict[str, list[CachedImage]],
+    log: common.RunLog,
+    out_dir: Path,
+    architecture: str,
+    pretraining: dict[str, Any],
+    feature_map: str = "resnet",
+    on_start: Any = None,
+) -> dict[str, Any]:
+    """fit (linear probe, full fine-tune) -> calibrate (fusion on val) -> export with its card."""
+    import torch
+
+    cfg = recipe["finetune"]
+    data = crop_data(items, cfg)
+    if cfg.get("localisation"):
+        model = build_localising_model(backbone, feature_dim, feature_map)
+    else:
+        model = build_probability_model(backbone, feature_dim)
+    best = fit(model, data, cfg, log, on_start)
+    ablation = calibrate(model, data, cfg)
+    if ablation is not None:  # the Faster R-CNN family can start from this backbone
+        torch.save(model.backbone.state_dict(), log.run_dir / "classifier_backbone.pt")
+    return export_with_card(
+        model,
+        data,
+        recipe,
+        log,
+        out_dir,
+        {"architecture": architecture, "pretraining": pretraining},
+        {"best_epoch": best["epoch"], "ablation_auroc": ablation},
+    )
