@@ -5,15 +5,12 @@ Shared by every way a study arrives: /v1/predict, STOW-RS and the DIMSE receiver
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-
 from app.core.errors import ApiError
-from app.core.logs import new_request_id
 from app.inference import operating_point as op
 from app.inference.answers import (
     ModelRef,
@@ -39,13 +36,6 @@ def _pick(state: AppState, role: str, name: str | None, default: str) -> OnnxMod
         raise ApiError(
             422, f"unknown_{role}", f"no {role} named {name!r}; served: {names}"
         ) from None
-
-
-def request_id_of(request: Request) -> str:
-    """This request's id (set by the middleware from X-Request-ID, echoed in the answer)."""
-    return request.scope.get("state", {}).get("request_id") or new_request_id(
-        request.headers.get("x-request-id")
-    )
 
 
 def resolve_models(
@@ -104,7 +94,7 @@ async def analyse_study(
     async with state.inference_slots:
         await abandon_if_gone(gone, state, request_id)
         t0 = time.perf_counter()
-        await run_in_threadpool(run_study, works, crp, clf, det, point, on_stage)
+        await asyncio.to_thread(run_study, works, crp, clf, det, point, on_stage)
         state.admission.observe(time.perf_counter() - t0)
 
     threshold = float(clf.card.decision_threshold)

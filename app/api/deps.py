@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.core.logs import new_request_id
 from app.state import AppState
 
 
@@ -14,3 +15,10 @@ def get_state(request: Request) -> AppState:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def request_id_of(request: Request) -> str:
+    """This request's id (set by the middleware from X-Request-ID, echoed in the answer)."""
+    return request.scope.get("state", {}).get("request_id") or new_request_id(
+        request.headers.get("x-request-id")
+    )

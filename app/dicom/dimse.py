@@ -89,7 +89,7 @@ class StoreReceiver:
         outcome = read_instance(event.encoded_dataset(include_meta=True), self.state, None)
         if not isinstance(outcome, Accepted):
             self.state.metrics.images.labels("rejected").inc()
-            return outcome[2]
+            return outcome.reason
         with self._lock:
             self._pending.setdefault(id(event.assoc), []).append(outcome)
         return 0x0000

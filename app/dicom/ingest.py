@@ -8,13 +8,14 @@ supported, 0xC000 cannot understand (not DICOM, undecodable pixel data), 0xA700 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import ApiError
 from app.dicom.results import (
@@ -40,6 +41,15 @@ OUT_OF_RESOURCES = 0xA700
 MISSING_UID = 0xA900
 
 
+@dataclass(frozen=True)
+class Refused:
+    """An instance not taken: its UIDs (empty when unreadable) and the DICOM failure reason."""
+
+    sop_class: str
+    sop_uid: str
+    reason: int
+
+
 class Accepted:
     def __init__(self, header: Dataset, image: DecodedImage, decode_ms: float):
         self.header = header
@@ -47,9 +57,7 @@ class Accepted:
         self.decode_ms = decode_ms
 
 
-def read_instance(
-    data: bytes, state: AppState, url_study: str | None
-) -> Accepted | tuple[str, str, int]:
+def read_instance(data: bytes, state: AppState, url_study: str | None) -> Accepted | Refused:
     """An accepted instance, or (SOP class, SOP instance, failure reason)."""
     t0 = time.perf_counter()
     try:
@@ -59,11 +67,11 @@ def read_instance(
         sop_class = str(ds.SOPClassUID)
         sop_uid = str(ds.SOPInstanceUID)
     except (ApiError, AttributeError):
-        return "", "", CANNOT_UNDERSTAND
+        return Refused("", "", CANNOT_UNDERSTAND)
     if not sop_class or not sop_uid or not str(ds.get("StudyInstanceUID", "") or ""):
-        return sop_class, sop_uid, MISSING_UID  # refused before any inference
+        return Refused(sop_class, sop_uid, MISSING_UID)  # refused before any inference
     if url_study and str(ds.get("StudyInstanceUID", "")) != url_study:
-        return sop_class, sop_uid, STUDY_UID_MISMATCH
+        return Refused(sop_class, sop_uid, STUDY_UID_MISMATCH)
     try:
         image = decode_dicom_dataset(
             ds, state.settings.max_image_pixels, state.settings.allowed_modalities
@@ -72,7 +80,7 @@ def read_instance(
         reason = {413: OUT_OF_RESOURCES}.get(exc.status, CANNOT_UNDERSTAND)
         if exc.code in ("unsupported_modality", "multi_frame_unsupported", "no_pixel_data"):
             reason = SOP_CLASS_NOT_SUPPORTED
-        return sop_class, sop_uid, reason
+        return Refused(sop_class, sop_uid, reason)
     state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
     return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2))
 
@@ -122,7 +130,7 @@ async def analyse_instances(
     for study_uid, accepted in studies.items():
         works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
         answer = await analyse_study(state, works, point, models, request_id)
-        instances = await run_in_threadpool(
+        instances = await asyncio.to_thread(
             build_results,
             point,
             answer.decision_threshold,

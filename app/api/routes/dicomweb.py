@@ -19,10 +19,16 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep
+from app.api.deps import StateDep, request_id_of
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
-from app.dicom.ingest import CANNOT_UNDERSTAND, Accepted, analyse_instances, read_instance
+from app.dicom.ingest import (
+    CANNOT_UNDERSTAND,
+    Accepted,
+    Refused,
+    analyse_instances,
+    read_instance,
+)
 from app.dicom.multipart import (
     MultipartError,
     RelatedParser,
@@ -31,7 +37,7 @@ from app.dicom.multipart import (
     media_params,
 )
 from app.state import AppState
-from app.study import request_id_of, resolve_models
+from app.study import resolve_models
 
 log = logging.getLogger("app.dicomweb")
 router = APIRouter(tags=["dicomweb"])
@@ -106,16 +112,16 @@ async def _store(
         studies: OrderedDict[str, list[Accepted]] = OrderedDict()
         for part in parts:
             ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
-            outcome: Accepted | tuple[str, str, int]
+            outcome: Accepted | Refused
             if ptype != "application/dicom":
-                outcome = ("", "", CANNOT_UNDERSTAND)
+                outcome = Refused("", "", CANNOT_UNDERSTAND)
             else:
                 outcome = await run_in_threadpool(read_instance, part.body, state, url_study)
             if isinstance(outcome, Accepted):
                 studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
             else:
-                item = _sop_item(outcome[0], outcome[1])
-                item.FailureReason = outcome[2]
+                item = _sop_item(outcome.sop_class, outcome.sop_uid)
+                item.FailureReason = outcome.reason
                 failed.append(item)
                 state.metrics.images.labels("rejected").inc()
 

@@ -9,14 +9,14 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.api.deps import StateDep
+from app.api.deps import StateDep, request_id_of
 from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.inference.answers import StudyAnswer
 from app.inference.decoding import DecodedImage, decode
 from app.inference.pipeline import ImageWork
 from app.state import AppState
-from app.study import abandon_if_gone, analyse_study, request_id_of, resolve_models
+from app.study import abandon_if_gone, analyse_study, resolve_models
 
 log = logging.getLogger("app.predict")
 router = APIRouter(tags=["inference"])
