@@ -21,14 +21,7 @@ from training.data import CachedImage, input_item
 def input_spec(size: int, mean: float = 0.5, std: float = 0.25) -> dict[str, Any]:
     """Letterboxed grey crop as 3 equal channels, (x - mean) / std (ImageNet MobileNets: 0.5 / 0.5,
     the TFLite files' (q - 128) / 128)."""
-    return {
-        "size": [size, size],
-        "resize": "letterbox",
-        "pad_value": 0.0,
-        "channels": 3,
-        "mean": [mean] * 3,
-        "std": [std] * 3,
-    }
+    return export.input_spec(size, mean=mean, std=std)
 
 
 def crops_as_array(items: list[CachedImage], size: int, use_boxes: bool) -> np.ndarray:

@@ -62,7 +62,7 @@ def build_unet(base: int = 16, depth: int = 4) -> Any:
 
 
 def input_spec(size: int) -> dict[str, Any]:
-    return {"size": [size, size], "resize": "stretch", "channels": 1, "mean": [0.5], "std": [0.25]}
+    return export.input_spec(size, resize="stretch", channels=1, mean=0.5, std=0.25)
 
 
 def _arrays(items: list, spec: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -9,11 +9,37 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.model_card import ModelCard, validate_card
+from app.inference.model_card import InputSpec, ModelCard, validate_card
 from app.inference.runtime import sha256_of
 
 # The fields every card has (app.inference.model_card.ModelCard says what each must hold).
 CARD_FIELDS = tuple(n for n, f in ModelCard.model_fields.items() if f.is_required())
+
+
+def input_spec(
+    size: int,
+    *,
+    resize: str = "letterbox",
+    channels: int = 3,
+    mean: float = 0.0,
+    std: float = 1.0,
+    pad_value: float = 0.0,
+    batch: bool = True,
+) -> dict[str, Any]:
+    """A card's input block (square input, one mean/std for every channel), validated against
+    the schema the service reads it with."""
+    spec = {
+        "size": [size, size],
+        "resize": resize,
+        "pad_value": pad_value,
+        "channels": channels,
+        "mean": [mean] * channels,
+        "std": [std] * channels,
+    }
+    if not batch:
+        spec["batch"] = False
+    InputSpec.model_validate(spec)
+    return spec
 
 
 def export_onnx(

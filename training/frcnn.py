@@ -19,15 +19,8 @@ from training.weights import load_verified_state_dict
 
 
 def input_spec(size: int) -> dict[str, Any]:
-    return {
-        "size": [size, size],
-        "resize": "letterbox",
-        "pad_value": 0.0,
-        "channels": 3,
-        "mean": [0.0, 0.0, 0.0],
-        "std": [1.0, 1.0, 1.0],
-        "batch": False,
-    }
+    """One CHW image in [0, 1]: normalisation is inside the graph."""
+    return export.input_spec(size, batch=False)
 
 
 # The ImageNet MobileNetV2 of ../shared/pretrained as the FPN body: its `features` blocks that

@@ -26,14 +26,7 @@ PAD_VALUE = 114 / 255  # ultralytics' letterbox grey
 
 
 def input_spec(size: int) -> dict[str, Any]:
-    return {
-        "size": [size, size],
-        "resize": "letterbox",
-        "pad_value": PAD_VALUE,
-        "channels": 3,
-        "mean": [0.0, 0.0, 0.0],
-        "std": [1.0, 1.0, 1.0],
-    }
+    return export.input_spec(size, pad_value=PAD_VALUE)
 
 
 def write_dataset(
