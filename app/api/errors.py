@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.core.errors import ApiError
 
@@ -42,6 +43,11 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(
             exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail)
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while sending: nobody reads this, and it is not a server error.
+        return error_response(499, "client_closed_request", "the client disconnected")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

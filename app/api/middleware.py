@@ -3,6 +3,7 @@ X-Request-ID, on every log line), the access log, and request metrics by route t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -18,6 +19,10 @@ UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
 
 class BodyTooLargeError(Exception):
     pass
+
+
+class BodyTimeoutError(Exception):
+    """The client stopped sending its body (e.g. shorter than its Content-Length)."""
 
 
 class LimitsAndMetricsMiddleware:
@@ -65,15 +70,22 @@ class LimitsAndMetricsMiddleware:
                     f"the body is over the limit of {limit} bytes",
                 )
                 return
-            received = 0
+            received, body_done = 0, False
+            read_timeout = self.state.settings.body_read_timeout_s
 
             async def receive_limited() -> dict:
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done:  # later receives wait for a disconnect: no deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), timeout=read_timeout)
+                except TimeoutError:
+                    raise BodyTimeoutError() from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > limit:
                         raise BodyTooLargeError()
+                    body_done = not message.get("more_body", False)
                 return message
 
             try:
@@ -84,6 +96,14 @@ class LimitsAndMetricsMiddleware:
                     413,
                     "body_too_large",
                     f"the body is over the limit of {limit} bytes",
+                )
+            except BodyTimeoutError:
+                await _send_error(
+                    send_wrapper,
+                    408,
+                    "request_timeout",
+                    f"no body data for {read_timeout:g} s: the body is shorter than announced "
+                    "or the client stalled",
                 )
         finally:
             if counted:

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         description="requests that may wait for a model slot beyond those running; past it 503 "
         "with Retry-After (default: 4 per inference worker)",
     )
+    body_read_timeout_s: float = Field(
+        15.0, gt=0, description="longest wait for the next piece of a request body (408 after)"
+    )
     max_body_bytes: int = Field(
         128 * 1024 * 1024, ge=1024, description="largest request body (413 above)"
     )

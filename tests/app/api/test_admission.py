@@ -86,3 +86,35 @@ def test_a_burst_past_the_bound_gets_503_and_abandoned_requests_are_not_computed
         assert 'status="500"' not in text
     finally:
         service.stop()
+
+
+def test_a_body_shorter_than_announced_gets_408_not_500():
+    """A client that announces 1000 bytes and sends 10: 408 after the read timeout, counted as
+    408 (not as a server error), and the server keeps serving."""
+    import socket
+    import time
+
+    port = free_port()
+    service = ServiceProcess(port, FRACTURE_BODY_READ_TIMEOUT_S="1")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1000\r\n\r\n0123456789"
+            )
+            t0 = time.monotonic()
+            reply = b""
+            while b"request_timeout" not in reply:  # headers and body may arrive apart
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+            reply = reply.decode("latin-1")
+            waited = time.monotonic() - t0
+        assert reply.startswith("HTTP/1.1 408"), reply[:80]
+        assert "request_timeout" in reply and waited < 5
+        text = service.http.get("/metrics").text
+        assert 'status="408"' in text and 'status="500"' not in text
+        assert service.http.get("/readyz").status_code == 200
+    finally:
+        service.stop()
