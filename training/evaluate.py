@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.core.config import Settings
-from app.inference.decoding import decode
+from app.inference.decoding import DecodedImage, decode
 from app.inference.model_card import DEFAULT_FP_PER_IMAGE
 from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, run_study
@@ -60,6 +60,16 @@ def served_models(
     )
 
 
+def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:
+    """A record as the service decodes it, under a source shift when one is named, with its
+    normalised fracture boxes moved along."""
+    data, ctype = Path(rec.path).read_bytes(), None
+    boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
+    if shift != "none":
+        data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
+    return decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]), boxes
+
+
 def collect(
     records: list[Record],
     models: tuple[OnnxModel, OnnxModel, OnnxModel],
@@ -75,11 +85,7 @@ def collect(
         chunk = records[start : start + batch]
         works, chunk_boxes = [], []
         for rec in chunk:
-            data, ctype = Path(rec.path).read_bytes(), None
-            boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
-            if shift != "none":
-                data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
-            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
+            image, boxes = decode_record(rec, shift)
             works.append(ImageWork(image=image, decode_ms=0.0))
             chunk_boxes.append(boxes)
         run_study(works, crp, clf, det, point)
@@ -188,13 +194,7 @@ def worst_cases(records: list[Record], c: Collected, shift: str, report_dir: Pat
     for name, picked in groups.items():
         samples = []
         for i in picked:
-            rec = records[i]
-            data, ctype = Path(rec.path).read_bytes(), None
-            if shift != "none":
-                data, ctype, _ = shift_image(
-                    read_grey(rec.path), np.zeros((0, 4)), shift, rec.image_id
-                )
-            image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
+            image, _ = decode_record(records[i], shift)
             boxes, scores = c.preds[i]
             top = scores >= max(0.05, float(scores.max()) if len(scores) else 1.0) - 1e-9
             samples.append((image.pixels, c.gts[i], boxes[top][:3], scores[top][:3]))

@@ -178,17 +178,17 @@ def _load_layers(net: Any, layers: list[TfliteLayer], head: Any | None) -> None:
     import torch
     from torch import nn
 
-    convs: list[tuple[nn.Module, str, nn.Conv2d, nn.BatchNorm2d | None]] = []
+    convs: list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]] = []
     modules = list(net.named_modules())
     for i, (name, module) in enumerate(modules):
         if isinstance(module, nn.Conv2d):
             bn = modules[i + 1][1] if i + 1 < len(modules) else None
-            convs.append((net, name, module, bn if isinstance(bn, nn.BatchNorm2d) else None))
+            convs.append((name, module, bn if isinstance(bn, nn.BatchNorm2d) else None))
     wanted = len(convs) + (1 if head is not None else 0)
     if len(layers) != wanted:
         raise ValueError(f"TFLite graph has {len(layers)} weight layers, the network {wanted}")
     with torch.no_grad():
-        for (_, name, conv, bn), layer in zip(convs, layers, strict=False):
+        for (name, conv, bn), layer in zip(convs, layers, strict=False):
             if tuple(conv.weight.shape) != layer.weight.shape or conv.stride[0] != layer.stride:
                 raise ValueError(
                     f"{name}: torch {tuple(conv.weight.shape)}/s{conv.stride[0]} vs "
@@ -207,7 +207,7 @@ def _load_layers(net: Any, layers: list[TfliteLayer], head: Any | None) -> None:
             last = layers[-1]
             head.weight.copy_(torch.from_numpy(last.weight.reshape(head.weight.shape)))
             head.bias.copy_(torch.from_numpy(last.bias))
-    for _, name, conv, _ in convs:
+    for name, conv, _ in convs:
         if conv.stride[0] == 2:
             parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
             setattr(parent, name.rpartition(".")[2], same_pad(conv))

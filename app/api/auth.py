@@ -11,12 +11,10 @@ from typing import Any
 
 from app.api.errors import error_response
 
+PROBE_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 # Probes, and the viewer's static page (it holds no data; its calls to the API carry the key).
 OPEN_PATHS = (
-    "/healthz",
-    "/readyz",
-    "/v2/health/live",
-    "/v2/health/ready",
+    *PROBE_PATHS,
     "/viewer",
     "/viewer/viewer.js",
     "/viewer/viewer.css",

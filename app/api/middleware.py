@@ -8,13 +8,14 @@ import logging
 import time
 from typing import Any
 
+from app.api.auth import PROBE_PATHS
 from app.api.errors import error_response
 from app.core.logs import new_request_id, request_id
 from app.state import AppState
 
 access = logging.getLogger("app.access")
 # Probes and scrapes are not work: left out of the access log and the in-flight gauge.
-UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics")
+UNCOUNTED_PATHS = (*PROBE_PATHS, "/metrics")
 
 
 class BodyTooLargeError(Exception):
@@ -53,15 +54,11 @@ class LimitsAndMetricsMiddleware:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (b"x-request-id", rid.encode()),
-                ]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
+            length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
                 await _send_error(
                     send_wrapper,

@@ -133,7 +133,7 @@ def _missing_row_share(im: Image.Image) -> float:
 def _check_dimensions_fit(data: bytes, kind: str, w: int, h: int) -> None:
     """422 before decoding when the header claims more pixels than the bytes could hold."""
     if kind == "png":
-        channels = 1 if im_mode_is_grey(data) else 3
+        channels = 1 if _png_is_grey(data) else 3
         least = w * h * channels // PNG_MAX_RATIO
     else:
         least = (w * h // 64) * JPEG_MIN_BITS_PER_BLOCK // 8
@@ -146,7 +146,7 @@ def _check_dimensions_fit(data: bytes, kind: str, w: int, h: int) -> None:
         )
 
 
-def im_mode_is_grey(data: bytes) -> bool:
+def _png_is_grey(data: bytes) -> bool:
     """PNG colour type from the IHDR chunk: 0 (grey) or 4 (grey + alpha)."""
     return len(data) > 25 and data[25] in (0, 4)
 

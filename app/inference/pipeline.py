@@ -117,6 +117,9 @@ def detect_crops(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Boxes (xyxy in crop pixels, clipped, empty ones dropped) and scores of each stretched
     crop at a score threshold: the detect stage, also what training evaluates."""
+    if detector.detector_output is None:  # checked before any work is spent
+        raise ValueError(f"{detector.name} is not a detector")
+    decode = DECODERS[detector.detector_output.postprocess]
     inputs: list[np.ndarray] = []
     placements: list[Placement] = []
     for crop in crops:
@@ -124,9 +127,6 @@ def detect_crops(
         inputs.append(x)
         placements.append(placement)
     outputs = detector.run(np.stack(inputs))
-    if detector.detector_output is None:
-        raise ValueError(f"{detector.name} is not a detector")
-    decode = DECODERS[detector.detector_output.postprocess]
     found = []
     for i, (crop, placement) in enumerate(zip(crops, placements, strict=True)):
         boxes, scores = decode(detector, outputs, i, threshold)
