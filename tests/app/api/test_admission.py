@@ -68,9 +68,17 @@ def test_a_burst_past_the_bound_gets_503_and_abandoned_requests_are_not_computed
 
         async def give_up_while_queued() -> None:
             async with httpx.AsyncClient(base_url=base, timeout=60) as patient:
-                study = [("files", (f"v{i}.png", image, "image/png")) for i in range(8)]
+                # Long enough (24 images, seconds on any CPU) that both impatient clients time
+                # out behind it, and only started on once the server holds it: no race with a
+                # fast machine.
+                study = [("files", (f"v{i}.png", image, "image/png")) for i in range(24)]
                 long = asyncio.create_task(patient.post("/v1/predict", files=study))
-                await asyncio.sleep(0.15)
+                while True:
+                    await asyncio.sleep(0.05)
+                    scrape = await patient.get("/metrics")
+                    if metric(scrape.text, "fracture_requests_in_flight") >= 1:
+                        break
+                await asyncio.sleep(0.2)  # its upload read, the study is computing
                 async with httpx.AsyncClient(base_url=base, timeout=0.3) as impatient:
                     for _ in range(2):
                         with pytest.raises(httpx.TimeoutException):
