@@ -41,7 +41,7 @@ def load_models(state: AppState) -> None:
     try:
         registry = ModelRegistry(s.models_dir, s.site_calibration)
         state.registry = registry
-        registry.load_all(s.execution_provider, s.intra_op_threads)
+        registry.load_all(s.execution_provider, s.intra_op_threads, s.intra_op_spinning)
         for role in ("classifier", "detector"):
             registry.get(role, None, getattr(s, f"default_{role}"))
     except (ModelLoadError, OSError, ValueError, KeyError) as exc:

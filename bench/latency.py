@@ -1,11 +1,18 @@
-"""Latency and memory of the service as deployed: a real uvicorn process, real HTTP requests.
+"""The service as deployed against its own models: a real uvicorn process, real HTTP requests.
 
     python bench/latency.py [--images 50] [--port 8765] [--out bench/results.json]
 
-Measures: time from process start to /readyz = 200, RSS after start-up, end-to-end latency per
-image (median, p95) over FracAtlas test images and over the shared DICOMs, and the decode time
-of the largest shared DICOM by bytes and by pixels (in process, the service's decoder).
-Needs ../shared/data.
+Measures, in one run:
+- the model-only bound: the default chain (cropper -> classifier -> detector) run back to back
+  by onnxruntime on inputs of their card sizes, in this process, with the service's session
+  options; sequential median per image, and images/s with `inference_workers` threads doing so;
+- time from process start to /readyz = 200 and RSS after start-up;
+- end-to-end latency per image (median, p95), one request at a time, over FracAtlas test JPEGs
+  and over the shared DICOMs, and the ratio of the JPEG median to the model-only median;
+- throughput and latency with 1/4/8/16 concurrent clients (images/s, p50/p95, 503s), and the
+  ratio of the 8-client throughput to the model-only bound;
+- decode time of the largest shared DICOM by bytes and by pixels (in process).
+Needs ../shared/data. Run it while nothing else uses the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -54,6 +63,85 @@ def post_each(client: httpx.Client, files: list[tuple[Path, str]]) -> list[float
     return out
 
 
+def model_only(seconds: float = 8.0) -> dict[str, float]:
+    """The default chain run back to back on card-size inputs, as the service runs it."""
+    sys.path.insert(0, str(REPO))
+    from app.core.config import Settings
+    from app.inference.runtime import ModelRegistry
+
+    s = Settings()
+    registry = ModelRegistry(s.models_dir)
+    registry.load_all("cpu", s.intra_op_threads, s.intra_op_spinning)
+    chain = [
+        registry.get("cropper", None, ""),
+        registry.get("classifier", None, s.default_classifier),
+        registry.get("detector", None, s.default_detector),
+    ]
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((1, m.spec["channels"], *m.spec["size"]), dtype=np.float32) for m in chain]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for model, x in zip(chain, inputs, strict=True):
+            model.run(x)
+        return 1000 * (time.perf_counter() - t0)
+
+    for _ in range(5):
+        once()
+    sequential = [once() for _ in range(60)]
+    done = [0] * s.inference_workers
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            once()
+            done[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(s.inference_workers)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {
+        "chain": " -> ".join(m.name for m in chain),
+        "median_ms": round(float(np.median(sequential)), 1),
+        "p95_ms": round(float(np.percentile(sequential, 95)), 1),
+        "workers": s.inference_workers,
+        "images_per_s": round(sum(done) / seconds, 2),
+    }
+
+
+def concurrent(
+    base: str, files: list[tuple[Path, str]], clients: int, requests: int
+) -> dict[str, float]:
+    """`requests` posts of the files (round robin) from `clients` concurrent clients."""
+    bodies = [(p.read_bytes(), ctype) for p, ctype in files]
+
+    def one(i: int, client: httpx.Client) -> tuple[int, float]:
+        data, ctype = bodies[i % len(bodies)]
+        t0 = time.perf_counter()
+        r = client.post("/v1/predict", content=data, headers={"content-type": ctype})
+        return r.status_code, 1000 * (time.perf_counter() - t0)
+
+    with httpx.Client(base_url=base, timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(lambda i: one(i, c), range(requests)))
+        wall = time.perf_counter() - t0
+    ok = [ms for code, ms in results if code == 200]
+    return {
+        "clients": clients,
+        "requests": requests,
+        "ok": len(ok),
+        "rejected_503": sum(code == 503 for code, _ in results),
+        "images_per_s": round(len(ok) / wall, 2),
+        "p50_ms": round(float(np.median(ok)), 1) if ok else float("nan"),
+        "p95_ms": round(float(np.percentile(ok, 95)), 1) if ok else float("nan"),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=50)
@@ -73,6 +161,9 @@ def main() -> int:
         for row in manifest
         if row.split("\t")[-1] == "ok" and row.split("\t")[2] != "MG"
     ]
+
+    bound = model_only()  # before the service starts: the CPU to itself
+    print("model-only", bound, flush=True)
 
     t_start = time.perf_counter()
     proc = subprocess.Popen(
@@ -107,6 +198,9 @@ def main() -> int:
             post_each(client, jpegs[:3])  # first requests: allocator and caches
             jpeg_ms = post_each(client, jpegs)
             dicom_ms = post_each(client, dicoms)
+            load = [
+                concurrent(str(client.base_url), jpegs, n, max(40, 6 * n)) for n in (1, 4, 8, 16)
+            ]
             rss_after = rss_mib(proc.pid)
             models = {
                 m["role"]: f"{m['name']} {m['version']} ({m['execution_provider']})"
@@ -143,7 +237,13 @@ def main() -> int:
         "start_to_ready_s": round(ready_s, 2),
         "rss_after_startup_mib": round(rss_ready, 1),
         "rss_after_bench_mib": round(rss_after, 1),
+        "model_only": bound,
         "fracatlas_jpeg_end_to_end": percentiles(jpeg_ms),
+        "jpeg_median_over_model_only": round(float(np.median(jpeg_ms)) / bound["median_ms"], 2),
+        "concurrent_jpeg": load,
+        "throughput_8_clients_over_model_only": round(
+            next(x for x in load if x["clients"] == 8)["images_per_s"] / bound["images_per_s"], 2
+        ),
         "shared_dicom_end_to_end": percentiles(dicom_ms),
         "largest_dicom_decode": {
             "file": by_bytes.name,

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
+from app.inference.decoding import lenient_pillow
 from app.inference.model_card import DEFAULT_CROP_MARGIN
 from app.inference.preprocessing import mask_crop_box, model_input, stretch_grey
-
-ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas"
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"
@@ -50,7 +49,7 @@ class Record:
 
 def read_grey(path: str | Path) -> np.ndarray:
     """Decode a JPEG/PNG as a uint8 grey array after EXIF orientation."""
-    with Image.open(path) as im:
+    with Image.open(path) as im, lenient_pillow():  # some FracAtlas JPEGs miss their last bytes
         im.load()
         return np.asarray(ImageOps.exif_transpose(im).convert("L"))
 

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="onnxruntime intra-op threads (0: its default)"
     )
+    intra_op_spinning: bool = Field(
+        False,
+        description="onnxruntime pool threads spin between runs: off, as they would take the "
+        "cores from the decode and resize work between the models",
+    )
     inference_workers: int = Field(
         2, ge=1, description="requests whose models run at the same time"
     )

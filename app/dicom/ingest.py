@@ -98,6 +98,7 @@ def build_results(
         ImageFindings(
             source=a.header,
             pixels=w.image.pixels,
+            frame_size=w.image.frame_size,
             probability=w.probability,
             fracture=w.probability >= decision_threshold,
             boxes=np.asarray(w.boxes, dtype=np.float32).reshape(-1, 4),

@@ -34,6 +34,8 @@ class ImageFindings:
     fracture: bool
     boxes: np.ndarray  # (k, 4) xyxy in source pixels
     scores: np.ndarray
+    # (rows, columns) of the source frame when `pixels` is the downsampled working image
+    frame_size: tuple[int, int] | None = None
 
 
 # Type 2 attributes of the patient and study modules: present (possibly empty) in what we write.
@@ -243,10 +245,12 @@ def build_secondary_capture(
 
     from app.inference.preprocessing import stretch_grey
 
-    grey = (stretch_grey(finding.pixels) * 255).astype(np.uint8)
-    canvas = Image.fromarray(grey).convert("RGB")
+    grey = Image.fromarray((stretch_grey(finding.pixels) * 255).astype(np.uint8))
+    if finding.frame_size is not None:  # the capture has the source's geometry
+        grey = grey.resize(finding.frame_size[::-1], Image.BILINEAR)
+    canvas = grey.convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    h, w = grey.shape
+    w, h = canvas.size
     width = max(2, round(min(h, w) / 300))
     # Text readable when the image is fitted to a screen: about 1/40 of the short side.
     font = ImageFont.load_default(size=max(12, round(min(h, w) / 40)))

@@ -10,8 +10,10 @@ Patient identifiers are never read into the result, so they cannot reach a log o
 from __future__ import annotations
 
 import io
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +21,26 @@ from PIL import Image, ImageFile, ImageOps
 from pydicom.dataset import Dataset
 
 from app.core.errors import ApiError
+from app.inference.preprocessing import grey_levels
 
-# Some FracAtlas JPEGs miss their last bytes; decode what is there rather than refuse.
-ImageFile.LOAD_TRUNCATED_IMAGES = True
+# Some FracAtlas JPEGs miss their last bytes: such a file (no end marker) is decoded again as
+# far as it goes, with Pillow's process-wide LOAD_TRUNCATED_IMAGES switched on only while this
+# lock is held; the JPEG 2000 decoder holds it too, so that it never takes a broken stream for a
+# truncated one and fills it with blank rows.
+_LENIENT_PILLOW = threading.Lock()
+
+
+@contextmanager
+def lenient_pillow() -> Iterator[None]:
+    """Pillow decodes truncated images as far as they go, within this block only."""
+    with _LENIENT_PILLOW:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
 # Our own pixel limit (413) replaces Pillow's DecompressionBombError.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -41,7 +60,10 @@ JPEG_MIN_BITS_PER_BLOCK = 1
 
 @dataclass
 class DecodedImage:
-    pixels: np.ndarray  # float32 grey, original frame (after EXIF orientation for JPEG)
+    # The working image: grey, the whole frame (after EXIF orientation for JPEG), downsampled by
+    # 2^k when the frame is 2^k times the working side; uint8 for 8-bit JPEG/PNG (the stretch and
+    # the resizes then take their fast 8-bit paths), float32 for everything else.
+    pixels: np.ndarray
     source: str  # "dicom", "png" or "jpeg"
     filename: str | None = None
     sop_instance_uid: str | None = None
@@ -51,14 +73,74 @@ class DecodedImage:
     modality: str | None = None
     transfer_syntax: str | None = None
     notes: list[str] = field(default_factory=list)
+    # (rows, columns) of the frame as sent when `pixels` is downsampled; None when it is not
+    frame_size: tuple[int, int] | None = None
 
     @property
     def height(self) -> int:
-        return int(self.pixels.shape[0])
+        """Rows of the frame as sent: every coordinate in an answer is in this frame."""
+        return int(self.frame_size[0] if self.frame_size else self.pixels.shape[0])
 
     @property
     def width(self) -> int:
-        return int(self.pixels.shape[1])
+        return int(self.frame_size[1] if self.frame_size else self.pixels.shape[1])
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y) frame pixels per working pixel."""
+        return self.width / self.pixels.shape[1], self.height / self.pixels.shape[0]
+
+    def to_frame(self, boxes: np.ndarray) -> np.ndarray:
+        """xyxy boxes in working pixels -> the frame as sent."""
+        sx, sy = self.scale
+        out = np.asarray(boxes, dtype=np.float32).copy()
+        out[:, [0, 2]] *= sx
+        out[:, [1, 3]] *= sy
+        return out
+
+    def crop_box_to_frame(self, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """A crop box in working pixels -> frame pixels, rounded outwards."""
+        sx, sy = self.scale
+        x1, y1, x2, y2 = box
+        return (
+            max(0, int(np.floor(x1 * sx))),
+            max(0, int(np.floor(y1 * sy))),
+            min(self.width, int(np.ceil(x2 * sx))),
+            min(self.height, int(np.ceil(y2 * sy))),
+        )
+
+
+# The models look at a few hundred pixels (the largest input side is 512): an upload whose long
+# side is 2^k times this is decoded (JPEG DCT scaling, JPEG 2000 resolution levels) or reduced
+# to a working image 2^k times smaller, once, before any other work.
+WORKING_SIDE = 1024
+
+
+def reduction(height: int, width: int) -> int:
+    """The power of two by which a frame is downsampled to its working image (1: not at all)."""
+    k = 1
+    while max(height, width) >= 2 * k * WORKING_SIDE:
+        k *= 2
+    return k
+
+
+def reduce_pixels(pixels: np.ndarray, k: int) -> np.ndarray:
+    """Box-downsample a grey image by k (Pillow's reduce; the edge blocks average what is there)."""
+    if k == 1:
+        return pixels
+    if pixels.dtype == np.uint8:
+        return np.asarray(Image.fromarray(pixels, mode="L").reduce(k))
+    plane = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
+    return np.asarray(plane.reduce(k), dtype=np.float32)
+
+
+def _working(
+    pixels: np.ndarray, frame: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """The working image of a decoded frame (reduced here unless the decoder reduced it)."""
+    if pixels.shape == frame:
+        pixels = reduce_pixels(pixels, reduction(*frame))
+    return pixels, (None if pixels.shape == frame else frame)
 
 
 def sniff(data: bytes, content_type: str | None) -> str:
@@ -104,8 +186,8 @@ def decode(
 def refuse_without_anatomy(pixels: np.ndarray) -> None:
     """422 for a blank or near-uniform image: nothing there to call fractured or not."""
     sample = pixels[:: max(1, pixels.shape[0] // 256), :: max(1, pixels.shape[1] // 256)]
-    lo, hi = np.percentile(sample, [1, 99])
-    if hi - lo <= 1e-6 * max(1.0, float(np.abs(sample).max())):
+    levels = grey_levels(sample, 1, 99)
+    if levels.hi - levels.lo <= 1e-6 * max(1.0, float(np.abs(sample).max())):
         raise ApiError(
             422,
             "no_anatomy",
@@ -170,7 +252,7 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im.load()
+            im = _load_raster(im, data, kind)
             if _truncated(data, kind):
                 missing = _missing_row_share(im)
                 if missing > MAX_MISSING_ROWS:
@@ -184,7 +266,11 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
                     f"the {kind.upper()} file is truncated: {missing:.0%} of its rows are "
                     "missing and were analysed as filled"
                 )
+            frame = (h, w)
+            exif_orientation = im.getexif().get(0x0112, 1)
             im = ImageOps.exif_transpose(im)
+            if exif_orientation in (5, 6, 7, 8):  # a quarter turn: the frame is transposed
+                frame = (w, h)
     except ApiError:
         raise
     except Exception as exc:
@@ -196,12 +282,37 @@ def decode_raster(data: bytes, kind: str, max_pixels: int) -> DecodedImage:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(im, dtype=np.float32)
     elif im.mode in ("L", "1"):
-        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+        pixels = np.asarray(im.convert("L"))
     else:
         # Colour (or palette, alpha): luminance; FracAtlas JPEGs are RGB with R = G = B.
-        pixels = np.asarray(im.convert("RGB").convert("L"), dtype=np.float32)
+        pixels = np.asarray(im.convert("RGB").convert("L"))
+    pixels, frame_size = _working(pixels, frame)
     refuse_without_anatomy(pixels)
-    return DecodedImage(pixels=pixels, source=kind, notes=notes)
+    return DecodedImage(pixels=pixels, source=kind, notes=notes, frame_size=frame_size)
+
+
+def _load_raster(im: Image.Image, data: bytes, kind: str) -> Image.Image:
+    """Decode an opened JPEG/PNG; a truncated one (no end marker) as far as its bytes go."""
+
+    def prepared(im: Image.Image) -> Image.Image:
+        if kind == "jpeg" and im.mode in ("RGB", "YCbCr", "CMYK", "L"):
+            # The luminance only (what RGB -> L would give; FracAtlas: exactly), and at the
+            # working scale by DCT scaling when the image is large.
+            w, h = im.size
+            k = reduction(h, w)
+            im.draft("L", (-(-w // k), -(-h // k)))
+        return im
+
+    try:
+        prepared(im).load()
+        return im
+    except OSError:
+        if not _truncated(data, kind):
+            raise
+    with lenient_pillow():
+        im = prepared(Image.open(io.BytesIO(data)))
+        im.load()
+        return im
 
 
 def inflated_dataset_limit(max_pixels: int) -> int:
@@ -317,7 +428,9 @@ def decode_dicom_dataset(
             # pylibjpeg (libjpeg, openjpeg, rle) and pydicom's native paths only: Pillow's
             # decoders, with truncated images allowed for FracAtlas JPEGs, would turn a broken
             # JPEG 2000 stream into a blank image instead of an error.
-            arr = pixel_array(ds, decoding_plugin="pylibjpeg")
+            arr = _j2k_reduced(ds, reduction(rows, cols))
+            if arr is None:
+                arr = pixel_array(ds, decoding_plugin="pylibjpeg")
     except Exception as exc:
         reason = type(exc).__name__
         raise ApiError(
@@ -327,11 +440,16 @@ def decode_dicom_dataset(
         ) from None
     if arr.ndim == 3 and photometric.startswith(("RGB", "YBR")):
         arr = arr.astype(np.float32).mean(axis=2)
-    if arr.ndim != 2 or arr.shape != (rows, cols):
+    k = reduction(rows, cols)
+    reduced = (
+        arr.ndim == 2 and abs(arr.shape[0] * k - rows) <= k and abs(arr.shape[1] * k - cols) <= k
+    )
+    if arr.ndim != 2 or not (arr.shape == (rows, cols) or reduced):
         raise ApiError(
             422, "invalid_dicom", f"decoded pixels have shape {arr.shape}, expected {rows}x{cols}"
         )
     pixels, notes = _to_presentation(ds, arr, photometric)
+    pixels, frame_size = _working(pixels, (rows, cols))
     if not np.isfinite(pixels).all():
         raise ApiError(422, "invalid_dicom", "decoded pixel values are not finite")
     refuse_without_anatomy(pixels)
@@ -346,7 +464,42 @@ def decode_dicom_dataset(
         modality=modality,
         transfer_syntax=str(ts),
         notes=notes,
+        frame_size=frame_size,
     )
+
+
+J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
+
+
+def _j2k_reduced(ds: Dataset, k: int) -> np.ndarray | None:
+    """A single-component unsigned JPEG 2000 frame decoded 2^r times smaller by skipping its
+    finest wavelet levels (Pillow's OpenJPEG; 4x faster at 2500x2048); None where that does
+    not apply (small image, other syntax, JP2 wrapper, signed or colour data, Pillow fails),
+    and the caller decodes in full. Pillow scales samples to 16 bits: shifted back here."""
+    if k == 1 or str(ds.file_meta.TransferSyntaxUID) not in J2K_SYNTAXES:
+        return None
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:
+        return None
+    # raw codestream: SOC, SIZ; one component (Csiz at 40), Ssiz at 42: sign bit + precision - 1
+    if frame[:4] != b"\xff\x4f\xff\x51" or len(frame) < 43 or frame[40:42] != b"\x00\x01":
+        return None
+    precision, signed = (frame[42] & 0x7F) + 1, frame[42] >> 7
+    if signed or precision > 16:
+        return None
+    try:
+        with _LENIENT_PILLOW:  # strict: a broken stream raises here
+            im = Image.open(io.BytesIO(frame))
+            im.reduce = k.bit_length() - 1  # resolution levels to skip
+            im.load()
+    except Exception:
+        return None
+    if im.mode != "I;16":
+        return None
+    return np.asarray(im).astype(np.uint16) >> (16 - precision)
 
 
 def _uid(ds, keyword: str) -> str | None:

@@ -18,7 +18,13 @@ from app.inference.answers import Detection, ImageResult
 from app.inference.decoding import DecodedImage
 from app.inference.operating_point import OperatingPoint
 from app.inference.postprocess import rcnn_detections, yolo_detections
-from app.inference.preprocessing import Placement, crop_box_from_logits, model_input, stretch_grey
+from app.inference.preprocessing import (
+    GreyLevels,
+    Placement,
+    crop_box_from_logits,
+    grey_levels,
+    model_input,
+)
 from app.inference.runtime import OnnxModel
 
 StageTimer = Callable[[str, float, int], None]
@@ -28,9 +34,11 @@ StageTimer = Callable[[str, float, int], None]
 class ImageWork:
     image: DecodedImage
     decode_ms: float
-    crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # in the frame as sent
+    working_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the same in working pixels
     crop_fallback: bool = False
-    crop: np.ndarray | None = None
+    crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of the image)
+    crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -62,31 +70,43 @@ def run_study(
     crop_margin = float(cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
         batch = np.stack(
-            [model_input(stretch_grey(w.image.pixels), cropper.spec)[0] for w in works]
+            [
+                model_input(w.image.pixels, cropper.spec, grey_levels(w.image.pixels))[0]
+                for w in works
+            ]
         )
         logits = cropper.run(batch)[0]
         for w, lg in zip(works, logits, strict=True):
-            h, wd = w.image.height, w.image.width
+            h, wd = w.image.pixels.shape
             box = crop_box_from_logits(lg[0], h, wd, crop_margin)
             w.crop_fallback = box is None
-            w.crop_box = box or (0, 0, wd, h)
-            x1, y1, x2, y2 = w.crop_box
-            # The crop is stretched on its own, as the models were trained.
-            w.crop = stretch_grey(w.image.pixels[y1:y2, x1:x2])
+            w.working_box = box or (0, 0, wd, h)
+            w.crop_box = w.image.crop_box_to_frame(w.working_box)
+            x1, y1, x2, y2 = w.working_box
+            # The crop is stretched on its own, as the models were trained; the stretch itself
+            # runs on each model's input, after the resize.
+            w.crop = w.image.pixels[y1:y2, x1:x2]
+            w.crop_levels = grey_levels(w.crop)
     with _timed("classify", works, on_stage):
-        batch = np.stack([model_input(w.crop, classifier.spec)[0] for w in works])
+        batch = np.stack([model_input(w.crop, classifier.spec, w.crop_levels)[0] for w in works])
         probs = classifier.run(batch)[0]
         calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
             raw = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
             w.probability = calibration.apply(raw) if calibration else raw
     with _timed("detect", works, on_stage):
-        found = detect_crops(detector, [w.crop for w in works], operating_point.detector_threshold)
+        found = detect_crops(
+            detector,
+            [w.crop for w in works],
+            operating_point.detector_threshold,
+            [w.crop_levels for w in works],
+        )
         for w, (boxes, scores) in zip(works, found, strict=True):
-            x1, y1 = w.crop_box[:2]
+            x1, y1 = w.working_box[:2]
             if len(boxes):
-                boxes[:, [0, 2]] += x1  # crop pixels -> the uploaded frame
+                boxes[:, [0, 2]] += x1  # crop pixels -> working pixels -> the frame as sent
                 boxes[:, [1, 3]] += y1
+                boxes = w.image.to_frame(boxes)
             w.boxes, w.scores = boxes, scores
 
 
@@ -113,17 +133,21 @@ DECODERS: dict[str, Decoder] = {"yolo": _decode_yolo, "rcnn": _decode_rcnn}
 
 
 def detect_crops(
-    detector: OnnxModel, crops: list[np.ndarray], threshold: float
+    detector: OnnxModel,
+    crops: list[np.ndarray],
+    threshold: float,
+    levels: list[GreyLevels] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Boxes (xyxy in crop pixels, clipped, empty ones dropped) and scores of each stretched
-    crop at a score threshold: the detect stage, also what training evaluates."""
+    """Boxes (xyxy in crop pixels, clipped, empty ones dropped) and scores of each crop at a
+    score threshold: the detect stage, also what training evaluates. Crops are stretched to
+    [0, 1] already, or raw with the `levels` that stretch each."""
     if detector.detector_output is None:  # checked before any work is spent
         raise ValueError(f"{detector.name} is not a detector")
     decode = DECODERS[detector.detector_output.postprocess]
     inputs: list[np.ndarray] = []
     placements: list[Placement] = []
-    for crop in crops:
-        x, placement = model_input(crop, detector.spec)
+    for i, crop in enumerate(crops):
+        x, placement = model_input(crop, detector.spec, levels[i] if levels else None)
         inputs.append(x)
         placements.append(placement)
     outputs = detector.run(np.stack(inputs))

@@ -1,0 +1,225 @@
+"""The fast paths give the answers of the plain ones, within stated tolerances.
+
+Fast paths (issue: end to end within 25% of the models' compute): 8-bit images stay 8-bit (the
+stretch through a lookup table, Pillow's integer resize), each model input is resized first and
+stretched after, the bone mask is thresholded at no more than 1,024 pixels, and a frame 2^k
+times the working side is decoded 2^k times smaller (JPEG DCT scaling, JPEG 2000 resolution
+levels, or a box reduce). The plain path, kept here as the reference, is the pipeline as it was:
+the whole frame in float32, stretched, then resized; the mask at full resolution.
+
+Tolerances, from what the changes are: every fracture probability within 0.05 and their median
+difference under 0.005 (a grey level of rounding moves the models a little); crop boxes within
+1% of the image's long side for 95% of the images (a borderline bone mask may flip a region);
+every detection of the plain path found again at IoU >= 0.7 when it scores 0.05 above the
+threshold.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.core.config import Settings
+from app.inference import decoding
+from app.inference import operating_point as op
+from app.inference.decoding import DecodedImage, decode, reduction
+from app.inference.pipeline import ImageWork, detect_crops, run_study
+from app.inference.preprocessing import (
+    GreyLevels,
+    grey_levels,
+    mask_crop_box,
+    model_input,
+    resize,
+    stretch_grey,
+)
+from app.inference.runtime import ModelRegistry
+from tests.conftest import bone_phantom
+
+MODALITIES = ["CR", "DX", "RG", "OT"]
+
+
+@pytest.fixture(scope="module")
+def chain():
+    s = Settings()
+    registry = ModelRegistry(s.models_dir)
+    registry.load_all("cpu", 0)
+    crp = registry.get("cropper", None, "")
+    clf = registry.get("classifier", None, s.default_classifier)
+    det = registry.get("detector", None, s.default_detector)
+    return crp, clf, det, op.from_fp_rate(det.card, s.default_fp_per_image)
+
+
+def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
+    """The pipeline before the fast paths: float32 frame, stretch then resize, full-res mask."""
+    frame = np.asarray(full, dtype=np.float32)
+    h, w = frame.shape
+    logits = crp.run(model_input(stretch_grey(frame), crp.spec)[0][None])[0][0][0]
+    box = mask_crop_box(resize(logits, h, w) > 0.0, float(crp.card.crop_margin)) or (0, 0, w, h)
+    x1, y1, x2, y2 = box
+    crop = stretch_grey(frame[y1:y2, x1:x2])
+    raw = float(np.clip(clf.run(model_input(crop, clf.spec)[0][None])[0].reshape(-1)[0], 0, 1))
+    calibration = clf.card.calibration
+    boxes, scores = detect_crops(det, [crop], point.detector_threshold)[0]
+    if len(boxes):
+        boxes[:, [0, 2]] += x1
+        boxes[:, [1, 3]] += y1
+    return {
+        "p": calibration.apply(raw) if calibration else raw,
+        "crop": box,
+        "boxes": boxes,
+        "scores": scores,
+    }
+
+
+def fast_study(image: DecodedImage, crp, clf, det, point) -> dict:
+    work = [ImageWork(image=image, decode_ms=0.0)]
+    run_study(work, crp, clf, det, point)
+    w = work[0]
+    return {"p": w.probability, "crop": w.crop_box, "boxes": w.boxes, "scores": w.scores}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def assert_same_answers(
+    pairs: list[tuple[str, dict, dict, int]], threshold: float, typical: bool = True
+) -> None:
+    """`typical`: the median difference is checked too (a set of images, not one)."""
+    dp = np.array([abs(a["p"] - b["p"]) for _, a, b, _ in pairs])
+    worst = pairs[int(dp.argmax())][0]
+    assert dp.max() <= 0.05, f"{worst}: probability moved by {dp.max():.3f}"
+    assert not typical or np.median(dp) <= 0.005, np.median(dp)
+    crop_ok = [
+        max(abs(u - v) for u, v in zip(a["crop"], b["crop"], strict=True)) <= 0.01 * side
+        for _, a, b, side in pairs
+    ]
+    assert np.mean(crop_ok) >= 0.95, [
+        n for (n, *_), ok in zip(pairs, crop_ok, strict=True) if not ok
+    ]
+    for name, plain, fast, _ in pairs:
+        for box, score in zip(plain["boxes"], plain["scores"], strict=True):
+            if score < threshold + 0.05:
+                continue
+            best = max((iou(box, b) for b in fast["boxes"]), default=0.0)
+            assert best >= 0.7, f"{name}: a detection scoring {score:.2f} is lost ({best:.2f})"
+
+
+def test_fracatlas_answers_are_the_plain_pipelines(chain, fracatlas_dir: Path):
+    crp, clf, det, point = chain
+    names = (fracatlas_dir / "splits" / "val.txt").read_text().split()[:60]
+    pairs = []
+    for name in names:
+        path = next((fracatlas_dir / "images").glob(f"*/{name}"))
+        image = decode(path.read_bytes(), "image/jpeg", name, 60_000_000, MODALITIES)
+        full = np.asarray(Image.open(path).convert("L"))  # FracAtlas: no EXIF rotation
+        if image.frame_size is None:
+            # the 8-bit working image is the frame itself, luminance decoded only
+            assert np.array_equal(image.pixels, full), name
+        pairs.append(
+            (
+                name,
+                plain_study(full, crp, clf, det, point),
+                fast_study(image, crp, clf, det, point),
+                max(full.shape),
+            )
+        )
+    assert_same_answers(pairs, point.detector_threshold)
+
+
+def test_shared_dicom_answers_are_the_plain_pipelines(
+    chain, dicom_dir: Path, dicom_manifest, monkeypatch
+):
+    crp, clf, det, point = chain
+    rows = [r for r in dicom_manifest if r["decodes_with_pydicom3_pylibjpeg"] == "ok"]
+    rows = [r for r in rows if r["modality"] != "MG"]
+    pairs = []
+    reduced = 0
+    for row in rows:
+        data = (dicom_dir / row["file"]).read_bytes()
+        image = decode(data, "application/dicom", row["file"], 60_000_000, MODALITIES)
+        with monkeypatch.context() as m:
+            m.setattr(decoding, "WORKING_SIDE", 10**6)  # the whole frame, no reduction
+            full = decode(data, "application/dicom", row["file"], 60_000_000, MODALITIES).pixels
+        assert (image.height, image.width) == full.shape
+        reduced += image.frame_size is not None
+        pairs.append(
+            (
+                row["file"],
+                plain_study(full, crp, clf, det, point),
+                fast_study(image, crp, clf, det, point),
+                max(full.shape),
+            )
+        )
+    assert reduced >= 2  # the 2500x2048 and 2128x2000 JPEG 2000 files took the reduced path
+    assert_same_answers(pairs, point.detector_threshold)
+
+
+def test_reduced_jpeg2000_is_the_frame_at_half_resolution(dicom_dir: Path, monkeypatch):
+    """Pillow's OpenJPEG at resolution level 1: the wavelet low band, close to a 2x2 mean."""
+    data = (dicom_dir / "NM_Kakadu44_SOTmarkerincons.dcm").read_bytes()
+    image = decode(data, "application/dicom", None, 60_000_000, MODALITIES)
+    assert image.frame_size == (2500, 2048) and image.pixels.shape == (1250, 1024)
+    with monkeypatch.context() as m:
+        m.setattr(decoding, "WORKING_SIDE", 10**6)
+        full = decode(data, "application/dicom", None, 60_000_000, MODALITIES).pixels
+    mean2x2 = full.reshape(1250, 2, 1024, 2).mean(axis=(1, 3))
+    span = float(full.max() - full.min())
+    assert np.abs(image.pixels - mean2x2).mean() <= 0.01 * span
+
+
+def test_a_large_jpeg_is_decoded_at_the_working_scale_and_answered_in_its_frame(chain):
+    crp, clf, det, point = chain
+    big = bone_phantom(2600, 2100)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=95)
+    image = decode(buf.getvalue(), "image/jpeg", None, 60_000_000, MODALITIES)
+    assert reduction(2600, 2100) == 2
+    assert (image.height, image.width) == (2600, 2100) and image.pixels.shape == (1300, 1050)
+    fast = fast_study(image, crp, clf, det, point)
+    plain = plain_study(np.asarray(Image.open(buf)), crp, clf, det, point)
+    assert_same_answers([("phantom", plain, fast, 2600)], point.detector_threshold, False)
+    x1, y1, x2, y2 = fast["crop"]
+    assert 0 <= x1 < x2 <= 2100 and 0 <= y1 < y2 <= 2600
+
+
+def test_exif_rotation_of_a_reduced_jpeg_keeps_the_frame_turned():
+    big = bone_phantom(2100, 2600)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", exif=exif)
+    image = decode(buf.getvalue(), "image/jpeg", None, 60_000_000, MODALITIES)
+    assert (image.height, image.width) == (2600, 2100)
+    assert image.pixels.shape == (1300, 1050)
+
+
+def test_byte_percentiles_and_lookup_stretch_equal_the_float_path():
+    rng = np.random.default_rng(3)
+    for shape in [(373, 454), (17, 5), (1, 1), (600, 700)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        img[: shape[0] // 3] = 40  # a heavy mode, as a radiograph's background
+        fast, plain = grey_levels(img), grey_levels(img.astype(np.float32))
+        assert (fast.lo, fast.hi) == pytest.approx((plain.lo, plain.hi), abs=1e-9)
+        assert np.allclose(stretch_grey(img), stretch_grey(img.astype(np.float32)), atol=1e-6)
+    flat = np.full((8, 8), 9, np.uint8)
+    assert GreyLevels(9.0, 9.0).apply(flat).max() == 0.0 and stretch_grey(flat).max() == 0.0
+
+
+def test_a_truncated_jpeg_leaves_pillow_strict_for_everyone_else(fracatlas_dir: Path):
+    from PIL import ImageFile
+
+    path = next((fracatlas_dir / "images" / "Fractured").glob("*.jpg"))
+    data = path.read_bytes()
+    cut = data[: len(data) * 3 // 4]
+    image = decode(cut, "image/jpeg", None, 60_000_000, MODALITIES)
+    assert any("truncated" in n for n in image.notes)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
