@@ -21,7 +21,7 @@ from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
 from app.dicom.dimse import StoreReceiver
 from app.dicom.store import Deliverer, ResultStore
-from app.state import AppState, load_models
+from app.state import AppState, load_models, start_batcher
 
 log = logging.getLogger("app")
 access = logging.getLogger("app.access")
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.inference_workers, settings.queue_limit, state.metrics.overloaded.inc
         )
         load_models(state)
+        batcher = start_batcher(state)
         delivery = None
         if settings.dicomweb_destination:
             basic = (
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if receiver is not None:
             receiver.stop()
+        await batcher.stop()
         if delivery is not None:
             delivery.cancel()
             with contextlib.suppress(asyncio.CancelledError):

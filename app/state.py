@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.admission import Admission
+from app.batching import StudyBatcher
 from app.core.config import Settings
 from app.core.metrics import Metrics
 from app.dicom.store import Deliverer, ResultStore
@@ -27,11 +28,42 @@ class AppState:
     admission: Admission = field(default_factory=lambda: Admission(2, 8))
     results: ResultStore | None = None
     deliverer: Deliverer | None = None
+    batcher: StudyBatcher | None = None
 
     @property
     def inference_slots(self) -> asyncio.Semaphore:
         """The model slots (`inference_workers` of them) that admitted requests wait for."""
         return self.admission.slots
+
+
+def start_batcher(state: AppState) -> StudyBatcher:
+    """The model workers: batches of studies across requests, timed into the metrics."""
+    s, m = state.settings, state.metrics
+
+    def on_stage(stage: str, seconds: float, n: int) -> None:
+        m.stage_duration.labels(stage).observe(seconds)
+        m.batch_size.labels(stage).observe(n)
+
+    def on_batch(seconds: float, studies: int) -> None:
+        state.admission.observe(seconds / studies)  # Retry-After estimates per request
+
+    def on_abandoned() -> None:
+        m.abandoned.inc()
+
+    on_gpu = state.registry is not None and any(
+        m.provider != "CPUExecutionProvider" for m in state.registry.models.values()
+    )
+    max_images = s.batch_max_images or (8 if on_gpu else 1)
+    state.batcher = StudyBatcher(
+        s.inference_workers,
+        max_images,
+        s.batch_max_delay_ms / 1000,
+        on_stage=on_stage,
+        on_abandoned=on_abandoned,
+        on_batch=on_batch,
+    )
+    state.batcher.start()
+    return state.batcher
 
 
 def load_models(state: AppState) -> None:

@@ -5,9 +5,7 @@ Shared by every way a study arrives: /v1/predict, STOW-RS and the DIMSE receiver
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from app.core.errors import ApiError
@@ -19,7 +17,7 @@ from app.inference.answers import (
     StudyAnswer,
     StudyVerdict,
 )
-from app.inference.pipeline import ImageWork, image_answer, run_study
+from app.inference.pipeline import ImageWork, image_answer
 from app.inference.runtime import OnnxModel
 from app.state import AppState
 
@@ -86,16 +84,10 @@ async def analyse_study(
     """Run the pipeline on the decoded images of one study; the answer of /v1/predict.
     `gone` says whether the client has left: checked once a model slot is free."""
     crp, clf, det = models
-
-    def on_stage(stage: str, seconds: float, n: int) -> None:
-        state.metrics.stage_duration.labels(stage).observe(seconds)
-        state.metrics.batch_size.labels(stage).observe(n)
-
-    async with state.inference_slots:
-        await abandon_if_gone(gone, state, request_id)
-        t0 = time.perf_counter()
-        await asyncio.to_thread(run_study, works, crp, clf, det, point, on_stage)
-        state.admission.observe(time.perf_counter() - t0)
+    if state.batcher is None:
+        raise ApiError(503, "not_ready", "the service is starting or stopping")
+    # the batcher checks `gone` once the study's batch forms, before any model runs
+    await state.batcher.analyse(works, models, point, request_id, gone)
 
     threshold = float(clf.card.decision_threshold)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]

@@ -38,6 +38,19 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         2, ge=1, description="requests whose models run at the same time"
     )
+    batch_max_images: int | None = Field(
+        None,
+        ge=1,
+        description="most images one model call carries when studies of concurrent requests "
+        "are batched together (1: no batching across requests; default: 8 on a GPU, 1 on the "
+        "CPU, where batching was measured not to help)",
+    )
+    batch_max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="how long a batch may wait for more studies (0: only those already waiting)",
+    )
     max_queue: int | None = Field(
         None,
         ge=0,
