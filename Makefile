@@ -30,7 +30,7 @@ install-test: $(BIN)/python
 # orthanc and orthanc-dicomweb (a PACS for the DICOMweb tests), dcmtk (storescu for C-STORE),
 # chromium and chromium-driver (a real browser for the report and viewer tests). Tests skip with
 # a reason where they cannot be installed (not root, no apt).
-DEBIAN_PACKAGES := prometheus orthanc orthanc-dicomweb dcmtk chromium chromium-driver
+DEBIAN_PACKAGES := prometheus orthanc orthanc-dicomweb dcmtk chromium chromium-driver postgresql
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES)
 system-deps:
 	@if command -v promtool >/dev/null 2>&1 && command -v storescu >/dev/null 2>&1 \

@@ -20,7 +20,7 @@ from app.core.config import Settings, get_settings
 from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
 from app.dicom.dimse import StoreReceiver
-from app.dicom.store import Deliverer, ResultStore
+from app.dicom.store import Deliverer, ResultStore, database_url, open_database
 from app.state import AppState, load_models, start_batcher
 
 log = logging.getLogger("app")
@@ -31,9 +31,11 @@ UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready",
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    state = AppState(
-        settings=settings, metrics=Metrics(), results=ResultStore(settings.result_retention_s)
+    results = ResultStore(
+        open_database(database_url(settings.state_dir, settings.database_url)),
+        settings.result_retention_s,
     )
+    state = AppState(settings=settings, metrics=Metrics(), results=results)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+# The in-process apps of the tests keep their results in a database of this session only.
+os.environ.setdefault("FRACTURE_STATE_DIR", tempfile.mkdtemp(prefix="fracture-test-state-"))
 SHARED = REPO.parent / "shared" / "data"
 DICOM_DIR = SHARED / "dicom"
 FRACATLAS = SHARED / "fracatlas"

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,9 @@ class ServiceProcess:
     """`uvicorn app.main:create_app` on 127.0.0.1:port with extra environment; ready on return."""
 
     def __init__(self, port: int, **env: str):
+        # its own results database unless the test shares one (a restart)
+        env.setdefault("FRACTURE_STATE_DIR", tempfile.mkdtemp(prefix="fracture-state-"))
+        self.state_dir = env["FRACTURE_STATE_DIR"]
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -67,4 +71,9 @@ class ServiceProcess:
 
     def stop(self) -> None:
         self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown of any kind."""
+        self.proc.kill()
         self.proc.wait(timeout=30)

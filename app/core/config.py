@@ -130,6 +130,16 @@ class Settings(BaseSettings):
     dimse_ae_title: str = Field(
         "FRACTURE", max_length=16, description="AE title of the C-STORE receiver"
     )
+    state_dir: Path = Field(
+        Path("state"),
+        description="folder of the SQLite database of results and their delivery (created)",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the results database instead (PostgreSQL: "
+        "postgresql+psycopg://user:password@host/db), shared by replicas",
+        repr=False,
+    )
     result_retention_s: float = Field(
         86_400.0, gt=0, description="how long results stay retrievable here, delivered or not"
     )

@@ -146,7 +146,7 @@ async def analyse_instances(
             result_id=result_id,
             results_url=f"{base_url}/dicomweb/studies/{study_uid}",
         )
-        state.results.add(study_uid, stored, instances, result_id)
+        await asyncio.to_thread(state.results.add, study_uid, stored, instances, result_id)
         answers.append(stored)
         if state.deliverer is not None:
             state.deliverer.wakeup.set()

@@ -1,5 +1,13 @@
-"""Results of analysed studies, kept until the PACS has them (bounded by a retention time),
-and the background delivery to a DICOMweb destination (STOW-RS client) with retries."""
+"""Results of analysed studies in a database, kept until the PACS has them (bounded by a
+retention time), and the background delivery to a DICOMweb destination (STOW-RS client).
+
+SQLite under `FRACTURE_STATE_DIR` by default (one file, nothing to install), any SQLAlchemy URL
+(PostgreSQL: several replicas share results) with `FRACTURE_DATABASE_URL`. Each analysis is its
+own record, never replaced: a study analysed twice has two results, both delivered; WADO-RS and
+the findings show the latest. The delivery state lives in the same row, so that a restart after
+SIGTERM or kill -9 resumes delivery where it stopped; a result is marked delivered only once the
+destination acknowledged it.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,64 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 
 from app.core.metrics import Metrics
 from app.dicom.multipart import build_related
 from app.inference.answers import StoredStudyAnswer
 
 log = logging.getLogger("app.dicomweb.delivery")
+
+schema = MetaData()
+results_table = Table(
+    "results",
+    schema,
+    Column("result_id", String(32), primary_key=True),
+    Column("study_uid", String(64), nullable=False, index=True),
+    Column("created", Float, nullable=False),  # seconds since the epoch: survives restarts
+    Column("findings", Text, nullable=False),  # the stored answer, JSON
+    Column("delivered", Boolean, nullable=False, default=False),
+    Column("given_up", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt", Float, nullable=False, default=0.0),
+    Column("last_error", Text, nullable=True),
+)
+objects_table = Table(
+    "result_objects",
+    schema,
+    Column(
+        "result_id",
+        String(32),
+        ForeignKey("results.result_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # a Part 10 instance: the SR or a capture
+)
 
 
 @dataclass
@@ -26,7 +81,7 @@ class StudyResult:
     study_uid: str
     findings: StoredStudyAnswer
     instances: list[bytes]  # the SR and the secondary captures, Part 10 encoded
-    created: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)
     delivered: bool = False
     attempts: int = 0
     next_attempt: float = 0.0
@@ -34,56 +89,177 @@ class StudyResult:
     given_up: bool = False  # the destination refused it for good (a 4xx other than 408/429)
 
 
-class ResultStore:
-    """Thread-safe map of study UID -> latest results, with retention."""
+def database_url(state_dir: Path, url: str | None) -> str:
+    """The configured URL, or SQLite in the state folder (created)."""
+    if url:
+        return url
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state_dir.resolve() / 'results.db'}"
 
-    def __init__(self, retention_s: float):
+
+def open_database(url: str) -> Engine:
+    """An engine with the tables created; SQLite in WAL mode with foreign keys on."""
+    sqlite = url.startswith("sqlite")
+    engine = create_engine(
+        url,
+        pool_pre_ping=not sqlite,
+        connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+    )
+    if sqlite:
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn, _record) -> None:  # noqa: ANN001 (DB-API objects)
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            cur.execute("PRAGMA synchronous=FULL")  # a result acknowledged is on disk
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    schema.create_all(engine)
+    return engine
+
+
+class ResultStore:
+    """Results in the database, each its own row; the latest per study is what is served."""
+
+    def __init__(self, engine: Engine, retention_s: float):
+        self.engine = engine
         self.retention_s = retention_s
-        self._lock = threading.Lock()
-        self._by_study: dict[str, StudyResult] = {}
 
     def add(
         self, study_uid: str, findings: StoredStudyAnswer, instances: list[bytes], result_id: str
     ) -> StudyResult:
         result = StudyResult(result_id, study_uid, findings, instances)
-        with self._lock:
-            self._by_study[study_uid] = result
+        with self.engine.begin() as db:
+            db.execute(
+                insert(results_table).values(
+                    result_id=result_id,
+                    study_uid=study_uid,
+                    created=result.created,
+                    findings=findings.model_dump_json(),
+                    delivered=False,
+                    given_up=False,
+                    attempts=0,
+                    next_attempt=0.0,
+                )
+            )
+            if instances:
+                db.execute(
+                    insert(objects_table),
+                    [
+                        {"result_id": result_id, "seq": i, "data": data}
+                        for i, data in enumerate(instances)
+                    ],
+                )
         return result
 
     def get(self, study_uid: str) -> StudyResult | None:
-        with self._lock:
-            return self._by_study.get(study_uid)
+        """The latest result of a study."""
+        with self.engine.connect() as db:
+            row = db.execute(
+                select(results_table)
+                .where(results_table.c.study_uid == study_uid)
+                .order_by(results_table.c.created.desc())
+                .limit(1)
+            ).first()
+            return self._load(db, row) if row is not None else None
+
+    def count(self, study_uid: str) -> int:
+        with self.engine.connect() as db:
+            return int(
+                db.scalar(select(func.count()).where(results_table.c.study_uid == study_uid)) or 0
+            )
 
     def pending(self, now: float) -> list[StudyResult]:
-        with self._lock:
-            return [
-                r
-                for r in self._by_study.values()
-                if not r.delivered and not r.given_up and r.next_attempt <= now
-            ]
+        """Results due for a delivery attempt, oldest first."""
+        with self.engine.connect() as db:
+            rows = db.execute(
+                select(results_table)
+                .where(
+                    ~results_table.c.delivered,
+                    ~results_table.c.given_up,
+                    results_table.c.next_attempt <= now,
+                )
+                .order_by(results_table.c.created)
+            ).all()
+            return [self._load(db, row) for row in rows]
+
+    def record_attempt(self, result: StudyResult) -> None:
+        """Write back the delivery state of a result after an attempt."""
+        with self.engine.begin() as db:
+            db.execute(
+                update(results_table)
+                .where(results_table.c.result_id == result.result_id)
+                .values(
+                    delivered=result.delivered,
+                    given_up=result.given_up,
+                    attempts=result.attempts,
+                    next_attempt=result.next_attempt,
+                    last_error=result.last_error,
+                )
+            )
 
     def backlog(self) -> int:
         """Results still to deliver (not delivered, not given up)."""
-        with self._lock:
-            return sum(not r.delivered and not r.given_up for r in self._by_study.values())
+        with self.engine.connect() as db:
+            return int(
+                db.scalar(
+                    select(func.count()).where(
+                        ~results_table.c.delivered, ~results_table.c.given_up
+                    )
+                )
+                or 0
+            )
 
     def expire(self, now: float) -> int:
         """Forget results past retention; the number dropped undelivered (each logged)."""
-        dropped = 0
-        with self._lock:
-            old = [k for k, r in self._by_study.items() if now - r.created > self.retention_s]
-            for key in old:
-                result = self._by_study.pop(key)
-                if not result.delivered and not result.given_up:
+        cutoff = now - self.retention_s
+        with self.engine.begin() as db:
+            old = db.execute(
+                select(
+                    results_table.c.result_id,
+                    results_table.c.delivered,
+                    results_table.c.given_up,
+                    results_table.c.attempts,
+                    results_table.c.last_error,
+                ).where(results_table.c.created < cutoff)
+            ).all()
+            dropped = 0
+            for row in old:
+                if not row.delivered and not row.given_up:
                     dropped += 1
                     log.error(
                         "result %s dropped undelivered after %d attempts (retention %.0f s): %s",
-                        result.result_id,
-                        result.attempts,
+                        row.result_id,
+                        row.attempts,
                         self.retention_s,
-                        result.last_error,
+                        row.last_error,
                     )
+            if old:
+                ids = [row.result_id for row in old]
+                db.execute(delete(objects_table).where(objects_table.c.result_id.in_(ids)))
+                db.execute(delete(results_table).where(results_table.c.result_id.in_(ids)))
         return dropped
+
+    @staticmethod
+    def _load(db, row) -> StudyResult:  # noqa: ANN001 (SQLAlchemy connection and row)
+        instances = db.scalars(
+            select(objects_table.c.data)
+            .where(objects_table.c.result_id == row.result_id)
+            .order_by(objects_table.c.seq)
+        ).all()
+        return StudyResult(
+            result_id=row.result_id,
+            study_uid=row.study_uid,
+            findings=StoredStudyAnswer.model_validate_json(row.findings),
+            instances=[bytes(x) for x in instances],
+            created=row.created,
+            delivered=bool(row.delivered),
+            attempts=int(row.attempts),
+            next_attempt=float(row.next_attempt),
+            last_error=row.last_error,
+            given_up=bool(row.given_up),
+        )
 
 
 class Deliverer:
@@ -115,14 +291,15 @@ class Deliverer:
             timeout=self.timeout_s, auth=self.auth, headers=self.headers
         ) as client:
             while True:
-                now = time.monotonic()
-                dropped = self.store.expire(now)
+                now = time.time()
+                dropped = await asyncio.to_thread(self.store.expire, now)
                 if dropped and self.metrics is not None:
                     self.metrics.delivery_dropped.labels("retention").inc(dropped)
-                for result in self.store.pending(now):
+                for result in await asyncio.to_thread(self.store.pending, now):
                     await self._deliver(client, result)
+                    await asyncio.to_thread(self.store.record_attempt, result)
                 if self.metrics is not None:
-                    self.metrics.delivery_backlog.set(self.store.backlog())
+                    self.metrics.delivery_backlog.set(await asyncio.to_thread(self.store.backlog))
                 self.wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wakeup.wait(), timeout=self.retry_s)
@@ -167,7 +344,7 @@ class Deliverer:
         # Exponential backoff with jitter, so many failed results do not retry in lockstep.
         backoff = min(self.max_backoff_s, self.retry_s * 2 ** (result.attempts - 1))
         backoff *= random.uniform(0.8, 1.2)
-        result.next_attempt = time.monotonic() + backoff
+        result.next_attempt = time.time() + backoff
         result.last_error = error
         log.warning(
             "delivery of result %s to the PACS failed (attempt %d, %s); retrying in %.0f s",

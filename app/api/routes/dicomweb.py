@@ -11,6 +11,7 @@ DICOMweb destination (see app/dicom/store.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -36,6 +37,7 @@ from app.dicom.multipart import (
     build_related,
     media_params,
 )
+from app.dicom.store import StudyResult
 from app.state import AppState
 from app.study import resolve_models
 
@@ -206,8 +208,8 @@ async def store_study_instances(
     return await _store(request, state, study_uid, fp_per_image, score_threshold)
 
 
-def _result_or_404(state: AppState, study_uid: str):
-    result = state.results.get(study_uid)
+async def _result_or_404(state: AppState, study_uid: str) -> StudyResult:
+    result = await asyncio.to_thread(state.results.get, study_uid)
     if result is None:
         raise ApiError(
             404,
@@ -232,7 +234,7 @@ def _result_or_404(state: AppState, study_uid: str):
 async def retrieve_results(
     state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Response:
-    result = _result_or_404(state, study_uid)
+    result = await _result_or_404(state, study_uid)
     body, ctype = build_related(result.instances)
     return Response(body, media_type=ctype.split(";")[0], headers={"content-type": ctype})
 
@@ -246,7 +248,7 @@ async def retrieve_results(
 async def study_findings(
     state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Findings:
-    result = _result_or_404(state, study_uid)
+    result = await _result_or_404(state, study_uid)
     return Findings(
         **result.findings.model_dump(),
         delivery=Delivery(

@@ -248,6 +248,57 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
             pacs.stop()
 
 
+def test_undelivered_results_survive_kill_9_and_reach_the_pacs_after_a_restart(tmp_path):
+    """The PACS is down; a study is analysed twice (two results, neither replaces the other);
+    the service is killed with SIGKILL. Restarted on the same state folder once the PACS is up,
+    it delivers both results, and a further restart sends nothing again."""
+    from app.dicom.multipart import build_related
+
+    app_port, pacs_port = free_port(), free_port()
+    destination = f"http://127.0.0.1:{pacs_port}/dicom-web"
+    state = str(tmp_path / "state")
+    service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+    pacs = None
+    try:
+        ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
+        body, ctype = build_related([to_bytes(ds)])
+        for _ in range(2):
+            r = service.http.post(
+                "/dicomweb/studies", content=body, headers={"content-type": ctype}
+            )
+            assert r.status_code == 200
+        findings_url = f"/dicomweb/studies/{ds.StudyInstanceUID}/findings"
+        wait_for(
+            lambda: service.http.get(findings_url).json()["delivery"]["attempts"] >= 1,
+            30,
+            "a failed delivery attempt",
+        )
+        service.kill()
+
+        pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
+        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        objects = wait_for(
+            lambda: (
+                found if len(found := instances_of_study(pacs, ds.StudyInstanceUID)) >= 4 else None
+            ),
+            60,
+            "both results to reach the PACS",
+        )
+        kinds = sorted(o.SOPClassUID.name for o in objects)
+        assert kinds == ["Comprehensive SR Storage"] * 2 + ["Secondary Capture Image Storage"] * 2
+        assert service.http.get(findings_url).json()["delivery"]["delivered"] is True
+        service.stop()
+        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        time.sleep(3)  # several retry periods
+        assert len(instances_of_study(pacs, ds.StudyInstanceUID)) == 4
+        text = service.http.get("/metrics").text
+        assert "fracture_delivery_backlog 0.0" in text
+    finally:
+        service.stop()
+        if pacs:
+            pacs.stop()
+
+
 def test_a_destination_that_refuses_for_good_is_not_retried(tmp_path):
     """Wrong PACS credentials: 401 is permanent, so the result is kept here, marked given up,
     and not sent again and again."""
