@@ -5,10 +5,12 @@ Shared by every way a study arrives: /v1/predict, STOW-RS and the DIMSE receiver
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from app.core.errors import ApiError
+from app.core.logs import caller
 from app.inference import operating_point as op
 from app.inference.answers import (
     ModelRef,
@@ -22,6 +24,7 @@ from app.inference.runtime import OnnxModel
 from app.state import AppState
 
 log = logging.getLogger("app.study")
+audit = logging.getLogger("app.audit")
 
 Models = tuple[OnnxModel, OnnxModel, OnnxModel]
 
@@ -80,9 +83,11 @@ async def analyse_study(
     models: Models,
     request_id: str,
     gone: Gone | None = None,
+    delivery: str = "answered",
 ) -> StudyAnswer:
     """Run the pipeline on the decoded images of one study; the answer of /v1/predict.
-    `gone` says whether the client has left: checked once a model slot is free."""
+    `gone` says whether the client has left: checked once a model slot is free. `delivery`
+    (for the audit line): "answered" to the caller, "queued" for the PACS, or "kept" here."""
     crp, clf, det = models
     if state.batcher is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
@@ -95,6 +100,26 @@ async def analyse_study(
         state.metrics.images.labels("fracture" if img.fracture else "no_fracture").inc()
     study_p = max(img.fracture_probability for img in images)
     log.info("request %s: %d image(s), study probability %.3f", request_id, len(images), study_p)
+    study_uid = next(
+        (w.image.study_instance_uid for w in works if w.image.study_instance_uid), None
+    )
+    audit.info(
+        "study analysed",
+        extra={
+            "audit": {
+                "caller": caller.get(),
+                # a hash, not the UID: the audit trail links studies without identifying them
+                "study": hashlib.sha256(study_uid.encode()).hexdigest()[:16] if study_uid else None,
+                "models": {m.role: f"{m.name} {m.version}" for m in models},
+                "fp_per_image": point.fp_per_image,
+                "detector_threshold": round(point.detector_threshold, 6),
+                "images": len(images),
+                "probability": round(study_p, 4),
+                "fracture": any(img.fracture for img in images),
+                "delivery": delivery,
+            }
+        },
+    )
     return StudyAnswer(
         request_id=request_id,
         models=ModelsUsed(

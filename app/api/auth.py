@@ -10,6 +10,7 @@ import hmac
 from typing import Any
 
 from app.api.errors import error_response
+from app.core.logs import caller
 
 PROBE_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 # Probes, and the viewer's static page (it holds no data; its calls to the API carry the key).
@@ -54,4 +55,8 @@ class ApiKeyMiddleware:
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["key_id"] = identity
-        await self.app(scope, receive, send)
+        token = caller.set(f"key:{identity}")
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            caller.reset(token)

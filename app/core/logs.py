@@ -14,6 +14,9 @@ import time
 import uuid
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Who sent the work being served: "key:<key id>" (API keys on), "ae:<calling AE title>" (DIMSE),
+# or "anonymous"; read by the audit line of each study.
+caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="anonymous")
 
 
 def new_request_id(given: str | None) -> str:
@@ -34,7 +37,7 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             line["request_id"] = rid
-        for key in ("method", "path", "status", "duration_ms", "key_id"):
+        for key in ("method", "path", "status", "duration_ms", "key_id", "audit"):
             if hasattr(record, key):
                 line[key] = getattr(record, key)
         if record.exc_info and record.exc_info[0] is not None:

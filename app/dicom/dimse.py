@@ -15,6 +15,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
+from app.core.logs import caller
 from app.dicom.ingest import Accepted, analyse_instances, read_instance
 from app.state import AppState
 from app.study import resolve_models
@@ -102,10 +103,12 @@ class StoreReceiver:
         studies: OrderedDict[str, list[Accepted]] = OrderedDict()
         for a in accepted:
             studies.setdefault(a.image.study_instance_uid or "", []).append(a)
-        future = asyncio.run_coroutine_threadsafe(self._analyse(studies), self.loop)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        future = asyncio.run_coroutine_threadsafe(self._analyse(studies, calling), self.loop)
         future.add_done_callback(self._report)
 
-    async def _analyse(self, studies: dict[str, list[Accepted]]) -> int:
+    async def _analyse(self, studies: dict[str, list[Accepted]], calling_ae: str) -> int:
+        caller.set(f"ae:{calling_ae}")  # this task's own context: for the audit lines
         crp, clf, det, point = resolve_models(self.state, None, None, None, None)
         request_id = uuid.uuid4().hex
         await analyse_instances(self.state, studies, point, (crp, clf, det), request_id, "")

@@ -130,7 +130,8 @@ async def analyse_instances(
     algorithms = Algorithms(*((m.name, m.version) for m in models))
     for study_uid, accepted in studies.items():
         works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
-        answer = await analyse_study(state, works, point, models, request_id)
+        delivery = "queued" if state.deliverer is not None else "kept"
+        answer = await analyse_study(state, works, point, models, request_id, delivery=delivery)
         instances = await asyncio.to_thread(
             build_results,
             point,

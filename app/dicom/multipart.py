@@ -1,9 +1,11 @@
-"""multipart/related bodies (DICOM PS3.18): parse what STOW-RS clients send, build what we send."""
+"""Multipart bodies: multipart/related (DICOM PS3.18) from STOW-RS clients, and the
+multipart/form-data uploads of /v1/predict, parsed as they stream in; what we send to a PACS."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.utils import collapse_rfc2231_value
 
 
 class MultipartError(ValueError):
@@ -18,6 +20,19 @@ class TooManyPartsError(MultipartError):
 class Part:
     content_type: str
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+
+    def form_field(self) -> tuple[str | None, str | None]:
+        """(name, filename) of a multipart/form-data part: `filename*=` (RFC 2231/5987, how
+        clients send non-ASCII names) decoded, and preferred over `filename=`."""
+        from email.message import Message
+
+        message = Message()
+        message["content-disposition"] = self.headers.get("content-disposition", "")
+        name = message.get_param("name", header="content-disposition")
+        if isinstance(name, tuple):
+            name = collapse_rfc2231_value(name)
+        return (str(name) if name is not None else None), message.get_filename()
 
 
 def media_params(content_type: str) -> tuple[str, dict[str, str]]:
@@ -69,7 +84,9 @@ class RelatedParser:
         self._data += data[start:end]
 
     def _part_end(self) -> None:
-        self.parts.append(Part(self._headers.get("content-type", ""), bytes(self._data)))
+        self.parts.append(
+            Part(self._headers.get("content-type", ""), bytes(self._data), self._headers)
+        )
         self._data = bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:

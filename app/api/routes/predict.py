@@ -7,11 +7,11 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from app.api.deps import StateDep, request_id_of
 from app.api.schemas import errors
 from app.core.errors import ApiError
+from app.dicom.multipart import MultipartError, RelatedParser, TooManyPartsError, media_params
 from app.inference.answers import StudyAnswer
 from app.inference.decoding import DecodedImage, decode
 from app.inference.pipeline import ImageWork
@@ -19,6 +19,8 @@ from app.state import AppState
 from app.study import abandon_if_gone, analyse_study, resolve_models
 
 log = logging.getLogger("app.predict")
+# Form fields besides the images that a multipart upload may carry (ignored).
+MAX_OTHER_FIELDS = 100
 router = APIRouter(tags=["inference"])
 
 UPLOAD_DOC = {
@@ -52,34 +54,35 @@ async def read_uploads(
     """(bytes, content type, filename) per uploaded image, from multipart or a raw body."""
     ctype = request.headers.get("content-type", "")
     if ctype.lower().startswith("multipart/form-data"):
+        # Our streaming parser, not Starlette's form: a part named with `filename*=` only is
+        # an upload too (Starlette would decode it as a text field and lose its bytes).
         try:
-            form = await request.form(max_files=max_images + 1, max_fields=100)
-        except ApiError:
-            raise
-        except Exception as exc:
-            if "too many files" in str(exc).lower():  # starlette stops at max_files
-                raise ApiError(
-                    413,
-                    "too_many_images",
-                    f"more than {max_images} images in one request",
-                ) from None
+            parser = RelatedParser(
+                media_params(ctype)[1].get("boundary", ""), max_images + MAX_OTHER_FIELDS
+            )
+            async for chunk in request.stream():
+                parser.feed(chunk)
+            parts = parser.finish()
+        except TooManyPartsError:
             raise ApiError(
-                400,
-                "invalid_multipart",
-                f"the multipart body cannot be parsed ({type(exc).__name__})",
+                413, "too_many_images", f"more than {max_images} images in one request"
             ) from None
-        parts = [
-            v for key in ("files", "file") for v in form.getlist(key) if isinstance(v, UploadFile)
-        ]
-        if not parts:
+        except MultipartError as exc:
+            raise ApiError(400, "invalid_multipart", str(exc)) from None
+        uploads = []
+        for part in parts:
+            name, filename = part.form_field()
+            if name in ("files", "file"):
+                uploads.append((part.body, part.content_type or None, filename))
+        if not uploads:
             raise ApiError(400, "no_files", "the multipart body has no 'files' part with an image")
-        if len(parts) > max_images:
+        if len(uploads) > max_images:
             raise ApiError(
                 413,
                 "too_many_images",
-                f"{len(parts)} images in one request; the limit is {max_images}",
+                f"{len(uploads)} images in one request; the limit is {max_images}",
             )
-        return [(await p.read(), p.content_type, p.filename) for p in parts]
+        return uploads
     if ctype.lower().startswith("multipart/"):
         raise ApiError(
             415,

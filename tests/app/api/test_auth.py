@@ -56,3 +56,28 @@ def test_metrics_can_be_public():
     with TestClient(create_app(Settings(api_keys=KEYS, metrics_public=True))) as client:
         assert client.get("/metrics").status_code == 200
         assert client.get("/v1/models").status_code == 401
+
+
+def test_each_study_leaves_an_audit_line_naming_the_key_not_the_patient(secured, captured_logs):
+    import json
+
+    from app.api.auth import key_id
+    from app.core.logs import JsonFormatter
+    from app.dicom.multipart import build_related
+    from tests.dicom_factory import make_dataset, to_bytes
+
+    ds = make_dataset(bone_phantom(200, 160).astype("uint16") * 8, bits_stored=12)
+    body, ctype = build_related([to_bytes(ds)])
+    headers = {"authorization": f"Bearer {KEYS[1]}"}
+    r = secured.post("/dicomweb/studies", content=body, headers={"content-type": ctype, **headers})
+    assert r.status_code == 200
+    records = [rec for rec in captured_logs.records if rec.name == "app.audit"]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    audit = line["audit"]
+    assert audit["caller"] == f"key:{key_id(KEYS[1])}" and audit["delivery"] == "kept"
+    assert audit["study"] and audit["study"] not in str(ds.StudyInstanceUID)
+    assert set(audit["models"]) == {"cropper", "classifier", "detector"}
+    assert audit["images"] == 1 and isinstance(audit["fracture"], bool)
+    text = json.dumps(line)
+    assert str(ds.StudyInstanceUID) not in text and str(ds.PatientID) not in text
+    assert KEYS[1] not in text
