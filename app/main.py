@@ -19,13 +19,39 @@ from app.api.routes import dicomweb, health, metrics, models, predict, viewer
 from app.core.config import Settings, get_settings
 from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
+from app.dicom.delivery import CStoreSender, Deliverer, Sender, StowSender
 from app.dicom.dimse import StoreReceiver
-from app.dicom.store import Deliverer, ResultStore, database_url, open_database
+from app.dicom.store import ResultStore, database_url, open_database
 from app.state import AppState, load_models, start_batcher
 
 log = logging.getLogger("app")
 access = logging.getLogger("app.access")
 UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+def destination_sender(settings: Settings) -> Sender | None:
+    """Where results go: a DICOMweb destination (STOW-RS), a DIMSE one (C-STORE), or none."""
+    if settings.dicomweb_destination:
+        basic = (
+            httpx.BasicAuth(
+                settings.dicomweb_destination_username,
+                settings.dicomweb_destination_password or "",
+            )
+            if settings.dicomweb_destination_username
+            else None
+        )
+        token = settings.dicomweb_destination_token
+        return StowSender(
+            settings.dicomweb_destination,
+            settings.delivery_timeout_s,
+            auth=basic,
+            headers={"Authorization": f"Bearer {token}"} if token else None,
+        )
+    if settings.dimse_destination:
+        return CStoreSender(
+            settings.dimse_destination, settings.dimse_ae_title, settings.delivery_timeout_s
+        )
+    return None
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -45,24 +71,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         load_models(state)
         batcher = start_batcher(state)
         delivery = None
-        if settings.dicomweb_destination:
-            basic = (
-                httpx.BasicAuth(
-                    settings.dicomweb_destination_username,
-                    settings.dicomweb_destination_password or "",
-                )
-                if settings.dicomweb_destination_username
-                else None
-            )
-            token = settings.dicomweb_destination_token
+        sender = destination_sender(settings)
+        if sender is not None:
             state.deliverer = Deliverer(
                 state.results,
-                settings.dicomweb_destination,
+                sender,
                 settings.delivery_retry_s,
                 settings.delivery_max_backoff_s,
-                settings.delivery_timeout_s,
-                auth=basic,
-                headers={"Authorization": f"Bearer {token}"} if token else None,
                 metrics=state.metrics,
             )
             delivery = asyncio.create_task(state.deliverer.run())

@@ -12,7 +12,8 @@ from app.admission import Admission
 from app.batching import StudyBatcher
 from app.core.config import Settings
 from app.core.metrics import Metrics
-from app.dicom.store import Deliverer, ResultStore
+from app.dicom.delivery import Deliverer
+from app.dicom.store import ResultStore
 from app.inference.runtime import ModelLoadError, ModelRegistry
 
 log = logging.getLogger("app")

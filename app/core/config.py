@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     dicomweb_destination_password: str | None = Field(
         None, description="basic-auth password for the destination", repr=False
     )
+    dimse_destination: str | None = Field(
+        None,
+        pattern=r"^[^@]{1,16}@[^:]+:[0-9]{1,5}$",
+        description="results pushed over DIMSE C-STORE to AET@host:port (a PACS without "
+        "DICOMweb; our calling AE title is FRACTURE_DIMSE_AE_TITLE); used when "
+        "FRACTURE_DICOMWEB_DESTINATION is unset",
+    )
     delivery_retry_s: float = Field(
         5.0, gt=0, description="first retry delay of a failed delivery (doubles)"
     )
