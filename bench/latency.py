@@ -35,11 +35,32 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def rss_mib(pid: int) -> float:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process (VmHWM: its peak so far)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def deflate_bomb(inflated_mb: int = 300) -> bytes:
+    """A deflated DICOM of a few hundred KB whose dataset inflates to `inflated_mb` MB."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.StudyInstanceUID, ds.Modality = generate_uid(), "DX"
+    ds.add_new(0x00091010, "OB", b"\0" * (inflated_mb << 20))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -199,9 +220,22 @@ def main() -> int:
             jpeg_ms = post_each(client, jpegs)
             dicom_ms = post_each(client, dicoms)
             load = [
-                concurrent(str(client.base_url), jpegs, n, max(40, 6 * n)) for n in (1, 4, 8, 16)
+                concurrent(str(client.base_url), jpegs, n, max(40, 6 * n))
+                for n in (1, 4, 8, 16, 64)
             ]
             rss_after = rss_mib(proc.pid)
+            bomb = deflate_bomb()
+            peak_before = rss_mib(proc.pid, "VmHWM")
+            refused = client.post(
+                "/v1/predict", content=bomb, headers={"content-type": "application/dicom"}
+            )
+            bomb_result = {
+                "bytes": len(bomb),
+                "inflates_to_mib": 300,
+                "status": refused.status_code,
+                "peak_rss_before_mib": round(peak_before, 1),
+                "peak_rss_after_mib": round(rss_mib(proc.pid, "VmHWM"), 1),
+            }
             models = {
                 m["role"]: f"{m['name']} {m['version']} ({m['execution_provider']})"
                 for m in client.get("/v1/models").json()["models"]
@@ -245,6 +279,7 @@ def main() -> int:
             next(x for x in load if x["clients"] == 8)["images_per_s"] / bound["images_per_s"], 2
         ),
         "shared_dicom_end_to_end": percentiles(dicom_ms),
+        "deflate_bomb": bomb_result,
         "largest_dicom_decode": {
             "file": by_bytes.name,
             "bytes": by_bytes.stat().st_size,

@@ -22,6 +22,7 @@ import numpy as np
 
 from app.inference.model_card import (
     Calibration,
+    CardError,
     SiteCalibration,
     SiteClassifier,
     SiteDetector,
@@ -94,9 +95,11 @@ def write_into_cards(
     for entry in (getattr(site, role) for role in roles):
         path = models_dir / f"{entry.name}.json"
         card = json.loads(path.read_text())
-        if card["sha256"] != entry.sha256:
-            raise ValueError(f"{path.name}: the card's model changed while calibrating")
-        update = entry.model_dump(mode="json", exclude={"name", "sha256"})
+        try:
+            update = site.update_for(card["name"], card["sha256"])
+        except CardError:
+            raise ValueError(f"{path.name}: the card's model changed while calibrating") from None
+        assert update is not None  # the entry names this card
         if "calibration" in update:
             update["threshold_rule"] = (
                 "Youden's J on the calibrated probability, served pipeline, " + site.site

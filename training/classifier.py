@@ -361,7 +361,7 @@ def fit(
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             start = state["epoch"] + 1
-        for epoch in range(start, epochs):
+        for epoch in common.progress(range(start, epochs), "epochs"):
             # BatchNorm statistics stay frozen while only the head learns.
             model.train(stage == "full")
             model.head.train()

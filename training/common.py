@@ -7,12 +7,15 @@ import os
 import platform
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "models"
@@ -21,6 +24,14 @@ FRACATLAS_ATTRIBUTION = (
     "FracAtlas (Abedeen et al., Scientific Data 10:521, 2023; figshare 10.6084/m9.figshare.22363012),"
     " CC BY 4.0; fixed train/val/test splits of the 3,471-image copy"
 )
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+    """A tqdm progress bar on a terminal; nothing when the output is a log file (nohup runs
+    log one JSON line per epoch instead)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=None, dynamic_ncols=True)
 
 
 def go_offline() -> None:

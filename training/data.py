@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 from app.inference.decoding import lenient_pillow
 from app.inference.model_card import DEFAULT_CROP_MARGIN
 from app.inference.preprocessing import mask_crop_box, model_input, stretch_grey
+from training.common import progress
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas"
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"
@@ -166,9 +167,11 @@ def build_cache(
     jobs = [(r, str(out), long_side) for r in records]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(_cache_one, jobs, chunksize=16))
+            rows = list(
+                progress(pool.map(_cache_one, jobs, chunksize=16), "cache", total=len(jobs))
+            )
     else:
-        rows = [_cache_one(j) for j in jobs]
+        rows = [_cache_one(j) for j in progress(jobs, "cache")]
     index_file.write_text(json.dumps({"long_side": long_side, "records": rows}))
     return out
 

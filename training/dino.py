@@ -67,7 +67,7 @@ def pretrain(
     total = cfg["epochs"] * steps_per_epoch
     ckpt_path = log.run_dir / "ssl_last.pt"
     start = common.resume(ckpt_path, student=student, teacher=teacher, opt=opt)
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in common.progress(range(start, cfg["epochs"]), "epochs"):
         student.train()
         t0, losses = time.time(), []
         perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]

@@ -26,7 +26,7 @@ from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, run_study
 from app.inference.runtime import ModelRegistry, OnnxModel
 from training import metrics, plots, report
-from training.common import MODELS_DIR, REPO
+from training.common import MODELS_DIR, REPO, progress
 from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
 from training.shifts import SHIFTS, shift_image
@@ -81,7 +81,7 @@ def collect(
     point = from_score(COLLECT_THRESHOLD)
     out = Collected()
     t0 = time.perf_counter()
-    for start in range(0, len(records), batch):
+    for start in progress(range(0, len(records), batch), f"evaluate ({shift})"):
         chunk = records[start : start + batch]
         works, chunk_boxes = [], []
         for rec in chunk:

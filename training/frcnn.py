@@ -178,7 +178,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     )
     ckpt_path = run_dir / "last.pt"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
-    for epoch in range(start, recipe["epochs"]):
+    for epoch in common.progress(range(start, recipe["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
         for idx in torch.randperm(len(data)).split(recipe["batch_size"]):

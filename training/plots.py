@@ -10,7 +10,7 @@ import numpy as np
 from app.inference.model_card import DEFAULT_FP_PER_IMAGE
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +21,7 @@ def _plt():
 
 def crop_grid(samples: Sequence[tuple], path: Path) -> Path:
     """image / predicted mask / crop box (green) / fracture boxes (red), 4 per row."""
-    plt = _plt()
+    plt = pyplot()
     cols = 4
     rows = -(-len(samples) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
@@ -57,7 +57,7 @@ def roc_pr_plots(
 ) -> None:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     y, s = np.asarray(labels), np.asarray(scores)
     if 0 < y.sum() < len(y):
         fpr, tpr, _ = roc_curve(y, s)
@@ -78,7 +78,7 @@ def roc_pr_plots(
 
 
 def confusion_plot(cm: dict, out_dir: Path, prefix: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
     fig, ax = plt.subplots(figsize=(3.5, 3.5))
     ax.imshow(grid, cmap="Blues")
@@ -106,7 +106,7 @@ def froc_plot(
     points: Sequence[dict] = (),
 ) -> None:
     """FROC curve; `points` (operating-point rows: fp_per_image, recall) are marked on it."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.step(fp_per_image, recall, where="post")
     for row in points:
@@ -133,7 +133,7 @@ def froc_plot(
 
 def detection_grid(samples: Sequence[tuple], path: Path) -> Path:
     """image with ground truth (red) and detections (cyan, with scores), 4 per row."""
-    plt = _plt()
+    plt = pyplot()
     cols = 4
     rows = max(1, -(-len(samples) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)

@@ -17,7 +17,7 @@ from training import plots
 
 def calibration_plot(labels: list[int], probs: list[float], out_dir: Path, prefix: str) -> Path:
     """Reliability diagram: mean predicted probability against observed frequency, 10 bins."""
-    plt = plots._plt()
+    plt = plots.pyplot()
     y, p = np.asarray(labels, float), np.asarray(probs, float)
     edges = np.linspace(0, 1, 11)
     idx = np.clip(np.digitize(p, edges) - 1, 0, 9)

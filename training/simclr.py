@@ -74,7 +74,7 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
     mean, std = 0.5, 0.25
     ckpt_path = log.run_dir / "ssl_last.pt"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in common.progress(range(start, cfg["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
         perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]

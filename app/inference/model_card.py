@@ -213,18 +213,25 @@ class SiteCalibration(BaseModel):
     classifier: SiteClassifier | None = None
     detector: SiteDetector | None = None
 
+    def update_for(self, name: str, sha256: str) -> dict[str, Any] | None:
+        """The card fields this site fitted for model `name` (None: not calibrated here);
+        CardError when they were fitted for another file of that model."""
+        for entry in (self.classifier, self.detector):
+            if entry is None or entry.name != name:
+                continue
+            if entry.sha256 != sha256:
+                raise CardError(
+                    f"site calibration {self.site!r} was fitted for another file of {name}"
+                )
+            return entry.model_dump(mode="json", exclude={"name", "sha256"})
+        return None
+
     def overlay(self, card: ModelCard) -> ModelCard:
         """The card with this site's values where the site calibrated this very model."""
-        for entry in (self.classifier, self.detector):
-            if entry is None or entry.name != card.name:
-                continue
-            if entry.sha256 != card.sha256:
-                raise CardError(
-                    f"site calibration {self.site!r} was fitted for another file of {card.name}"
-                )
-            update = entry.model_dump(exclude={"name", "sha256"})
-            return validate_card({**card.as_json(), **update, "site": self.site}, card.file)
-        return card
+        update = self.update_for(card.name, card.sha256)
+        if update is None:
+            return card
+        return validate_card({**card.as_json(), **update, "site": self.site}, card.file)
 
 
 def read_site_calibration(path: Path) -> SiteCalibration:
