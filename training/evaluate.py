@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,30 @@ def worst_cases(records: list[Record], c: Collected, shift: str, report_dir: Pat
             plots.detection_grid(samples, report_dir / f"{name}.png")
 
 
+def operating_point_stability(
+    records: list[Record],
+    models_dir: Path,
+    classifier: str | None = None,
+    detector: str | None = None,
+    shifts: Sequence[str] = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "all"),
+) -> dict[str, Any]:
+    """How the card's thresholds behave when the images come from elsewhere: for each shift,
+    the FP/image and lesion recall each fp_per_image row's threshold gives, and the classifier's
+    AUROC, sensitivity and specificity at its decision threshold."""
+    crp, clf, det = served_models(models_dir, classifier, detector)
+    rows = det.card.operating_points or []
+    out: dict[str, Any] = {"detector": det.name, "classifier": clf.name, "shifts": {}}
+    for shift in shifts:
+        c = collect(records, (crp, clf, det), shift)
+        froc = metrics.froc(c.preds, c.gts)
+        cls = metrics.classification_metrics(c.labels, c.probs, float(clf.card.decision_threshold))
+        out["shifts"][shift] = {
+            "classifier": {k: cls[k] for k in ("auroc", "sensitivity", "specificity")},
+            "detector": {str(row.fp_per_image): froc.at_threshold(row.threshold) for row in rows},
+        }
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m training evaluate")
     parser.add_argument(
@@ -221,6 +246,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--report", type=Path, help="report folder (default reports/<split or folder>)"
     )
+    parser.add_argument(
+        "--stability",
+        action="store_true",
+        help="instead: the card's thresholds under every shift (FP/image, recall, AUROC)",
+    )
     args = parser.parse_args(argv)
     records = load_records(args.folder or data_root())
     split = args.split or (None if args.folder else "test")
@@ -228,6 +258,10 @@ def main(argv: list[str]) -> int:
         records = [r for r in records if r.split == split]
     if args.limit:
         records = records[: args.limit]
+    if args.stability:
+        result = operating_point_stability(records, args.models_dir, args.classifier, args.detector)
+        print(json.dumps(result, indent=2))
+        return 0
     name = (split or Path(args.folder).name) + ("" if args.shift == "none" else f"-{args.shift}")
     report_dir = args.report or REPO / "reports" / name
     result = evaluate(
