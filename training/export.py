@@ -1,4 +1,6 @@
-"""One exporter for every family: ONNX with a dynamic batch axis, a parity check, a model card."""
+"""ONNX export, parity check and model card for every family: torch graphs go through
+export_onnx (YOLOv8 alone through ultralytics' exporter, which knows its head), and every card
+through write_card, validated against the service's schema."""
 
 from __future__ import annotations
 

@@ -208,20 +208,16 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         )
         common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
-    model.eval()
-    onnx_path = out_dir / f"{recipe['name']}.onnx"
     example = torch.rand(3, recipe["input_size"], recipe["input_size"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            ([example],),
-            str(onnx_path),
-            input_names=["image"],
-            output_names=["boxes", "labels", "scores"],
-            opset_version=17,
-            dynamo=False,
-        )
+    # torchvision detection graphs take a list of CHW images: one image, no batch axis
+    onnx_path = export.export_onnx(
+        model,
+        ([example],),
+        out_dir / f"{recipe['name']}.onnx",
+        input_names=["image"],
+        output_names=["boxes", "labels", "scores"],
+        dynamic_batch=False,
+    )
     parity = _parity(model, onnx_path, items["val"][:4], spec)
     output = {
         "boxes": "k x 4 xyxy input pixels",
