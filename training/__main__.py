@@ -25,13 +25,13 @@ import yaml
 from training.common import MODELS_DIR, REPO, RUNS_DIR, load_recipe
 
 FAMILIES = {
-    "cropper": ("training.cropper", "U-Net bone cropper (Xie et al.)"),
-    "simclr": ("training.simclr", "SimCLR ResNet-18 classifier (Thorat et al.)"),
-    "dino": ("training.dino", "DINO ViT-S/14 classifier (FractuVision)"),
-    "mobilenet": ("training.mobilenet", "ImageNet MobileNetV2 classifier, box-supervised"),
-    "bam": ("training.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
-    "yolo": ("training.yolo", "YOLOv8 detector (FractuVision)"),
-    "frcnn": ("training.frcnn", "Faster R-CNN detector (Xie et al.)"),
+    "cropper": ("training.families.cropper", "U-Net bone cropper (Xie et al.)"),
+    "simclr": ("training.families.simclr", "SimCLR ResNet-18 classifier (Thorat et al.)"),
+    "dino": ("training.families.dino", "DINO ViT-S/14 classifier (FractuVision)"),
+    "mobilenet": ("training.families.mobilenet", "ImageNet MobileNetV2 classifier, box-supervised"),
+    "bam": ("training.families.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
+    "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
+    "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),
 }
 # Keys a run may set that recipes do not carry: the data cache and a smoke-run image limit.
 RUN_KEYS = {"cache", "limit"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.bam import BOTTLENECKS, bam_module, insert_bam
+from training.families.bam import BOTTLENECKS, bam_module, insert_bam
 
 
 def test_bam_shapes_and_identity_at_start():

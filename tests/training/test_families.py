@@ -110,7 +110,7 @@ def check_card(models: Path, name: str) -> dict:
 
 
 def test_cropper_tiny_run(tiny_cache, run_dirs):
-    from training import cropper
+    from training.families import cropper
 
     runs, models = run_dirs
     recipe = load_recipe(
@@ -135,7 +135,7 @@ def test_cropper_tiny_run(tiny_cache, run_dirs):
 
 
 def test_simclr_tiny_run_and_resume(tiny_cache, run_dirs):
-    from training import simclr
+    from training.families import simclr
 
     runs, models = run_dirs
     over = {
@@ -172,7 +172,7 @@ def test_simclr_objective_falls_on_a_fixed_batch():
     import torch
 
     from training.augment import ssl_views
-    from training.simclr import build_resnet18, build_simclr
+    from training.families.simclr import build_resnet18, build_simclr
 
     torch.manual_seed(0)
     images = (torch.rand(8, 64, 64) * 255).to(torch.uint8)
@@ -190,7 +190,7 @@ def test_simclr_objective_falls_on_a_fixed_batch():
 
 
 def test_dino_tiny_run_quantised(tiny_cache, run_dirs):
-    from training import dino
+    from training.families import dino
 
     runs, models = run_dirs
     over = {
@@ -217,7 +217,7 @@ def test_dinov2_checkpoint_in_facebook_key_format_loads(tmp_path):
     mask_token and 37x37 position grid) loads after sha256 verification."""
     import torch
 
-    from training.dino import build_vit, load_dinov2_checkpoint
+    from training.families.dino import build_vit, load_dinov2_checkpoint
     from training.weights import WeightsMismatchError
 
     source = build_vit(518)
@@ -236,7 +236,7 @@ def test_dinov2_checkpoint_in_facebook_key_format_loads(tmp_path):
 def test_torchvision_resnet_checkpoint_is_verified(tmp_path):
     import torch
 
-    from training.simclr import build_resnet18
+    from training.families.simclr import build_resnet18
     from training.weights import WeightsMismatchError, load_verified_state_dict
 
     path = tmp_path / "resnet18.pth"
@@ -247,7 +247,7 @@ def test_torchvision_resnet_checkpoint_is_verified(tmp_path):
 
 
 def test_yolo_tiny_run(tiny_cache, run_dirs, monkeypatch, tmp_path):
-    from training import yolo
+    from training.families import yolo
 
     runs, models = run_dirs
     monkeypatch.setattr(common, "REPO", tmp_path)  # the YOLO dataset folder goes under .cache here
@@ -279,7 +279,7 @@ def test_yolo_tiny_run(tiny_cache, run_dirs, monkeypatch, tmp_path):
 
 
 def test_frcnn_tiny_run(tiny_cache, run_dirs):
-    from training import frcnn
+    from training.families import frcnn
 
     runs, models = run_dirs
     recipe = load_recipe(
@@ -310,7 +310,7 @@ def test_imagenet_classifier_tiny_run_and_resume(family, tiny_cache, run_dirs):
     need_pretrained()
     import importlib
 
-    module = importlib.import_module(f"training.{family}")
+    module = importlib.import_module(f"training.families.{family}")
     runs, models = run_dirs
     over = {
         "cache": str(tiny_cache),
@@ -339,7 +339,7 @@ def test_frcnn_on_imagenet_mobilenet_tiny_run(tiny_cache, run_dirs):
     from tests.training.test_pretrained import need_pretrained
 
     need_pretrained()
-    from training import frcnn
+    from training.families import frcnn
 
     runs, models = run_dirs
     recipe = load_recipe(

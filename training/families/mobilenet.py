@@ -4,7 +4,7 @@ The converted network (training/pretrained.py) gets its BatchNorms calibrated on
 crops (same function, radiograph statistics), then the shared box-supervised fine-tune
 (training/classifier.py: image head + per-cell head on the stride-32 map, MIL term, fusion chosen
 on val), class-balanced epochs and the robust augmentation when the recipe asks for them.
-The `bam` family is this recipe with attention modules inserted (training/bam.py).
+The `bam` family is this recipe with attention modules inserted (training/families/bam.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training import common, mobilenet
+from training import common
+from training.families import mobilenet
 
 # MobileNetV2 `features` indices after which the resolution halves, and their widths.
 BOTTLENECKS = {3: 24, 6: 32, 13: 96}
