@@ -21,6 +21,7 @@ from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
 from app.dicom.delivery import CStoreSender, Deliverer, Sender, StowSender
 from app.dicom.dimse import StoreReceiver
+from app.dicom.ingest import recover_intake
 from app.dicom.store import ResultStore, database_url, open_database
 from app.state import AppState, load_models, start_batcher
 
@@ -70,6 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         load_models(state)
         batcher = start_batcher(state)
+        # what a killed process had accepted and not analysed: analysed now, in the background
+        recovery = asyncio.create_task(recover_intake(state)) if state.ready else None
         delivery = None
         sender = destination_sender(settings)
         if sender is not None:
@@ -95,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if receiver is not None:
             receiver.stop()
+        if recovery is not None:
+            recovery.cancel()
         await batcher.stop()
         if delivery is not None:
             delivery.cancel()

@@ -9,8 +9,10 @@ supported, 0xC000 cannot understand (not DICOM, undecodable pixel data), 0xA700 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,12 +28,15 @@ from app.dicom.results import (
     encode,
     source_header,
 )
+from app.dicom.store import IntakeJob
 from app.inference.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.inference.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.inference.operating_point import OperatingPoint
 from app.inference.pipeline import ImageWork
 from app.state import AppState
-from app.study import Models, analyse_study
+from app.study import Models, analyse_study, resolve_models
+
+log = logging.getLogger("app.ingest")
 
 STUDY_UID_MISMATCH = 0xA900
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -51,10 +56,11 @@ class Refused:
 
 
 class Accepted:
-    def __init__(self, header: Dataset, image: DecodedImage, decode_ms: float):
+    def __init__(self, header: Dataset, image: DecodedImage, decode_ms: float, data: bytes):
         self.header = header
         self.image = image
         self.decode_ms = decode_ms
+        self.data = data  # the instance as it arrived: kept in the intake until analysed
 
 
 def read_instance(data: bytes, state: AppState, url_study: str | None) -> Accepted | Refused:
@@ -82,7 +88,7 @@ def read_instance(data: bytes, state: AppState, url_study: str | None) -> Accept
             reason = SOP_CLASS_NOT_SUPPORTED
         return Refused(sop_class, sop_uid, reason)
     state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
-    return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2))
+    return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2), data)
 
 
 def build_results(
@@ -123,9 +129,22 @@ async def analyse_instances(
     models: Models,
     request_id: str,
     base_url: str,
+    job_id: str | None = None,
 ) -> list[StoredStudyAnswer]:
     """Analyse accepted instances, one study per StudyInstanceUID; make, keep and queue the
-    SR and secondary captures. Shared by STOW-RS and the DIMSE C-STORE receiver."""
+    SR and secondary captures. Shared by STOW-RS and the DIMSE C-STORE receiver. The instances
+    are kept in the intake first and dropped from it once every result is stored (`job_id`: a
+    job recovered at start, kept already)."""
+    if job_id is None and studies:
+        job_id = uuid.uuid4().hex
+        job = IntakeJob(
+            job_id,
+            [a.data for accepted in studies.values() for a in accepted],
+            point.fp_per_image,
+            None if point.fp_per_image is not None else point.detector_threshold,
+            base_url,
+        )
+        await asyncio.to_thread(state.results.accept, job)
     answers = []
     algorithms = Algorithms(*((m.name, m.version) for m in models))
     for study_uid, accepted in studies.items():
@@ -151,4 +170,33 @@ async def analyse_instances(
         answers.append(stored)
         if state.deliverer is not None:
             state.deliverer.wakeup.set()
+    if job_id is not None:
+        await asyncio.to_thread(state.results.finish, job_id)
     return answers
+
+
+async def recover_intake(state: AppState) -> int:
+    """Analyse what a previous process accepted and did not finish (killed mid-analysis); the
+    number of jobs recovered. With replicas sharing PostgreSQL, a job still running in another
+    live replica would be analysed twice: two results, both delivered, neither replacing."""
+    jobs = await asyncio.to_thread(state.results.unfinished)
+    for job in jobs:
+        crp, clf, det, point = resolve_models(
+            state, None, None, job.fp_per_image, job.score_threshold
+        )
+        studies: OrderedDict[str, list[Accepted]] = OrderedDict()
+        for data in job.instances:
+            outcome = await asyncio.to_thread(read_instance, data, state, None)
+            if isinstance(outcome, Accepted):
+                studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
+        log.warning(
+            "intake job %s: %d instance(s) accepted before a restart, analysed now",
+            job.job_id,
+            len(job.instances),
+        )
+        await analyse_instances(
+            state, studies, point, (crp, clf, det), uuid.uuid4().hex, job.base_url, job.job_id
+        )
+        if not studies:
+            await asyncio.to_thread(state.results.finish, job.job_id)
+    return len(jobs)

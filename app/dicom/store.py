@@ -6,7 +6,8 @@ SQLite under `FRACTURE_STATE_DIR` by default (one file, nothing to install), any
 own record, never replaced: a study analysed twice has two results, both delivered; WADO-RS and
 the findings show the latest. The delivery state lives in the same row, so that a restart after
 SIGTERM or kill -9 resumes delivery where it stopped; a result is marked delivered only once the
-destination acknowledged it.
+destination acknowledged it. Instances received by STOW-RS or C-STORE are kept (intake) until
+their results are stored, so a restart also finishes an analysis that a kill interrupted.
 """
 
 from __future__ import annotations
@@ -67,6 +68,35 @@ objects_table = Table(
     Column("seq", Integer, primary_key=True),
     Column("data", LargeBinary, nullable=False),  # a Part 10 instance: the SR or a capture
 )
+
+
+intake_table = Table(
+    "intake",
+    schema,
+    Column("job_id", String(32), primary_key=True),
+    Column("created", Float, nullable=False),
+    Column("fp_per_image", Float, nullable=True),  # the operating point asked for, or
+    Column("score_threshold", Float, nullable=True),  # an explicit detector threshold
+    Column("base_url", Text, nullable=False),
+)
+intake_objects_table = Table(
+    "intake_objects",
+    schema,
+    Column("job_id", String(32), ForeignKey("intake.job_id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # an accepted instance as it arrived
+)
+
+
+@dataclass
+class IntakeJob:
+    """Accepted instances whose analysis has not finished (what a restart picks up)."""
+
+    job_id: str
+    instances: list[bytes]
+    fp_per_image: float | None
+    score_threshold: float | None
+    base_url: str
 
 
 @dataclass
@@ -234,6 +264,53 @@ class ResultStore:
                 db.execute(delete(objects_table).where(objects_table.c.result_id.in_(ids)))
                 db.execute(delete(results_table).where(results_table.c.result_id.in_(ids)))
         return dropped
+
+    def accept(self, job: IntakeJob) -> None:
+        """Keep accepted instances until their analysis has stored its results."""
+        with self.engine.begin() as db:
+            db.execute(
+                insert(intake_table).values(
+                    job_id=job.job_id,
+                    created=time.time(),
+                    fp_per_image=job.fp_per_image,
+                    score_threshold=job.score_threshold,
+                    base_url=job.base_url,
+                )
+            )
+            db.execute(
+                insert(intake_objects_table),
+                [
+                    {"job_id": job.job_id, "seq": i, "data": data}
+                    for i, data in enumerate(job.instances)
+                ],
+            )
+
+    def finish(self, job_id: str) -> None:
+        with self.engine.begin() as db:
+            db.execute(delete(intake_objects_table).where(intake_objects_table.c.job_id == job_id))
+            db.execute(delete(intake_table).where(intake_table.c.job_id == job_id))
+
+    def unfinished(self) -> list[IntakeJob]:
+        """Jobs accepted and not finished, oldest first: a previous process died during them."""
+        with self.engine.connect() as db:
+            rows = db.execute(select(intake_table).order_by(intake_table.c.created)).all()
+            jobs = []
+            for row in rows:
+                data = db.scalars(
+                    select(intake_objects_table.c.data)
+                    .where(intake_objects_table.c.job_id == row.job_id)
+                    .order_by(intake_objects_table.c.seq)
+                ).all()
+                jobs.append(
+                    IntakeJob(
+                        row.job_id,
+                        [bytes(x) for x in data],
+                        row.fp_per_image,
+                        row.score_threshold,
+                        row.base_url,
+                    )
+                )
+            return jobs
 
     @staticmethod
     def _load(db, row) -> StudyResult:  # noqa: ANN001 (SQLAlchemy connection and row)

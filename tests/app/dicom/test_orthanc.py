@@ -5,9 +5,11 @@ at first loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -293,6 +295,76 @@ def test_undelivered_results_survive_kill_9_and_reach_the_pacs_after_a_restart(t
         assert len(instances_of_study(pacs, ds.StudyInstanceUID)) == 4
         text = service.http.get("/metrics").text
         assert "fracture_delivery_backlog 0.0" in text
+    finally:
+        service.stop()
+        if pacs:
+            pacs.stop()
+
+
+def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(tmp_path):
+    """SIGKILL while a 12-instance STOW-RS request is being analysed: the instances were kept at
+    acceptance, so the restarted service analyses them and the PACS gets the result."""
+    import threading
+
+    from app.dicom.multipart import build_related
+
+    app_port, pacs_port = free_port(), free_port()
+    destination = f"http://127.0.0.1:{pacs_port}/dicom-web"
+    state = str(tmp_path / "state")
+    service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+    pacs = None
+    try:
+        study_uid = pydicom.uid.generate_uid()
+        instances = [
+            to_bytes(
+                make_dataset(
+                    bone_phantom(300 + 8 * i, 240).astype(np.uint16) * 8,
+                    bits_stored=12,
+                    study_uid=study_uid,
+                )
+            )
+            for i in range(12)
+        ]
+        body, ctype = build_related(instances)
+
+        def send() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                service.http.post(
+                    "/dicomweb/studies", content=body, headers={"content-type": ctype}
+                )
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        findings_url = f"/dicomweb/studies/{study_uid}/findings"
+        database = Path(state) / "results.db"
+
+        def kept() -> int:  # instances the service holds in its intake (read-only look)
+            with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT count(*) FROM intake_objects").fetchone()[0]
+
+        wait_for(lambda: database.exists() and kept() == 12, 30, "the instances to be kept")
+        assert service.http.get(findings_url).status_code == 404  # not analysed yet
+        service.kill()
+        sender.join(timeout=30)
+
+        pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
+        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        findings = wait_for(
+            lambda: (r := service.http.get(findings_url)).status_code == 200 and r.json(),
+            120,
+            "the interrupted study to be analysed after the restart",
+        )
+        assert findings["study"]["images"] == 12
+        kinds = wait_for(
+            lambda: (
+                k
+                if len(k := [o.SOPClassUID.name for o in instances_of_study(pacs, study_uid)]) >= 13
+                else None
+            ),
+            60,
+            "the SR and 12 captures to reach the PACS",
+        )
+        assert kinds.count("Comprehensive SR Storage") == 1
     finally:
         service.stop()
         if pacs:
