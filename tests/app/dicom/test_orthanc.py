@@ -342,9 +342,13 @@ def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(t
             with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
                 return db.execute("SELECT count(*) FROM intake_objects").fetchone()[0]
 
-        wait_for(lambda: database.exists() and kept() == 12, 30, "the instances to be kept")
-        assert service.http.get(findings_url).status_code == 404  # not analysed yet
+        # polled tightly and killed at once: the analysis of 12 images takes seconds
+        deadline = time.monotonic() + 30
+        while not (database.exists() and kept() == 12):
+            assert time.monotonic() < deadline, "the instances were never kept"
+            time.sleep(0.01)
         service.kill()
+        assert kept() == 12  # still there: not analysed when the process died
         sender.join(timeout=30)
 
         pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
