@@ -96,3 +96,42 @@ def froc_operating_points(val_metrics: dict[str, Any]) -> list[dict[str, Any]]:
         {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
         for row in val_metrics["froc_table"]
     ]
+
+
+def finish_detector(
+    onnx_path: Path,
+    spec: dict[str, Any],
+    output: dict[str, Any],
+    items: dict[str, list[CachedImage]],
+    run_dir: Path,
+    recipe: dict[str, Any],
+    log: Any,
+    **card_fields: Any,
+) -> dict[str, Any]:
+    """Evaluate an exported detector on val and test through the service's detect stage,
+    calibrate its operating points on val, and write its card (the family's own fields, e.g.
+    architecture, licence, metrics such as parity, are merged in)."""
+    from training import common, export
+
+    detect = onnx_detector(onnx_path, spec, output)
+    val = detection_metrics(run_on_items(detect, items["val"]), run_dir, "val")
+    test = detection_metrics(run_on_items(detect, items["test"]), run_dir, "test")
+    extra_metrics = card_fields.pop("metrics", {})
+    card = {
+        "name": recipe["name"],
+        "version": recipe["version"],
+        "task": "detection",
+        "input": spec,
+        "output": output,
+        "operating_points": froc_operating_points(val),
+        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
+        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
+        "recipe": recipe,
+        **card_fields,
+        "metrics": {"test": test, "val": val, **extra_metrics},
+        "trained_on": common.hardware(),
+        "train_time_s": log.training_seconds(),
+    }
+    export.write_card(onnx_path, card)
+    log.write(event="done", metrics=card["metrics"])
+    return card

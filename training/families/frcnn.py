@@ -225,31 +225,19 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "scores": "k",
         "postprocess": "rcnn",
     }
-    detect = detection.onnx_detector(onnx_path, spec, output)
-    val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
-    test = detection.detection_metrics(
-        detection.run_on_items(detect, items["test"]), run_dir, "test"
+    return detection.finish_detector(
+        onnx_path,
+        spec,
+        output,
+        items,
+        run_dir,
+        recipe,
+        log,
+        architecture=f"Faster R-CNN, {recipe['backbone']} FPN (torchvision)",
+        backbone_init=init,
+        licence="Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
+        metrics={"onnx_parity_max_abs_diff": parity},
     )
-    card = {
-        "name": recipe["name"],
-        "version": recipe["version"],
-        "task": "detection",
-        "architecture": f"Faster R-CNN, {recipe['backbone']} FPN (torchvision)",
-        "input": spec,
-        "output": output,
-        "operating_points": detection.froc_operating_points(val),
-        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
-        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
-        "recipe": recipe,
-        "backbone_init": init,
-        "licence": "Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
-        "metrics": {"test": test, "val": val, "onnx_parity_max_abs_diff": parity},
-        "trained_on": common.hardware(),
-        "train_time_s": log.training_seconds(),
-    }
-    export.write_card(onnx_path, card)
-    log.write(event="done", metrics=card["metrics"])
-    return card
 
 
 def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:

@@ -123,30 +123,18 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "postprocess": "yolo",
         "nms_iou": NMS_IOU,
     }
-    detect = detection.onnx_detector(onnx_path, spec, output)
-    val = detection.detection_metrics(detection.run_on_items(detect, items["val"]), run_dir, "val")
-    test = detection.detection_metrics(
-        detection.run_on_items(detect, items["test"]), run_dir, "test"
+    return detection.finish_detector(
+        onnx_path,
+        spec,
+        output,
+        items,
+        run_dir,
+        recipe,
+        log,
+        architecture=f"YOLOv8 ({recipe['model']}), one class, ultralytics",
+        licence="AGPL-3.0 (trained with ultralytics); training data CC BY 4.0 (FracAtlas)",
+        metrics={"parity_vs_ultralytics": parity},
     )
-    card = {
-        "name": recipe["name"],
-        "version": recipe["version"],
-        "task": "detection",
-        "architecture": f"YOLOv8 ({recipe['model']}), one class, ultralytics",
-        "input": spec,
-        "output": output,
-        "operating_points": detection.froc_operating_points(val),
-        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
-        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
-        "recipe": recipe,
-        "licence": "AGPL-3.0 (trained with ultralytics); training data CC BY 4.0 (FracAtlas)",
-        "metrics": {"test": test, "val": val, "parity_vs_ultralytics": parity},
-        "trained_on": common.hardware(),
-        "train_time_s": log.training_seconds(),
-    }
-    export.write_card(onnx_path, card)
-    log.write(event="done", metrics=card["metrics"])
-    return card
 
 
 def parity_with_ultralytics(model: Any, onnx_path: Path, items: list, spec: dict[str, Any]) -> dict:
