@@ -8,19 +8,17 @@ added latency, and with many clients each model call carries several images.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
-from app.core.errors import ApiError
 from app.inference.operating_point import OperatingPoint
 from app.inference.pipeline import ImageWork, StageTimer, run_study
 from app.inference.runtime import OnnxModel
 
-log = logging.getLogger("app.batching")
-
-Gone = Callable[[], Awaitable[bool]]
+# Runs when a study's batch forms, before any model: raises to drop the study (e.g. 499 when its
+# client has left); the exception is what the study's caller gets.
+Check = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -29,8 +27,7 @@ class _Study:
     works: list[ImageWork]
     models: tuple[OnnxModel, OnnxModel, OnnxModel]
     point: OperatingPoint
-    gone: Gone | None
-    request_id: str
+    before_compute: Check | None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -41,14 +38,12 @@ class StudyBatcher:
         max_images: int,
         max_delay_s: float = 0.0,
         on_stage: StageTimer | None = None,
-        on_abandoned: Callable[[], None] | None = None,
         on_batch: Callable[[float, int], None] | None = None,
     ):
         self.workers = workers
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_stage = on_stage
-        self.on_abandoned = on_abandoned
         self.on_batch = on_batch  # (seconds, studies) of each batch computed
         self.pending: list[_Study] = []
         self.arrived = asyncio.Condition()
@@ -67,12 +62,11 @@ class StudyBatcher:
         works: list[ImageWork],
         models: tuple[OnnxModel, OnnxModel, OnnxModel],
         point: OperatingPoint,
-        request_id: str,
-        gone: Gone | None = None,
+        before_compute: Check | None = None,
     ) -> None:
-        """Fill `works` in place; 499 when the client left before its batch formed."""
+        """Fill `works` in place; what `before_compute` raised when it dropped the study."""
         key = (tuple(id(m) for m in models), point.detector_threshold)
-        study = _Study(key, works, models, point, gone, request_id)
+        study = _Study(key, works, models, point, before_compute)
         async with self.arrived:
             self.pending.append(study)
             self.arrived.notify()
@@ -114,16 +108,12 @@ class StudyBatcher:
             for study in batch:
                 if study.done.done():  # its request was cancelled meanwhile
                     continue
-                if study.gone is not None and await study.gone():
-                    if self.on_abandoned is not None:
-                        self.on_abandoned()
-                    log.info(
-                        "request %s: client gone before inference; not computed", study.request_id
-                    )
-                    study.done.set_exception(
-                        ApiError(499, "client_closed_request", "the client disconnected")
-                    )
-                    continue
+                if study.before_compute is not None:
+                    try:
+                        await study.before_compute()
+                    except Exception as exc:
+                        study.done.set_exception(exc)
+                        continue
                 live.append(study)
             if not live:
                 continue

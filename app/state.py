@@ -48,11 +48,8 @@ def start_batcher(state: AppState) -> StudyBatcher:
     def on_batch(seconds: float, studies: int) -> None:
         state.admission.observe(seconds / studies)  # Retry-After estimates per request
 
-    def on_abandoned() -> None:
-        m.abandoned.inc()
-
     on_gpu = state.registry is not None and any(
-        m.provider != "CPUExecutionProvider" for m in state.registry.models.values()
+        model.provider != "CPUExecutionProvider" for model in state.registry.models.values()
     )
     max_images = s.batch_max_images or (8 if on_gpu else 1)
     state.batcher = StudyBatcher(
@@ -60,7 +57,6 @@ def start_batcher(state: AppState) -> StudyBatcher:
         max_images,
         s.batch_max_delay_ms / 1000,
         on_stage=on_stage,
-        on_abandoned=on_abandoned,
         on_batch=on_batch,
     )
     state.batcher.start()

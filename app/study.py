@@ -92,7 +92,9 @@ async def analyse_study(
     if state.batcher is None:
         raise ApiError(503, "not_ready", "the service is starting or stopping")
     # the batcher checks `gone` once the study's batch forms, before any model runs
-    await state.batcher.analyse(works, models, point, request_id, gone)
+    await state.batcher.analyse(
+        works, models, point, lambda: abandon_if_gone(gone, state, request_id)
+    )
 
     threshold = float(clf.card.decision_threshold)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]

@@ -194,9 +194,8 @@ async def recover_intake(state: AppState) -> int:
             job.job_id,
             len(job.instances),
         )
+        # finishes the job too, also when none of its instances reads any more
         await analyse_instances(
             state, studies, point, (crp, clf, det), uuid.uuid4().hex, job.base_url, job.job_id
         )
-        if not studies:
-            await asyncio.to_thread(state.results.finish, job.job_id)
     return len(jobs)

@@ -51,9 +51,7 @@ def test_concurrent_studies_share_batches_and_keep_their_answers(models):
         )
         batcher.start()
         together = studies(5)
-        await asyncio.gather(
-            *(batcher.analyse(w, models, point, f"r{i}") for i, w in enumerate(together))
-        )
+        await asyncio.gather(*(batcher.analyse(w, models, point) for w in together))
         await batcher.stop()
         return together
 
@@ -69,22 +67,22 @@ def test_other_operating_points_are_not_mixed_and_gone_clients_are_skipped(model
     sizes: list[int] = []
     abandoned: list[int] = []
 
-    async def gone() -> bool:
-        return True
+    async def client_gone() -> None:  # what the service's check does for a gone client
+        abandoned.append(1)
+        raise ApiError(499, "client_closed_request", "the client disconnected")
 
     async def scenario() -> None:
         batcher = StudyBatcher(
             workers=1,
             max_images=8,
             on_stage=lambda stage, s, n: sizes.append(n),
-            on_abandoned=lambda: abandoned.append(1),
         )
         batcher.start()
         a, b, c = studies(3)
         results = await asyncio.gather(
-            batcher.analyse(a, models, op.from_score(0.05), "a"),
-            batcher.analyse(b, models, op.from_score(0.5), "b"),
-            batcher.analyse(c, models, op.from_score(0.05), "c", gone=gone),
+            batcher.analyse(a, models, op.from_score(0.05)),
+            batcher.analyse(b, models, op.from_score(0.5)),
+            batcher.analyse(c, models, op.from_score(0.05), client_gone),
             return_exceptions=True,
         )
         await batcher.stop()
