@@ -14,8 +14,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# The in-process apps of the tests keep their results in a database of this session only.
-os.environ.setdefault("FRACTURE_STATE_DIR", tempfile.mkdtemp(prefix="fracture-test-state-"))
+# The in-process apps of the tests keep their results in a database of this session only,
+# removed when the interpreter exits.
+_STATE = tempfile.TemporaryDirectory(prefix="fracture-test-state-")
+os.environ.setdefault("FRACTURE_STATE_DIR", _STATE.name)
 SHARED = REPO.parent / "shared" / "data"
 DICOM_DIR = SHARED / "dicom"
 FRACATLAS = SHARED / "fracatlas"

@@ -40,8 +40,11 @@ class ServiceProcess:
     """`uvicorn app.main:create_app` on 127.0.0.1:port with extra environment; ready on return."""
 
     def __init__(self, port: int, **env: str):
-        # its own results database unless the test shares one (a restart)
-        env.setdefault("FRACTURE_STATE_DIR", tempfile.mkdtemp(prefix="fracture-state-"))
+        # its own results database, removed at stop, unless the test shares one (a restart)
+        self._own_state = None
+        if "FRACTURE_STATE_DIR" not in env:
+            self._own_state = tempfile.TemporaryDirectory(prefix="fracture-state-")
+            env["FRACTURE_STATE_DIR"] = self._own_state.name
         self.state_dir = env["FRACTURE_STATE_DIR"]
         self.proc = subprocess.Popen(
             [
@@ -72,8 +75,15 @@ class ServiceProcess:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self._forget_state()
 
     def kill(self) -> None:
         """kill -9: no shutdown of any kind."""
         self.proc.kill()
         self.proc.wait(timeout=30)
+        self._forget_state()
+
+    def _forget_state(self) -> None:
+        if self._own_state is not None:
+            self._own_state.cleanup()
+            self._own_state = None

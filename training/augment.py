@@ -79,6 +79,31 @@ def robust_photometric(img: np.ndarray, rng: random.Random) -> np.ndarray:
     return out
 
 
+def detection_pair(
+    img: Any, boxes: Any, rng: random.Random, rot90_p: float, photometric: bool
+) -> tuple[Any, Any]:
+    """One detector training pair, a square uint8 (s, s) torch image and its xyxy pixel boxes
+    (k, 4): a quarter turn with probability rot90_p, mirrors, and the robust photometric
+    changes when asked. Boxes follow every geometric change exactly (no angle in between)."""
+    import torch
+
+    s = img.shape[-1]
+    k = rng.randrange(1, 4) if rng.random() < rot90_p else 0
+    for _ in range(k):  # counter-clockwise: (x, y) -> (y, s - x)
+        img = img.rot90(1, (0, 1))
+        boxes = torch.stack([boxes[:, 1], s - boxes[:, 2], boxes[:, 3], s - boxes[:, 0]], dim=1)
+    if rng.random() < 0.5:
+        img = img.flip(-1)
+        boxes = torch.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], dim=1)
+    if rng.random() < 0.2:
+        img = img.flip(-2)
+        boxes = torch.stack([boxes[:, 0], s - boxes[:, 3], boxes[:, 2], s - boxes[:, 1]], dim=1)
+    img = img.contiguous()
+    if photometric:
+        img = torch.from_numpy(robust_photometric(img.numpy(), rng))
+    return img, boxes.contiguous()
+
+
 def augment_batch(
     x_u8: Any,
     masks: Any = None,

@@ -46,6 +46,11 @@ class InputSpec(BaseModel):
     mean: list[float]
     std: list[float]
     batch: bool = Field(True, description="False: the graph takes one CHW image")
+    tta: Literal["none", "rot4", "d4"] = Field(
+        "none",
+        description="classifier test-time views whose mean logit is the score: rot4 the four "
+        "quarter turns, d4 those and their mirrors (a score that ignores the orientation)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> InputSpec:

@@ -89,10 +89,10 @@ def run_study(
             w.crop_levels = grey_levels(w.crop)
     with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec, w.crop_levels)[0] for w in works])
-        probs = classifier.run(batch)[0]
+        probs = classify(classifier, batch)
         calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
-            raw = float(np.clip(p.reshape(-1)[0], 0.0, 1.0))
+            raw = float(np.clip(p, 0.0, 1.0))
             w.probability = calibration.apply(raw) if calibration else raw
     with _timed("detect", works, on_stage):
         found = detect_crops(
@@ -108,6 +108,36 @@ def run_study(
                 boxes[:, [1, 3]] += y1
                 boxes = w.image.to_frame(boxes)
             w.boxes, w.scores = boxes, scores
+
+
+def tta_views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
+    """The test-time views of an N x C x H x W batch: itself, its quarter turns (rot4), and
+    their mirrors (d4). Square inputs only, so every view has the graph's shape."""
+    if tta == "none":
+        return [batch]
+    if batch.shape[-1] != batch.shape[-2]:
+        raise ValueError("rotation test-time views need a square input")
+    turns = [np.rot90(batch, k, axes=(-2, -1)) for k in range(4)]
+    if tta == "d4":
+        turns += [t[..., ::-1] for t in turns]
+    return [np.ascontiguousarray(t) for t in turns]
+
+
+def classify(classifier: OnnxModel, batch: np.ndarray) -> np.ndarray:
+    """Fracture probability per input (N,): the graph's probability, or under the card's
+    test-time views the sigmoid of their mean logit (one run over all views when batched)."""
+    views = tta_views(batch, classifier.spec.get("tta", "none"))
+    stacked = np.concatenate(views) if classifier.batched else np.stack(views)
+    if classifier.batched:
+        probs = classifier.run(stacked)[0].reshape(len(views), len(batch))
+    else:
+        flat = stacked.reshape(-1, *batch.shape[1:])
+        probs = np.array([o[0].reshape(-1)[0] for o in classifier.run(flat)])
+        probs = probs.reshape(len(views), len(batch))
+    if len(views) == 1:
+        return probs[0].astype(np.float64)
+    q = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
 
 
 Decoder = Callable[[OnnxModel, list[Any], int, float], tuple[np.ndarray, np.ndarray]]

@@ -357,3 +357,55 @@ def test_frcnn_on_imagenet_mobilenet_tiny_run(tiny_cache, run_dirs):
     c = check_card(models, "t-frcnn-mnv2")
     assert "mobilenet_v2_1.0_224_quant.tflite" in c["backbone_init"]
     assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
+
+
+def test_frcnn_warm_start_trains_its_missing_parent_first(tiny_cache, run_dirs, tmp_path):
+    """The robust detector continues a finished run (`warm_start`); on a machine without that
+    run the parent recipe is trained first, so the one command still reproduces the model. The
+    quarter turns, mirrors and photometric changes of the robust recipe train and export."""
+    from tests.training.test_pretrained import need_pretrained
+
+    need_pretrained()
+    import yaml
+
+    from training.families import frcnn
+
+    runs, models = run_dirs
+    tiny = {"cache": str(tiny_cache), "input_size": 96, "negatives_per_positive": 1.0}
+    parent = load_recipe(CONFIGS / "frcnn-mobilenet.yaml", {**tiny, "name": "t-parent"})
+    parent["epochs"] = 2
+    parent_yaml = tmp_path / "parent.yaml"
+    parent_yaml.write_text(yaml.safe_dump(parent))
+    child = load_recipe(
+        CONFIGS / "frcnn-mobilenet-robust.yaml",
+        {**tiny, "name": "t-robust", "epochs": 2, "lr": 0.01, "warm_start": str(parent_yaml)},
+    )
+    card = frcnn.train(child, out_dir=models)
+    assert len(epoch_losses(runs / "t-parent" / "log.jsonl")) == 2
+    assert (runs / "t-parent" / "export" / "t-parent.onnx").is_file()
+    assert len(epoch_losses(runs / "t-robust" / "log.jsonl")) == 2
+    assert "continued from t-parent" in check_card(models, "t-robust")["backbone_init"]
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
+
+
+def test_detection_pairs_move_boxes_with_the_pixels():
+    """Every quarter turn and mirror of a detector training pair keeps the box on its pixels."""
+    import random
+
+    import torch
+
+    from training.augment import detection_pair
+
+    img = torch.zeros(64, 64, dtype=torch.uint8)
+    img[10:20, 30:50] = 255
+    box = torch.tensor([[30.0, 10.0, 50.0, 20.0]])
+    seen = set()
+    for seed in range(40):
+        out, moved = detection_pair(img, box, random.Random(seed), rot90_p=1.0, photometric=False)
+        ys, xs = torch.nonzero(out, as_tuple=True)
+        found = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+        assert found == tuple(int(v) for v in moved[0]), seed
+        seen.add(found)
+    assert len(seen) >= 6  # the turns and mirrors reach most of the eight placements
+    out, _ = detection_pair(img, box, random.Random(0), rot90_p=0.0, photometric=True)
+    assert out.dtype == torch.uint8 and out.shape == img.shape

@@ -7,13 +7,14 @@ batch of one image: the service loops over images for this family (see app/infer
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training import common, detection, export
+from training import augment, common, detection, export
 from training.data import input_item, subsample_negatives
 from training.weights import load_verified_state_dict
 
@@ -139,6 +140,29 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
     return source
 
 
+def warm_start(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str | None:
+    """Start from the finished run of another recipe (`warm_start`: its YAML): its last
+    checkpoint's weights. A missing parent run is trained first, so one command still
+    reproduces the model on a new machine."""
+    parent_path = recipe.get("warm_start")
+    if not parent_path:
+        return None
+    parent_path = Path(parent_path)
+    parent = common.load_recipe(
+        parent_path if parent_path.is_absolute() else common.REPO / parent_path
+    )
+    ckpt = common.RUNS_DIR / parent["name"] / "last.pt"
+    state = common.load_checkpoint(ckpt)
+    if state is None or state["epoch"] + 1 < parent["epochs"]:
+        log.write(event="warm_start", training_parent=parent["name"])
+        train(parent, common.RUNS_DIR / parent["name"] / "export")
+        state = common.load_checkpoint(ckpt)
+    assert state is not None
+    model.load_state_dict(state["model"])
+    log.write(event="init", warm_start=parent["name"], parent_epochs=parent["epochs"])
+    return f"{parent['name']} after its {parent['epochs']} epochs ({parent['config']})"
+
+
 def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
     import torch
 
@@ -177,19 +201,29 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.1
     )
     ckpt_path = run_dir / "last.pt"
+    continued = warm_start(model, recipe, log)
+    if continued:
+        init = f"{init}; continued from {continued}"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
+    strength = recipe.get("augment")
     for epoch in common.progress(range(start, recipe["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
+        rng = random.Random(recipe["seed"] * 1000 + epoch)  # the same draws after a resume
         for idx in torch.randperm(len(data)).split(recipe["batch_size"]):
             images, targets = [], []
             for i in idx.tolist():
                 img, boxes = data[i]
+                if strength is None:  # the 1.0 recipes: a horizontal flip only
+                    if torch.rand(1) < 0.5:
+                        img = img.flip(-1)
+                        boxes = boxes.clone()
+                        boxes[:, [0, 2]] = img.shape[-1] - boxes[:, [2, 0]]
+                else:
+                    photometric = strength == "robust"
+                    rot90_p = float(recipe.get("rot90_p", 0.0))
+                    img, boxes = augment.detection_pair(img, boxes, rng, rot90_p, photometric)
                 img = img.float().div(255).expand(3, -1, -1)
-                if torch.rand(1) < 0.5:  # horizontal flip, boxes with it
-                    img = img.flip(-1)
-                    boxes = boxes.clone()
-                    boxes[:, [0, 2]] = img.shape[-1] - boxes[:, [2, 0]]
                 images.append(img)
                 targets.append(
                     {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
@@ -218,7 +252,10 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         output_names=["boxes", "labels", "scores"],
         dynamic_batch=False,
     )
-    parity = _parity(model, onnx_path, items["val"][:4], spec)
+    # graph parity needs boxes to compare: val images, then fractured training images (which
+    # even a barely trained model scores above the collection threshold)
+    probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
+    parity = _parity(model, onnx_path, probes, spec)
     output = {
         "boxes": "k x 4 xyxy input pixels",
         "labels": "k",

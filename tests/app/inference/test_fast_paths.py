@@ -28,7 +28,7 @@ from app.core.config import Settings
 from app.inference import decoding
 from app.inference import operating_point as op
 from app.inference.decoding import DecodedImage, decode, reduction
-from app.inference.pipeline import ImageWork, detect_crops, run_study
+from app.inference.pipeline import ImageWork, classify, detect_crops, run_study
 from app.inference.preprocessing import (
     GreyLevels,
     grey_levels,
@@ -62,7 +62,7 @@ def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
     box = mask_crop_box(resize(logits, h, w) > 0.0, float(crp.card.crop_margin)) or (0, 0, w, h)
     x1, y1, x2, y2 = box
     crop = stretch_grey(frame[y1:y2, x1:x2])
-    raw = float(np.clip(clf.run(model_input(crop, clf.spec)[0][None])[0].reshape(-1)[0], 0, 1))
+    raw = float(np.clip(classify(clf, model_input(crop, clf.spec)[0][None])[0], 0, 1))
     calibration = clf.card.calibration
     boxes, scores = detect_crops(det, [crop], point.detector_threshold)[0]
     if len(boxes):
