@@ -18,10 +18,21 @@ from training import augment, common, export, metrics
 from training.data import CachedImage, input_item
 
 
-def input_spec(size: int, mean: float = 0.5, std: float = 0.25) -> dict[str, Any]:
+def input_spec(
+    size: int, mean: float = 0.5, std: float = 0.25, tta: str = "none"
+) -> dict[str, Any]:
     """Letterboxed grey crop as 3 equal channels, (x - mean) / std (ImageNet MobileNets: 0.5 / 0.5,
-    the TFLite files' (q - 128) / 128)."""
-    return export.input_spec(size, mean=mean, std=std)
+    the TFLite files' (q - 128) / 128); `tta`: the served test-time views (card input.tta)."""
+    return export.input_spec(size, mean=mean, std=std, tta=tta)
+
+
+def views(x_u8: Any, spec: dict[str, Any]) -> list[Any]:
+    """The card's test-time views of a uint8 (n, s, s) batch, as the service makes them."""
+    import torch
+
+    from app.inference.pipeline import tta_views
+
+    return [torch.from_numpy(v) for v in tta_views(x_u8.numpy(), spec.get("tta", "none"))]
 
 
 def crops_as_array(items: list[CachedImage], size: int, use_boxes: bool) -> np.ndarray:
@@ -180,11 +191,23 @@ def fold_head(model: Any) -> None:
 
 
 def _scores(model: Any, x_u8: Any, spec: dict[str, Any], batch: int = 64) -> np.ndarray:
+    """Probabilities as served: the sigmoid of the mean logit over the card's views."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(to_input(b, spec)) for b in x_u8.split(batch)])[:, 0].numpy()
+        logits = [
+            torch.cat([model.logits(to_input(b, spec)) for b in v.split(batch)])[:, 0]
+            for v in views(x_u8, spec)
+        ]
+        return torch.sigmoid(torch.stack(logits).mean(dim=0)).numpy()
+
+
+def _onnx_scores(onnx_path: Path, x_u8: Any, spec: dict[str, Any]) -> np.ndarray:
+    """_scores of the exported graph itself (e.g. quantised)."""
+    p = [export.onnx_outputs(onnx_path, to_input(v, spec).numpy())[:, 0] for v in views(x_u8, spec)]
+    q = np.clip(np.stack(p).astype(np.float64), 1e-7, 1 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
 
 
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -195,13 +218,16 @@ def _head_outputs(model: Any, x_u8: Any, spec: dict[str, Any], flip: bool) -> np
     import torch
 
     model.eval()
-    rows = []
+    per_view = []
     with torch.no_grad():
-        for b in x_u8.split(64):
-            x = to_input(b, spec)
-            image, cells = model.outputs(x.flip(-1) if flip else x)
-            rows.append(torch.stack([image, cells.amax(dim=(1, 2))], dim=1))
-    return torch.cat(rows).numpy()
+        for v in views(x_u8, spec):  # mean over the card's views: linear, so fusion commutes
+            rows = []
+            for b in v.split(64):
+                x = to_input(b, spec)
+                image, cells = model.outputs(x.flip(-1) if flip else x)
+                rows.append(torch.stack([image, cells.amax(dim=(1, 2))], dim=1))
+            per_view.append(torch.cat(rows))
+    return torch.stack(per_view).mean(dim=0).numpy()
 
 
 def choose_fusion(
@@ -272,7 +298,7 @@ def crop_data(items: dict[str, list[CachedImage]], cfg: dict[str, Any]) -> CropD
         return np.array([int(it.fractured) for it in items[split]])
 
     return CropData(
-        spec=input_spec(size, cfg.get("mean", 0.5), cfg.get("std", 0.25)),
+        spec=input_spec(size, cfg.get("mean", 0.5), cfg.get("std", 0.25), cfg.get("tta", "none")),
         x_train=torch.from_numpy(train_crops),
         m_train=torch.from_numpy(train_masks),
         y_train=torch.tensor(labels("train"), dtype=torch.float32),
@@ -444,8 +470,8 @@ def export_with_card(
         # int8 weights (dynamic quantisation): a ViT-S file shrinks about 4x; the metrics below
         # are measured on the quantised graph itself.
         parity["int8"] = export.quantize_int8(model, onnx_path, parity_batch, tolerance=0.1)
-        test_scores = export.onnx_outputs(onnx_path, to_input(data.x_test, spec).numpy())[:, 0]
-        val_scores = export.onnx_outputs(onnx_path, to_input(data.x_val, spec).numpy())[:, 0]
+        test_scores = _onnx_scores(onnx_path, data.x_test, spec)
+        val_scores = _onnx_scores(onnx_path, data.x_val, spec)
     threshold = metrics.youden_threshold(data.y_val, val_scores)
     from training import plots
 

@@ -27,6 +27,7 @@ def input_spec(
     std: float = 1.0,
     pad_value: float = 0.0,
     batch: bool = True,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """A card's input block (square input, one mean/std for every channel), validated against
     the schema the service reads it with."""
@@ -40,6 +41,8 @@ def input_spec(
     }
     if not batch:
         spec["batch"] = False
+    if tta != "none":
+        spec["tta"] = tta
     InputSpec.model_validate(spec)
     return spec
 

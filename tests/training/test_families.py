@@ -301,10 +301,13 @@ def test_frcnn_tiny_run(tiny_cache, run_dirs):
     assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
 
 
-@pytest.mark.parametrize("family", ["mobilenet", "bam"])
-def test_imagenet_classifier_tiny_run_and_resume(family, tiny_cache, run_dirs):
+@pytest.mark.parametrize(
+    "family,config", [("mobilenet", "mobilenet"), ("bam", "bam"), ("mobilenet", "mobilenet-rot")]
+)
+def test_imagenet_classifier_tiny_run_and_resume(family, config, tiny_cache, run_dirs):
     """The ImageNet MobileNetV2 families (plain and with BAM) train from the converted weights,
-    export with parity, name their pretrained file in the card, and resume after a finished run."""
+    export with parity, name their pretrained file in the card, and resume after a finished run;
+    a recipe's test-time views reach the card."""
     from tests.training.test_pretrained import need_pretrained
 
     need_pretrained()
@@ -320,16 +323,18 @@ def test_imagenet_classifier_tiny_run_and_resume(family, tiny_cache, run_dirs):
         "finetune.linear_epochs": 1,
         "finetune.full_epochs": 2,
     }
-    card = module.train(load_recipe(CONFIGS / f"{family}.yaml", over), out_dir=models)
+    recipe = load_recipe(CONFIGS / f"{config}.yaml", over)
+    card = module.train(recipe, out_dir=models)
     log = runs / f"t-{family}" / "log.jsonl"
     assert len(epoch_losses(log)) == 3
     c = check_card(models, f"t-{family}")
+    assert c["input"].get("tta", "none") == recipe["finetune"].get("tta", "none")
     assert c["pretraining"]["weights"]["licence"] == "Apache-2.0"
     assert c["pretraining"]["weights"]["sha256"]
     assert card["metrics"]["onnx_parity_max_abs_diff"]["fp32"] < 1e-4
     assert set(card["metrics"]["ci95"]["test"]) >= {"auroc", "sensitivity", "specificity"}
     # A second call finds the finished checkpoint and trains no further epoch.
-    module.train(load_recipe(CONFIGS / f"{family}.yaml", over), out_dir=models)
+    module.train(load_recipe(CONFIGS / f"{config}.yaml", over), out_dir=models)
     assert len(epoch_losses(log)) == 3
 
 
