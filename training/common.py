@@ -170,4 +170,10 @@ def start_run(recipe: dict[str, Any]) -> Run:
         cache=cache, long_side=recipe.get("cache_long_side", 512), limit=recipe.get("limit")
     )
     log = RunLog(RUNS_DIR / recipe["name"], recipe)
-    return Run(recipe, log, {s: load_cache(cache, [s]) for s in ("train", "val", "test")})
+    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    held_out = set(recipe.get("exclude_regions") or ())
+    if held_out:  # a body-region hold-out: never trained on, nor chosen with (val)
+        for split in ("train", "val"):
+            items[split] = [it for it in items[split] if it.region not in held_out]
+        log.write(event="hold_out", regions=sorted(held_out), train=len(items["train"]))
+    return Run(recipe, log, items)

@@ -414,3 +414,17 @@ def test_detection_pairs_move_boxes_with_the_pixels():
     assert len(seen) >= 6  # the turns and mirrors reach most of the eight placements
     out, _ = detection_pair(img, box, random.Random(0), rot90_p=0.0, photometric=True)
     assert out.dtype == torch.uint8 and out.shape == img.shape
+
+
+def test_a_region_hold_out_is_never_trained_on_nor_chosen_with(tiny_cache, run_dirs):
+    """`exclude_regions` removes a body region from train and val (what the run learns and
+    chooses with); test keeps it, to be measured on."""
+    recipe = load_recipe(
+        CONFIGS / "mobilenet-holdout-hand.yaml", {"cache": str(tiny_cache), "name": "t-hold"}
+    )
+    every = common.start_run({**recipe, "exclude_regions": []}).items
+    run = common.start_run(recipe)
+    assert any(it.region == "hand" for s in ("train", "val") for it in every[s])
+    assert not any(it.region == "hand" for s in ("train", "val") for it in run.items[s])
+    assert len(run.items["train"]) == sum(it.region != "hand" for it in every["train"])
+    assert [it.image_id for it in run.items["test"]] == [it.image_id for it in every["test"]]
