@@ -4,6 +4,7 @@
     python -m training frcnn --config training/configs/frcnn-mobilenet.yaml --set epochs=20
     python -m training promote runs/classifier-mobilenetv2/export
     python -m training evaluate --split val
+    python -m training compare reports/val-a reports/val-b   # paired bootstrap of two reports
     python -m training calibrate --folder /data/site --out site.json
 
 A family trains into runs/<name>/ (checkpoints, log, plots) and writes its ONNX file and card to
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         commands.add_parser(family, help=f"train: {about}", add_help=False)
     commands.add_parser("evaluate", help="the served pipeline on a split or folder", add_help=False)
     commands.add_parser(
+        "compare", help="paired bootstrap of two evaluation reports", add_help=False
+    )
+    commands.add_parser(
         "calibrate", help="a site's calibration and operating points", add_help=False
     )
     promote_parser = commands.add_parser("promote", help="copy a run's export into models/")
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.evaluate import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "compare":
+        from training.evaluate import compare_main
+
+        return compare_main(rest)
     if command == "calibrate":
         from training.calibrate import main as calibrate_main
 

@@ -11,6 +11,7 @@ Ground-truth boxes are compared in the pixel frame of each image as decoded (EXI
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from collections.abc import Sequence
@@ -109,6 +110,51 @@ def collect(
     return out
 
 
+SCORES_FILE = "scores.csv"
+
+
+def write_scores(
+    path: Path, records: list[Record], probs: list[float], max_box: list[float]
+) -> None:
+    """Per-image scores of a report: what `python -m training compare` pairs two reports by."""
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["image_id", "region", "fractured", "probability", "max_box_score"])
+        for rec, p, m in zip(records, probs, max_box, strict=True):
+            out.writerow([rec.image_id, rec.region, int(rec.fractured), f"{p:.6f}", f"{m:.6f}"])
+
+
+def read_scores(report_dir: Path) -> dict[str, dict[str, Any]]:
+    with open(report_dir / SCORES_FILE, newline="") as fh:
+        return {row["image_id"]: row for row in csv.DictReader(fh)}
+
+
+def compare(report_a: Path, report_b: Path, score: str = "probability") -> dict[str, Any]:
+    """Paired comparison of two reports on the same images: AUROC of each and a bootstrap 95%
+    interval of the difference b - a, overall and per region."""
+    a, b = read_scores(report_a), read_scores(report_b)
+    if set(a) != set(b):
+        raise SystemExit(f"{report_a} and {report_b} hold different images; nothing to pair")
+    ids = sorted(a)
+    labels = [int(a[i]["fractured"]) for i in ids]
+    out: dict[str, Any] = {
+        "a": str(report_a),
+        "b": str(report_b),
+        "score": score,
+        "all": metrics.paired_auroc_difference(
+            labels, [float(a[i][score]) for i in ids], [float(b[i][score]) for i in ids]
+        ),
+    }
+    for region in sorted({a[i]["region"] for i in ids}):
+        sub = [i for i in ids if a[i]["region"] == region]
+        ys = [int(a[i]["fractured"]) for i in sub]
+        if 0 < sum(ys) < len(ys) and sum(ys) >= 5:
+            out[region] = metrics.paired_auroc_difference(
+                ys, [float(a[i][score]) for i in sub], [float(b[i][score]) for i in sub]
+            )
+    return out
+
+
 def evaluate(
     records: list[Record],
     models_dir: Path = MODELS_DIR,
@@ -180,6 +226,7 @@ def evaluate(
         report.calibration_plot(labels, probs, report_dir, "classifier")
         worst_cases(records, c, shift, report_dir)
         (report_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+        write_scores(report_dir / SCORES_FILE, records, probs, max_box)
         report.write_html(report_dir, result, f"Evaluation: {report_dir.name}")
     return result
 
@@ -225,6 +272,19 @@ def operating_point_stability(
             "detector": {str(row.fp_per_image): froc.at_threshold(row.threshold) for row in rows},
         }
     return out
+
+
+def compare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training compare",
+        description="paired bootstrap of two evaluation reports of the same images",
+    )
+    parser.add_argument("report_a", type=Path)
+    parser.add_argument("report_b", type=Path)
+    parser.add_argument("--score", choices=["probability", "max_box_score"], default="probability")
+    args = parser.parse_args(argv)
+    print(json.dumps(compare(args.report_a, args.report_b, args.score), indent=2))
+    return 0
 
 
 def main(argv: list[str]) -> int:

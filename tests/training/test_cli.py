@@ -20,7 +20,7 @@ def test_help_lists_every_command():
         [sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=REPO
     )
     assert out.returncode == 0
-    for command in (*FAMILIES, "evaluate", "calibrate", "promote"):
+    for command in (*FAMILIES, "evaluate", "compare", "calibrate", "promote"):
         assert command in out.stdout
 
 

@@ -97,3 +97,37 @@ def test_bootstrap_detection_at_a_threshold():
     assert out["recall"] == 0.5 and out["fp_per_image"] == 1 / 3
     lo, hi = out["recall_ci95"]
     assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def test_paired_auroc_difference_sees_a_better_scoring_and_no_difference_in_the_same():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    weak = labels + rng.normal(0, 1.5, 300)
+    strong = labels + rng.normal(0, 0.4, 300)
+    same = metrics.paired_auroc_difference(labels, weak, weak, n_boot=300)
+    assert same["delta"] == 0 and same["delta_ci95"] == [0.0, 0.0]
+    better = metrics.paired_auroc_difference(labels, weak, strong, n_boot=300)
+    assert better["auroc_b"] > better["auroc_a"] and better["delta_ci95"][0] > 0
+    assert better["b_better"] == 1.0
+
+
+def test_compare_pairs_two_reports_by_image(tmp_path):
+    from training.data import Record
+    from training.evaluate import compare, write_scores
+
+    rng = np.random.default_rng(1)
+    records = [
+        Record(f"IMG{i:04d}", f"{i}.jpg", "val", bool(i % 3 == 0), "hand" if i % 2 else "leg")
+        for i in range(120)
+    ]
+    labels = np.array([r.fractured for r in records], dtype=float)
+    for name, noise in (("a", 2.0), ("b", 0.3)):
+        (tmp_path / name).mkdir()
+        scores = list(labels + rng.normal(0, noise, len(records)))
+        write_scores(tmp_path / name / "scores.csv", records, scores, [0.0] * len(records))
+    out = compare(tmp_path / "a", tmp_path / "b")
+    assert out["all"]["n"] == 120 and out["all"]["delta"] > 0
+    assert set(out) >= {"hand", "leg"}
+    write_scores(tmp_path / "a" / "scores.csv", records[:-1], [0.0] * 119, [0.0] * 119)
+    with pytest.raises(SystemExit, match="different images"):
+        compare(tmp_path / "a", tmp_path / "b")
