@@ -10,6 +10,7 @@ Patient identifiers are never read into the result, so they cannot reach a log o
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -430,6 +431,8 @@ def decode_dicom_dataset(
             # JPEG 2000 stream into a blank image instead of an error.
             arr = _j2k_reduced(ds, reduction(rows, cols))
             if arr is None:
+                arr = _j2k_threaded(ds, rows, cols)
+            if arr is None:
                 arr = pixel_array(ds, decoding_plugin="pylibjpeg")
     except Exception as exc:
         reason = type(exc).__name__
@@ -471,12 +474,14 @@ def decode_dicom_dataset(
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 
 
-def _j2k_reduced(ds: Dataset, k: int) -> np.ndarray | None:
-    """A single-component unsigned JPEG 2000 frame decoded 2^r times smaller by skipping its
-    finest wavelet levels (Pillow's OpenJPEG; 4x faster at 2500x2048); None where that does
-    not apply (small image, other syntax, JP2 wrapper, signed or colour data, Pillow fails),
-    and the caller decodes in full. Pillow scales samples to 16 bits: shifted back here."""
-    if k == 1 or str(ds.file_meta.TransferSyntaxUID) not in J2K_SYNTAXES:
+# Decoder threads for one full-size JPEG 2000 frame (OpenJPEG splits the code-blocks).
+J2K_THREADS = min(4, os.cpu_count() or 1)
+
+
+def _grey_j2k_codestream(ds: Dataset) -> tuple[bytes, int] | None:
+    """(frame, precision) of a JPEG 2000 object whose frame is a raw codestream of one unsigned
+    component of at most 16 bits, the only kind the fast decoders below take; else None."""
+    if str(ds.file_meta.TransferSyntaxUID) not in J2K_SYNTAXES:
         return None
     from pydicom.encaps import generate_frames
 
@@ -490,6 +495,36 @@ def _j2k_reduced(ds: Dataset, k: int) -> np.ndarray | None:
     precision, signed = (frame[42] & 0x7F) + 1, frame[42] >> 7
     if signed or precision > 16:
         return None
+    return frame, precision
+
+
+def _j2k_threaded(ds: Dataset, rows: int, cols: int) -> np.ndarray | None:
+    """A full-size grey JPEG 2000 frame decoded by OpenJPEG with J2K_THREADS threads
+    (imagecodecs): the same library as pylibjpeg's, so the same samples (tested on the shared
+    files); None where it does not apply or fails, and pylibjpeg decodes (and reports) it."""
+    found = _grey_j2k_codestream(ds) if J2K_THREADS > 1 else None
+    if found is None:
+        return None
+    try:
+        import imagecodecs
+
+        arr = imagecodecs.jpeg2k_decode(found[0], numthreads=J2K_THREADS)
+    except Exception:
+        return None
+    if arr.shape != (rows, cols) or arr.dtype not in (np.uint8, np.uint16):
+        return None
+    return arr
+
+
+def _j2k_reduced(ds: Dataset, k: int) -> np.ndarray | None:
+    """A single-component unsigned JPEG 2000 frame decoded 2^r times smaller by skipping its
+    finest wavelet levels (Pillow's OpenJPEG; 4x faster at 2500x2048); None where that does
+    not apply (small image, other syntax, JP2 wrapper, signed or colour data, Pillow fails),
+    and the caller decodes in full. Pillow scales samples to 16 bits: shifted back here."""
+    found = _grey_j2k_codestream(ds) if k > 1 else None
+    if found is None:
+        return None
+    frame, precision = found
     try:
         with _LENIENT_PILLOW:  # strict: a broken stream raises here
             im = Image.open(io.BytesIO(frame))

@@ -232,3 +232,28 @@ def test_a_truncated_jpeg_leaves_pillow_strict_for_everyone_else(fracatlas_dir: 
     image = decode(cut, "image/jpeg", None, 60_000_000, MODALITIES)
     assert any("truncated" in n for n in image.notes)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_threaded_jpeg2000_gives_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
+    """The threaded OpenJPEG decode (imagecodecs) of every shared JPEG 2000 file that it takes
+    gives exactly pylibjpeg's samples; the broken ones it leaves to pylibjpeg (and a 422)."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    if decoding.J2K_THREADS < 2:
+        pytest.skip("one core: the threaded decode is off")
+    taken = 0
+    for row in dicom_manifest:
+        ds = pydicom.dcmread(dicom_dir / row["file"], force=True)
+        if str(ds.file_meta.get("TransferSyntaxUID", "")) not in decoding.J2K_SYNTAXES:
+            continue
+        fast = decoding._j2k_threaded(ds, int(ds.Rows), int(ds.Columns))
+        if row["decodes_with_pydicom3_pylibjpeg"] != "ok":
+            assert fast is None, row["file"]
+            continue
+        if fast is None:
+            continue
+        reference = pixel_array(ds, decoding_plugin="pylibjpeg")
+        assert fast.dtype == reference.dtype and np.array_equal(fast, reference), row["file"]
+        taken += 1
+    assert taken >= 4
