@@ -420,6 +420,7 @@ def decode_dicom_dataset(
             "image_too_large",
             f"the image has {cols}x{rows} pixels, over the limit of {max_pixels}",
         )
+    k = reduction(rows, cols)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         raise ApiError(422, "unsupported_photometric", "PALETTE COLOR images are not radiographs")
@@ -429,7 +430,7 @@ def decode_dicom_dataset(
             # pylibjpeg (libjpeg, openjpeg, rle) and pydicom's native paths only: Pillow's
             # decoders, with truncated images allowed for FracAtlas JPEGs, would turn a broken
             # JPEG 2000 stream into a blank image instead of an error.
-            arr = _j2k_reduced(ds, reduction(rows, cols))
+            arr = _j2k_reduced(ds, k)
             if arr is None:
                 arr = _j2k_threaded(ds, rows, cols)
             if arr is None:
@@ -443,7 +444,6 @@ def decode_dicom_dataset(
         ) from None
     if arr.ndim == 3 and photometric.startswith(("RGB", "YBR")):
         arr = arr.astype(np.float32).mean(axis=2)
-    k = reduction(rows, cols)
     reduced = (
         arr.ndim == 2 and abs(arr.shape[0] * k - rows) <= k and abs(arr.shape[1] * k - cols) <= k
     )
