@@ -54,12 +54,15 @@ format: install-test
 
 # Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
 # see README). Each run writes runs/<name>/export first; promote validates and copies.
-TRAIN_RUNS := cropper:cropper-unet simclr:classifier-simclr-resnet18 \
-	mobilenet:classifier-mobilenetv2 bam:classifier-bam-mobilenetv2 yolo:detector-yolov8n \
-	frcnn:detector-frcnn-r18 dino:classifier-dino-vits14
+# family:recipe (training/configs/<recipe>.yaml):model name
+TRAIN_RUNS := cropper:cropper:cropper-unet simclr:simclr:classifier-simclr-resnet18 \
+	mobilenet:mobilenet:classifier-mobilenetv2 bam:bam:classifier-bam-mobilenetv2 \
+	yolo:yolo:detector-yolov8n frcnn:frcnn:detector-frcnn-r18 \
+	frcnn:frcnn-mobilenet:detector-frcnn-mobilenetv2 dino:dino:classifier-dino-vits14
 train: install-test
-	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; name=$${run#*:}; \
-	  $(BIN)/python -m training $$family; \
+	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; rest=$${run#*:}; \
+	  recipe=$${rest%%:*}; name=$${rest#*:}; \
+	  $(BIN)/python -m training $$family --config training/configs/$$recipe.yaml; \
 	  $(BIN)/python -m training promote runs/$$name/export; done
 
 # README pictures, taken by the browser tests (a real chromium on the real pages).

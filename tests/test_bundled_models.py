@@ -63,3 +63,17 @@ def test_every_card_says_what_it_is_for_and_what_it_is_not():
         assert card["intended_use"] and "not for primary diagnosis" in card["intended_use"]
         assert card["out_of_scope"] and card["limitations"], card["name"]
         assert card["created"] and card["changelog"][-1]["version"] == card["version"]
+
+
+def test_make_train_retrains_every_shipped_model_from_its_cards_recipe():
+    """`make train` names each shipped model with the recipe its card was trained from."""
+    import re
+
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    runs = re.search(r"^TRAIN_RUNS := (.*)$", text, re.MULTILINE).group(1).split()
+    planned = {name: recipe for _, recipe, name in (r.split(":") for r in runs)}
+    for card in cards():
+        assert card["name"] in planned, f"make train does not retrain {card['name']}"
+        config = f"training/configs/{planned[card['name']]}.yaml"
+        assert card["recipe"]["config"] == config, card["name"]
+        assert (REPO / config).is_file()
