@@ -205,9 +205,10 @@ def _scores(model: Any, x_u8: Any, spec: dict[str, Any], batch: int = 64) -> np.
 
 def _onnx_scores(onnx_path: Path, x_u8: Any, spec: dict[str, Any]) -> np.ndarray:
     """_scores of the exported graph itself (e.g. quantised)."""
+    from app.inference.pipeline import mean_logit
+
     p = [export.onnx_outputs(onnx_path, to_input(v, spec).numpy())[:, 0] for v in views(x_u8, spec)]
-    q = np.clip(np.stack(p).astype(np.float64), 1e-7, 1 - 1e-7)
-    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
+    return mean_logit(np.stack(p))
 
 
 FUSION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)

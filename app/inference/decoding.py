@@ -430,9 +430,12 @@ def decode_dicom_dataset(
             # pylibjpeg (libjpeg, openjpeg, rle) and pydicom's native paths only: Pillow's
             # decoders, with truncated images allowed for FracAtlas JPEGs, would turn a broken
             # JPEG 2000 stream into a blank image instead of an error.
-            arr = _j2k_reduced(ds, k)
-            if arr is None:
-                arr = _j2k_threaded(ds, rows, cols)
+            codestream = _grey_j2k_codestream(ds)
+            arr = None
+            if codestream is not None:  # reduced when large, else in full with threads
+                arr = _j2k_reduced(codestream, k) if k > 1 else None
+                if arr is None:
+                    arr = _j2k_threaded(codestream[0], rows, cols)
             if arr is None:
                 arr = pixel_array(ds, decoding_plugin="pylibjpeg")
     except Exception as exc:
@@ -498,17 +501,16 @@ def _grey_j2k_codestream(ds: Dataset) -> tuple[bytes, int] | None:
     return frame, precision
 
 
-def _j2k_threaded(ds: Dataset, rows: int, cols: int) -> np.ndarray | None:
-    """A full-size grey JPEG 2000 frame decoded by OpenJPEG with J2K_THREADS threads
+def _j2k_threaded(frame: bytes, rows: int, cols: int) -> np.ndarray | None:
+    """A full-size grey JPEG 2000 codestream decoded by OpenJPEG with J2K_THREADS threads
     (imagecodecs): the same library as pylibjpeg's, so the same samples (tested on the shared
     files); None where it does not apply or fails, and pylibjpeg decodes (and reports) it."""
-    found = _grey_j2k_codestream(ds) if J2K_THREADS > 1 else None
-    if found is None:
+    if J2K_THREADS < 2:
         return None
     try:
         import imagecodecs
 
-        arr = imagecodecs.jpeg2k_decode(found[0], numthreads=J2K_THREADS)
+        arr = imagecodecs.jpeg2k_decode(frame, numthreads=J2K_THREADS)
     except Exception:
         return None
     if arr.shape != (rows, cols) or arr.dtype not in (np.uint8, np.uint16):
@@ -516,15 +518,12 @@ def _j2k_threaded(ds: Dataset, rows: int, cols: int) -> np.ndarray | None:
     return arr
 
 
-def _j2k_reduced(ds: Dataset, k: int) -> np.ndarray | None:
-    """A single-component unsigned JPEG 2000 frame decoded 2^r times smaller by skipping its
-    finest wavelet levels (Pillow's OpenJPEG; 4x faster at 2500x2048); None where that does
-    not apply (small image, other syntax, JP2 wrapper, signed or colour data, Pillow fails),
-    and the caller decodes in full. Pillow scales samples to 16 bits: shifted back here."""
-    found = _grey_j2k_codestream(ds) if k > 1 else None
-    if found is None:
-        return None
-    frame, precision = found
+def _j2k_reduced(codestream: tuple[bytes, int], k: int) -> np.ndarray | None:
+    """A grey JPEG 2000 codestream (_grey_j2k_codestream) decoded k = 2^r times smaller by
+    skipping its finest wavelet levels (Pillow's OpenJPEG; 4x faster at 2500x2048); None where
+    Pillow fails, and the caller decodes in full. Pillow scales samples to 16 bits: shifted back
+    here."""
+    frame, precision = codestream
     try:
         with _LENIENT_PILLOW:  # strict: a broken stream raises here
             im = Image.open(io.BytesIO(frame))

@@ -123,21 +123,23 @@ def tta_views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
     return [np.ascontiguousarray(t) for t in turns]
 
 
+def mean_logit(probs: np.ndarray) -> np.ndarray:
+    """Sigmoid of the mean logit over the first axis (views x N probabilities -> N)."""
+    q = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
+
+
 def classify(classifier: OnnxModel, batch: np.ndarray) -> np.ndarray:
     """Fracture probability per input (N,): the graph's probability, or under the card's
     test-time views the sigmoid of their mean logit (one run over all views when batched)."""
     views = tta_views(batch, classifier.spec.get("tta", "none"))
-    stacked = np.concatenate(views) if classifier.batched else np.stack(views)
+    stacked = views[0] if len(views) == 1 else np.concatenate(views)
     if classifier.batched:
         probs = classifier.run(stacked)[0].reshape(len(views), len(batch))
     else:
-        flat = stacked.reshape(-1, *batch.shape[1:])
-        probs = np.array([o[0].reshape(-1)[0] for o in classifier.run(flat)])
-        probs = probs.reshape(len(views), len(batch))
-    if len(views) == 1:
-        return probs[0].astype(np.float64)
-    q = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    return 1.0 / (1.0 + np.exp(-np.log(q / (1 - q)).mean(axis=0)))
+        outputs = classifier.run(stacked)
+        probs = np.array([o[0].reshape(-1)[0] for o in outputs]).reshape(len(views), len(batch))
+    return probs[0].astype(np.float64) if len(views) == 1 else mean_logit(probs)
 
 
 Decoder = Callable[[OnnxModel, list[Any], int, float], tuple[np.ndarray, np.ndarray]]
