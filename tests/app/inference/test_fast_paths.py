@@ -234,21 +234,19 @@ def test_a_truncated_jpeg_leaves_pillow_strict_for_everyone_else(fracatlas_dir: 
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
-def test_threaded_jpeg2000_gives_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
-    """The threaded OpenJPEG decode (imagecodecs) of every shared JPEG 2000 file that it takes
-    gives exactly pylibjpeg's samples; the broken ones it leaves to pylibjpeg (and a 422)."""
+def test_fast_decoders_give_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
+    """Every full-size decode by a faster codec (threaded OpenJPEG for JPEG 2000, CharLS for
+    JPEG-LS, imagecodecs' lossless JPEG) of a shared file gives exactly pylibjpeg's samples; the
+    broken files it leaves to pylibjpeg (and a 422)."""
     import pydicom
     from pydicom.pixels import pixel_array
 
-    if decoding.J2K_THREADS < 2:
-        pytest.skip("one core: the threaded decode is off")
-    taken = 0
+    taken = set()
     for row in dicom_manifest:
         ds = pydicom.dcmread(dicom_dir / row["file"], force=True)
-        if str(ds.file_meta.get("TransferSyntaxUID", "")) not in decoding.J2K_SYNTAXES:
+        if "TransferSyntaxUID" not in ds.file_meta:
             continue
-        codestream = decoding._grey_j2k_codestream(ds)
-        fast = codestream and decoding._j2k_threaded(codestream[0], int(ds.Rows), int(ds.Columns))
+        fast = decoding._fast_decode(ds, int(ds.Rows), int(ds.Columns), 1)
         if row["decodes_with_pydicom3_pylibjpeg"] != "ok":
             assert fast is None, row["file"]
             continue
@@ -256,5 +254,54 @@ def test_threaded_jpeg2000_gives_pylibjpegs_samples(dicom_dir: Path, dicom_manif
             continue
         reference = pixel_array(ds, decoding_plugin="pylibjpeg")
         assert fast.dtype == reference.dtype and np.array_equal(fast, reference), row["file"]
-        taken += 1
-    assert taken >= 4
+        taken.add(str(ds.file_meta.TransferSyntaxUID))
+    expected = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.70"}
+    if decoding.J2K_THREADS > 1:
+        expected |= decoding.J2K_SYNTAXES
+    assert expected <= taken
+
+
+def _plain_presentation(ds, arr: np.ndarray) -> np.ndarray:
+    """The presentation values computed per pixel by pydicom (the path before the table)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation) == 0 and bits < arr.dtype.itemsize * 8:
+        arr = arr & np.asarray((1 << bits) - 1, dtype=arr.dtype)
+    values = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds, index=0)
+    values = np.asarray(values, dtype=np.float32)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    return values
+
+
+def test_presentation_through_a_table_equals_pydicom_per_pixel(dicom_dir: Path, dicom_manifest):
+    """The table of stored values gives exactly the values of pydicom's LUT functions applied
+    to every pixel, on the shared files and on a signed frame with rescale and window."""
+    import pydicom
+    from pydicom.pixels import pixel_array
+
+    checked = 0
+    for row in dicom_manifest:
+        if row["decodes_with_pydicom3_pylibjpeg"] != "ok":
+            continue
+        ds = pydicom.dcmread(dicom_dir / row["file"], force=True)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        arr = pixel_array(ds, decoding_plugin="pylibjpeg")
+        values, notes = decoding._to_presentation(ds, arr, ds.PhotometricInterpretation)
+        if notes:  # a window ignored as saturating: the modality values, not the windowed ones
+            continue
+        assert np.array_equal(values, _plain_presentation(ds, arr)), row["file"]
+        checked += 1
+    assert checked >= 10
+
+    ds = pydicom.Dataset()
+    ds.update({"BitsStored": 12, "PixelRepresentation": 1, "RescaleSlope": 0.5})
+    ds.update({"RescaleIntercept": -100, "WindowCenter": 50, "WindowWidth": 700})
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    arr = np.random.default_rng(0).integers(-2048, 2048, (300, 200)).astype(np.int16)
+    values, notes = decoding._to_presentation(ds, arr, "MONOCHROME2")
+    assert not notes and np.array_equal(values, _plain_presentation(ds, arr))
