@@ -47,35 +47,54 @@ def _burn_marker(img: np.ndarray, rng: random.Random) -> None:
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
 
 
-def robust_photometric(img: np.ndarray, rng: random.Random) -> np.ndarray:
-    """One grey uint8 image (h, w) as another device or site might have produced it."""
+# The groups of robust_photometric, each of which a recipe may leave out (`augment_skip`) to
+# measure what it brings.
+ROBUST_GROUPS = ("intensity", "resolution", "blur", "noise", "jpeg", "markers")
+
+
+def robust_photometric(
+    img: np.ndarray, rng: random.Random, skip: frozenset[str] = frozenset()
+) -> np.ndarray:
+    """One grey uint8 image (h, w) as another device or site might have produced it. A group in
+    `skip` draws its random numbers but is not applied, so the others see the same draws."""
     import cv2
 
+    unknown = skip - set(ROBUST_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown augmentation groups {sorted(unknown)}; known: {ROBUST_GROUPS}")
     out = img.astype(np.float32) / 255.0
     if rng.random() < 0.8:  # gamma and window
-        out = out ** rng.uniform(0.6, 1.7)
+        gamma = rng.uniform(0.6, 1.7)
         lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)
-        out = np.clip((out - lo) / (hi - lo), 0, 1) if rng.random() < 0.5 else out
-        contrast = rng.uniform(0.55, 1.15)
-        out = np.clip(0.5 + (out - 0.5) * contrast + rng.uniform(-0.1, 0.1), 0, 1)
+        window = rng.random() < 0.5
+        contrast, offset = rng.uniform(0.55, 1.15), rng.uniform(-0.1, 0.1)
+        if "intensity" not in skip:
+            out = out**gamma
+            out = np.clip((out - lo) / (hi - lo), 0, 1) if window else out
+            out = np.clip(0.5 + (out - 0.5) * contrast + offset, 0, 1)
     out = (out * 255).astype(np.uint8)
     h, w = out.shape
     if rng.random() < 0.5:  # lower resolution: down and back up
         f = rng.uniform(0.3, 0.8)
-        small = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
-        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+        if "resolution" not in skip:
+            small = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
+            out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
     if rng.random() < 0.3:
-        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.5))
+        sigma = rng.uniform(0.5, 1.5)
+        if "blur" not in skip:
+            out = cv2.GaussianBlur(out, (0, 0), sigma)
     if rng.random() < 0.3:
-        noise = np.random.default_rng(rng.randrange(1 << 30)).normal(
-            0, rng.uniform(2, 8), out.shape
-        )
-        out = np.clip(out + noise, 0, 255).astype(np.uint8)
+        seed, sigma = rng.randrange(1 << 30), rng.uniform(2, 8)
+        if "noise" not in skip:
+            noise = np.random.default_rng(seed).normal(0, sigma, out.shape)
+            out = np.clip(out + noise, 0, 255).astype(np.uint8)
     if rng.random() < 0.4:
-        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, rng.randrange(25, 90)])
-        out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else out
+        quality = rng.randrange(25, 90)
+        if "jpeg" not in skip:
+            ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else out
     if rng.random() < 0.3:
-        _burn_marker(out, rng)
+        _burn_marker(out if "markers" not in skip else out.copy(), rng)
     return out
 
 
@@ -110,8 +129,10 @@ def augment_batch(
     strength: str = "light",
     rotate_degrees: float = 15.0,
     rot90_p: float = 0.0,
+    skip: frozenset[str] = frozenset(),
 ) -> Any:
-    """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks)."""
+    """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks). `skip`: groups
+    of the robust photometric changes left out (ROBUST_GROUPS)."""
     import torch
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -131,7 +152,7 @@ def augment_batch(
         else:
             img_t = geometry(img_t)
         if strength == "robust":
-            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng))
+            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip))
         else:
             img_t = light(img_t)[0]
         images.append(img_t)

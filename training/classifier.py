@@ -335,6 +335,7 @@ def fit(
         "strength": cfg.get("augment", "light"),
         "rotate_degrees": cfg.get("rotate_degrees", 15.0),
         "rot90_p": cfg.get("rot90_p", 0.0),
+        "skip": frozenset(cfg.get("augment_skip") or ()),
     }
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

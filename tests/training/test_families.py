@@ -416,6 +416,28 @@ def test_detection_pairs_move_boxes_with_the_pixels():
     assert out.dtype == torch.uint8 and out.shape == img.shape
 
 
+def test_a_skipped_augmentation_group_leaves_the_others_draws_alone():
+    """`augment_skip` (the ablation of each robust group): every group skipped gives the image
+    back; skipping one group leaves the random draws of the others where they were."""
+    import random
+
+    import numpy as np
+    import pytest
+
+    from training.augment import ROBUST_GROUPS, robust_photometric
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8)
+    for seed in range(20):
+        every = frozenset(ROBUST_GROUPS)
+        assert np.array_equal(robust_photometric(img, random.Random(seed), every), img)
+        rng_all, rng_one = random.Random(seed), random.Random(seed)
+        robust_photometric(img, rng_all)
+        robust_photometric(img, rng_one, frozenset({"markers"}))
+        assert rng_all.random() == rng_one.random()  # same draws consumed
+    with pytest.raises(ValueError, match="unknown augmentation groups"):
+        robust_photometric(img, random.Random(0), frozenset({"sharpen"}))
+
+
 def test_a_region_hold_out_is_never_trained_on_nor_chosen_with(tiny_cache, run_dirs):
     """`exclude_regions` removes a body region from train and val (what the run learns and
     chooses with); test keeps it, to be measured on."""
