@@ -250,16 +250,30 @@ def test_results_wait_for_a_destination_that_is_down(tmp_path):
             pacs.stop()
 
 
+class RestartableSetup:
+    """A service on a state folder that outlives its processes, delivering to a PACS port where
+    no PACS runs until start_pacs()."""
+
+    def __init__(self, tmp_path: Path):
+        self.root, self.app_port, self.pacs_port = tmp_path, free_port(), free_port()
+        self.destination = f"http://127.0.0.1:{self.pacs_port}/dicom-web"
+        self.state = tmp_path / "state"
+
+    def start(self):
+        return start_service(self.app_port, self.destination, FRACTURE_STATE_DIR=str(self.state))
+
+    def start_pacs(self) -> Orthanc:
+        return Orthanc(self.root / "orthanc", self.pacs_port, None)
+
+
 def test_undelivered_results_survive_kill_9_and_reach_the_pacs_after_a_restart(tmp_path):
     """The PACS is down; a study is analysed twice (two results, neither replaces the other);
     the service is killed with SIGKILL. Restarted on the same state folder once the PACS is up,
     it delivers both results, and a further restart sends nothing again."""
     from app.dicom.multipart import build_related
 
-    app_port, pacs_port = free_port(), free_port()
-    destination = f"http://127.0.0.1:{pacs_port}/dicom-web"
-    state = str(tmp_path / "state")
-    service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+    setup = RestartableSetup(tmp_path)
+    service = setup.start()
     pacs = None
     try:
         ds = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
@@ -277,8 +291,8 @@ def test_undelivered_results_survive_kill_9_and_reach_the_pacs_after_a_restart(t
         )
         service.kill()
 
-        pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
-        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        pacs = setup.start_pacs()
+        service = setup.start()
         objects = wait_for(
             lambda: (
                 found if len(found := instances_of_study(pacs, ds.StudyInstanceUID)) >= 4 else None
@@ -290,7 +304,7 @@ def test_undelivered_results_survive_kill_9_and_reach_the_pacs_after_a_restart(t
         assert kinds == ["Comprehensive SR Storage"] * 2 + ["Secondary Capture Image Storage"] * 2
         assert service.http.get(findings_url).json()["delivery"]["delivered"] is True
         service.stop()
-        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        service = setup.start()
         time.sleep(3)  # several retry periods
         assert len(instances_of_study(pacs, ds.StudyInstanceUID)) == 4
         text = service.http.get("/metrics").text
@@ -308,10 +322,8 @@ def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(t
 
     from app.dicom.multipart import build_related
 
-    app_port, pacs_port = free_port(), free_port()
-    destination = f"http://127.0.0.1:{pacs_port}/dicom-web"
-    state = str(tmp_path / "state")
-    service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+    setup = RestartableSetup(tmp_path)
+    service = setup.start()
     pacs = None
     try:
         study_uid = pydicom.uid.generate_uid()
@@ -336,7 +348,7 @@ def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(t
         sender = threading.Thread(target=send)
         sender.start()
         findings_url = f"/dicomweb/studies/{study_uid}/findings"
-        database = Path(state) / "results.db"
+        database = setup.state / "results.db"
 
         def kept() -> int:  # instances the service holds in its intake (read-only look)
             with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
@@ -351,8 +363,8 @@ def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(t
         assert kept() == 12  # still there: not analysed when the process died
         sender.join(timeout=30)
 
-        pacs = Orthanc(tmp_path / "orthanc", pacs_port, None)
-        service = start_service(app_port, destination, FRACTURE_STATE_DIR=state)
+        pacs = setup.start_pacs()
+        service = setup.start()
         findings = wait_for(
             lambda: (r := service.http.get(findings_url)).status_code == 200 and r.json(),
             120,
