@@ -111,10 +111,12 @@ class DecodedImage:
         )
 
 
-# The models look at a few hundred pixels (the largest input side is 512): an upload whose long
-# side is 2^k times this is decoded (JPEG DCT scaling, JPEG 2000 resolution levels) or reduced
-# to a working image 2^k times smaller, once, before any other work.
-WORKING_SIDE = 1024
+# The models look at a few hundred pixels of the crop (the largest input side is 512) and were
+# trained on radiographs whose long side is at most 512 (the FracAtlas cache): an upload whose long
+# side is 2^k times this is decoded (JPEG DCT scaling, JPEG 2000 resolution levels) or reduced to a
+# working image 2^k times smaller, once, before any other work. Measured on val through the served
+# pipeline against 1024: AUROC +0.0002 [-0.0006, 0.0011], AP50 0.347 vs 0.344.
+WORKING_SIDE = 512
 
 
 def reduction(height: int, width: int) -> int:
