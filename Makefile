@@ -57,8 +57,8 @@ format: install-test
 # family:recipe (training/configs/<recipe>.yaml):model name
 TRAIN_RUNS := cropper:cropper:cropper-unet simclr:simclr:classifier-simclr-resnet18 \
 	mobilenet:mobilenet:classifier-mobilenetv2 bam:bam:classifier-bam-mobilenetv2 \
-	yolo:yolo:detector-yolov8n frcnn:frcnn:detector-frcnn-r18 \
-	frcnn:frcnn-mobilenet:detector-frcnn-mobilenetv2 dino:dino:classifier-dino-vits14
+	yolo:yolo:detector-yolov8n frcnn:frcnn-mobilenet:detector-frcnn-mobilenetv2 \
+	frcnn:frcnn-mobilenet-robust:detector-frcnn-mobilenetv2-robust dino:dino:classifier-dino-vits14
 train: install-test
 	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; rest=$${run#*:}; \
 	  recipe=$${rest%%:*}; name=$${rest#*:}; \

@@ -19,7 +19,7 @@ from app.inference.answers import (
     StudyAnswer,
     StudyVerdict,
 )
-from app.inference.pipeline import ImageWork, image_answer
+from app.inference.pipeline import ImageWork, decision_threshold, image_answer, image_score
 from app.inference.runtime import OnnxModel
 from app.state import AppState
 
@@ -96,7 +96,7 @@ async def analyse_study(
         works, models, point, lambda: abandon_if_gone(gone, state, request_id)
     )
 
-    threshold = float(clf.card.decision_threshold)
+    threshold = decision_threshold(clf, det)
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]
     for img in images:
         state.metrics.images.labels("fracture" if img.fracture else "no_fracture").inc()
@@ -131,6 +131,7 @@ async def analyse_study(
         ),
         operating_point=OperatingPointAnswer(**point.as_dict()),
         decision_threshold=threshold,
+        image_score=image_score(clf, det),
         images=images,
         study=StudyVerdict(
             fracture_probability=study_p,

@@ -2,6 +2,7 @@
 frequency (Platt scaling), its decision threshold, and the detector's fp_per_image table.
 
     python -m training calibrate --split val --write-card          # the shipped cards, on val
+    python -m training calibrate --split val --write-card --fuse   # + choose a fused image score
     python -m training calibrate --folder /site/labelled --site st-olav --out site.json
 
 A site runs the second form on its own labelled radiographs (the FracAtlas release layout: images/,
@@ -23,6 +24,7 @@ import numpy as np
 from app.inference.model_card import (
     Calibration,
     CardError,
+    Fusion,
     SiteCalibration,
     SiteClassifier,
     SiteDetector,
@@ -48,17 +50,65 @@ def fit_platt(labels: list[int], probs: list[float], fitted_on: str) -> Calibrat
     )
 
 
+# Classifier weights a fused image score may take (1.0: the classifier alone).
+FUSION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
+
+
 def calibrate(
-    records: list, models_dir: Path, classifier: str | None, detector: str | None, source: str
+    records: list,
+    models_dir: Path,
+    classifier: str | None,
+    detector: str | None,
+    source: str,
+    fuse: bool = False,
 ) -> tuple[SiteCalibration, dict[str, Any]]:
-    """Fit on `records`; (the site calibration, a summary with its effect)."""
+    """Fit on `records`; (the site calibration, a summary with its effect). The classifier card's
+    fusion with this detector, if any, is refitted at its weight; `fuse` chooses the weight here
+    (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins)."""
     crp, clf, det = served_models(models_dir, classifier, detector)
-    clf.card = clf.card.model_copy(update={"calibration": None})  # fit on the raw probability
+    shipped = clf.card.fusion if clf.card.fusion and clf.card.fusion.applies_to(det.card) else None
+    # fit on the raw probability; the boxes down to the floor of every fused score
+    clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
     run = collect(records, (crp, clf, det))
     fitted_on = f"{source}: {len(records)} images through the served pipeline"
     platt = fit_platt(run.labels, run.probs, fitted_on)
     calibrated = [platt.apply(p) for p in run.probs]
     threshold = metrics.youden_threshold(run.labels, calibrated)
+    probs = np.asarray(run.probs, dtype=float)
+    max_box = np.array([float(s.max()) if len(s) else 0.0 for _, s in run.preds])
+    fusion, fusion_summary = None, None
+    if fuse or shipped:
+        weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
+        if fuse:
+            aurocs = {
+                w: metrics.classification_metrics(run.labels, w * probs + (1 - w) * max_box, 0.5)[
+                    "auroc"
+                ]
+                for w in FUSION_WEIGHTS
+            }
+            weight = max(aurocs, key=lambda w: (aurocs[w], w))
+            chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}"
+        if weight < 1.0:
+            raw = (weight * probs + (1 - weight) * max_box).tolist()
+            fused_platt = fit_platt(run.labels, raw, fitted_on)
+            fused = [fused_platt.apply(v) for v in raw]
+            fusion = Fusion(
+                detector=det.name,
+                detector_sha256=det.card.sha256,
+                classifier_weight=weight,
+                calibration=fused_platt,
+                decision_threshold=metrics.youden_threshold(run.labels, fused),
+                chosen_on=chosen_on,
+            )
+            fusion_summary = {
+                "versus_classifier_alone": metrics.paired_auroc_difference(
+                    run.labels, calibrated, fused
+                ),
+                "brier_calibrated": float(np.mean((np.asarray(fused) - run.labels) ** 2)),
+                "at_threshold": metrics.classification_metrics(
+                    run.labels, fused, fusion.decision_threshold
+                ),
+            }
     froc = metrics.froc(run.preds, run.gts)
     table = froc_operating_points({"froc_table": froc.table()})
     site = SiteCalibration(
@@ -67,7 +117,11 @@ def calibrate(
         images=len(records),
         fractured=int(sum(run.labels)),
         classifier=SiteClassifier(
-            name=clf.name, sha256=clf.card.sha256, calibration=platt, decision_threshold=threshold
+            name=clf.name,
+            sha256=clf.card.sha256,
+            calibration=platt,
+            decision_threshold=threshold,
+            fusion=fusion,
         ),
         detector=SiteDetector(name=det.name, sha256=det.card.sha256, operating_points=table),
     )
@@ -80,6 +134,7 @@ def calibrate(
         "classifier_at_threshold": metrics.classification_metrics(
             run.labels, calibrated, threshold
         ),
+        "fusion": fusion_summary,
     }
     return site, summary
 
@@ -100,6 +155,11 @@ def write_into_cards(
         except CardError:
             raise ValueError(f"{path.name}: the card's model changed while calibrating") from None
         assert update is not None  # the entry names this card
+        fusion = update.pop("fusion", None)
+        if fusion is not None:
+            card["fusion"] = fusion
+        elif card.get("fusion", {}).get("detector_sha256") == site.detector.sha256:
+            card.pop("fusion")  # refitted for this detector: the classifier alone serves
         if "calibration" in update:
             update["threshold_rule"] = (
                 "Youden's J on the calibrated probability, served pipeline, " + site.site
@@ -123,6 +183,11 @@ def main(argv: list[str]) -> int:
         "--write-card", action="store_true", help="store the fit in the shipped cards instead"
     )
     parser.add_argument(
+        "--fuse",
+        action="store_true",
+        help="choose a fused image score (classifier with the detector's best box) here",
+    )
+    parser.add_argument(
         "--roles",
         default="classifier,detector",
         help="with --write-card: which cards to update (comma-separated)",
@@ -135,7 +200,9 @@ def main(argv: list[str]) -> int:
     if split:
         records = [r for r in records if r.split == split]
     source = args.site or (Path(args.folder).name if args.folder else f"FracAtlas {split}")
-    site, summary = calibrate(records, args.models_dir, args.classifier, args.detector, source)
+    site, summary = calibrate(
+        records, args.models_dir, args.classifier, args.detector, source, args.fuse
+    )
     if args.write_card:
         write_into_cards(site, args.models_dir, summary, tuple(args.roles.split(",")))
     if args.out:

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
         "classifier-mobilenetv2", description="classifier used when a request names none"
     )
     default_detector: str = Field(
-        "detector-frcnn-mobilenetv2", description="detector used when a request names none"
+        "detector-frcnn-mobilenetv2-robust", description="detector used when a request names none"
     )
     execution_provider: Literal["auto", "tensorrt", "cuda", "cpu"] = Field(
         "auto", description="auto: TensorRT, then CUDA, then CPU, whichever onnxruntime offers"

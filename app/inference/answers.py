@@ -69,7 +69,15 @@ class StudyAnswer(BaseModel):
     request_id: str
     models: ModelsUsed
     operating_point: OperatingPointAnswer
-    decision_threshold: float = Field(description="the classifier card's decision threshold")
+    decision_threshold: float = Field(
+        description="threshold of fracture_probability: the classifier card's, or its fusion's"
+        " with this detector"
+    )
+    image_score: str = Field(
+        "",
+        description="how fracture_probability is made: the classifier's calibrated probability,"
+        " or its fusion with the detector's best box (Xie et al.), calibrated",
+    )
     images: list[ImageResult]
     study: StudyVerdict
 

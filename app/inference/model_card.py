@@ -108,6 +108,37 @@ class Calibration(BaseModel):
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
 
+class Fusion(BaseModel):
+    """Xie et al.'s image score with one detector file: s = classifier_weight * p + (1 -
+    classifier_weight) * m, p the classifier's uncalibrated probability, m the highest score of any
+    box the detector finds in the crop (0 without one); then its own calibration and decision
+    threshold. Served when a request's detector is this very file (name and sha256); with any
+    other detector the classifier's own calibration and threshold serve."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detector: str
+    detector_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    classifier_weight: float = Field(gt=0, le=1)
+    calibration: Calibration | None = None
+    decision_threshold: float = Field(ge=0, le=1, description="on the calibrated fused score")
+    chosen_on: str = Field(description="how the weight was chosen, on which images")
+
+    def applies_to(self, detector: ModelCard | None) -> bool:
+        return detector is not None and (detector.name, detector.sha256) == (
+            self.detector,
+            self.detector_sha256,
+        )
+
+    def raw(self, p: float, max_box: float) -> float:
+        w = self.classifier_weight
+        return w * float(p) + (1 - w) * float(max_box)
+
+    def apply(self, p: float, max_box: float) -> float:
+        s = self.raw(p, max_box)
+        return self.calibration.apply(s) if self.calibration else s
+
+
 class ModelCard(BaseModel):
     """A shipped model: identity, file, input contract, role-specific serving parameters."""
 
@@ -128,6 +159,7 @@ class ModelCard(BaseModel):
     operating_points: list[OperatingPointRow] | None = None
     crop_margin: float | None = Field(None, ge=0, le=0.5)
     calibration: Calibration | None = None
+    fusion: Fusion | None = None
     site: str | None = Field(None, description="site calibration applied over the shipped card")
 
     @model_validator(mode="before")
@@ -141,8 +173,8 @@ class ModelCard(BaseModel):
     def _role_fields(self) -> ModelCard:
         if self.task == "classification" and self.decision_threshold is None:
             raise ValueError("a classifier card needs decision_threshold")
-        if self.calibration is not None and self.task != "classification":
-            raise ValueError("only a classifier card carries a calibration")
+        if (self.calibration or self.fusion) is not None and self.task != "classification":
+            raise ValueError("only a classifier card carries a calibration or a fusion")
         if self.task == "segmentation" and self.crop_margin is None:
             raise ValueError("a cropper card needs crop_margin")
         if self.task == "detection":
@@ -198,6 +230,7 @@ class SiteClassifier(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     calibration: Calibration | None = None
     decision_threshold: float = Field(ge=0, le=1, description="on the calibrated probability")
+    fusion: Fusion | None = None
 
 
 class SiteDetector(BaseModel):

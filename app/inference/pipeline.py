@@ -16,6 +16,7 @@ import numpy as np
 
 from app.inference.answers import Detection, ImageResult
 from app.inference.decoding import DecodedImage
+from app.inference.model_card import Fusion
 from app.inference.operating_point import OperatingPoint
 from app.inference.postprocess import rcnn_detections, yolo_detections
 from app.inference.preprocessing import (
@@ -40,6 +41,8 @@ class ImageWork:
     crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of the image)
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
+    classifier_probability: float = 0.0  # uncalibrated, what a fusion mixes
+    max_box_score: float = 0.0  # the best box at any score (what a fusion mixes)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     timings: dict[str, float] = field(default_factory=dict)
@@ -87,27 +90,63 @@ def run_study(
             # runs on each model's input, after the resize.
             w.crop = w.image.pixels[y1:y2, x1:x2]
             w.crop_levels = grey_levels(w.crop)
+    fusion = image_score_fusion(classifier, detector)
     with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec, w.crop_levels)[0] for w in works])
         probs = classify(classifier, batch)
         calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
-            raw = float(np.clip(p, 0.0, 1.0))
+            w.classifier_probability = float(np.clip(p, 0.0, 1.0))
+            raw = w.classifier_probability
             w.probability = calibration.apply(raw) if calibration else raw
+    threshold = operating_point.detector_threshold
     with _timed("detect", works, on_stage):
         found = detect_crops(
             detector,
             [w.crop for w in works],
-            operating_point.detector_threshold,
+            min(threshold, FUSION_BOX_FLOOR) if fusion else threshold,
             [w.crop_levels for w in works],
         )
         for w, (boxes, scores) in zip(works, found, strict=True):
+            w.max_box_score = float(scores.max()) if len(scores) else 0.0
+            if fusion:  # every box down to the floor scored; the answer keeps the requested
+                keep = scores >= threshold
+                boxes, scores = boxes[keep], scores[keep]
+                w.probability = fusion.apply(w.classifier_probability, w.max_box_score)
             x1, y1 = w.working_box[:2]
             if len(boxes):
                 boxes[:, [0, 2]] += x1  # crop pixels -> working pixels -> the frame as sent
                 boxes[:, [1, 3]] += y1
                 boxes = w.image.to_frame(boxes)
             w.boxes, w.scores = boxes, scores
+
+
+# A fused image score takes the best box down to this score (Faster R-CNN graphs stop here
+# themselves; the fusion was chosen and calibrated with boxes down to it).
+FUSION_BOX_FLOOR = 0.001
+
+
+def image_score_fusion(classifier: OnnxModel, detector: OnnxModel) -> Fusion | None:
+    """The classifier card's fusion when it was fitted for this very detector file, else None
+    (the classifier's own probability serves)."""
+    fusion = classifier.card.fusion if classifier.card else None
+    return fusion if fusion is not None and fusion.applies_to(detector.card) else None
+
+
+def decision_threshold(classifier: OnnxModel, detector: OnnxModel) -> float:
+    """The threshold of the served image score: the fusion's with its detector, else the
+    classifier card's."""
+    fusion = image_score_fusion(classifier, detector)
+    return fusion.decision_threshold if fusion else float(classifier.card.decision_threshold)
+
+
+def image_score(classifier: OnnxModel, detector: OnnxModel) -> str:
+    """How fracture_probability is made, for the answer."""
+    fusion = image_score_fusion(classifier, detector)
+    if fusion is None:
+        return f"{classifier.name}, calibrated"
+    w = fusion.classifier_weight
+    return f"{w:g} x {classifier.name} + {1 - w:g} x max box of {detector.name}, calibrated"
 
 
 def tta_views(batch: np.ndarray, tta: str) -> list[np.ndarray]:

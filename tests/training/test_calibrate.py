@@ -41,6 +41,9 @@ def test_site_calibration_is_served_over_the_cards(tmp_path):
     models = Settings().models_dir
     site, summary = calibrate(picked, models, None, None, "test-site")
     assert site.images == 40 and site.fractured == 12
+    fused, _ = calibrate(picked, models, None, None, "test-site", fuse=True)
+    fusion = fused.classifier.fusion  # the weight with the highest AUROC here, or none
+    assert fusion is None or fusion.classifier_weight in (0.25, 0.5, 0.75)
     assert summary["brier_calibrated"] <= summary["brier_raw"] + 1e-9
     path = tmp_path / "site.json"
     path.write_text(site.model_dump_json())
@@ -63,9 +66,11 @@ def test_site_calibration_is_served_over_the_cards(tmp_path):
                 "/v1/predict", content=fh.read(), headers={"content-type": "image/jpeg"}
             )
         assert r.status_code == 200
-        assert r.json()["decision_threshold"] == pytest.approx(
-            site.classifier.decision_threshold, abs=1e-9
-        )
+        # the shipped card's fusion with the default detector is refitted at the site too
+        fusion = site.classifier.fusion
+        expected = fusion.decision_threshold if fusion else site.classifier.decision_threshold
+        assert r.json()["decision_threshold"] == pytest.approx(expected, abs=1e-9)
+        assert (site.detector.name in r.json()["image_score"]) == (fusion is not None)
 
     # Fitted for another file of the same model: not ready, saying so.
     other = json.loads(path.read_text())

@@ -10,7 +10,7 @@ resolution. Which working resolution the models get is an accuracy question, ans
 through the served pipeline (decoding.WORKING_SIDE), not here.
 
 Tolerances, from what the changes are: every fracture probability within 0.05 where the crop
-boxes agree and the median difference under 0.005 (a grey level of rounding moves the models a little); crop boxes within
+boxes agree (0.1 for a frame decoded smaller) and the median difference under 0.005 (a grey level of rounding moves the models a little); crop boxes within
 1% of the image's long side for 95% of the images (a borderline bone mask may flip a region);
 70% of the plain path's detections that score 0.05 above the threshold found again at
 IoU >= 0.5 (the IoU at which a detection counts as right; measured: 82% of 17 on 60 val images
@@ -30,7 +30,14 @@ from app.core.config import Settings
 from app.inference import decoding
 from app.inference import operating_point as op
 from app.inference.decoding import DecodedImage, decode, reduction
-from app.inference.pipeline import ImageWork, classify, detect_crops, run_study
+from app.inference.pipeline import (
+    FUSION_BOX_FLOOR,
+    ImageWork,
+    classify,
+    detect_crops,
+    image_score_fusion,
+    run_study,
+)
 from app.inference.preprocessing import (
     GreyLevels,
     grey_levels,
@@ -70,14 +77,21 @@ def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
     crop = stretch_grey(frame[y1:y2, x1:x2])
     raw = float(np.clip(classify(clf, model_input(crop, clf.spec)[0][None])[0], 0, 1))
     calibration = clf.card.calibration
-    boxes, scores = detect_crops(det, [crop], point.detector_threshold)[0]
+    p = calibration.apply(raw) if calibration else raw
+    fusion = image_score_fusion(clf, det)
+    floor = min(point.detector_threshold, FUSION_BOX_FLOOR) if fusion else point.detector_threshold
+    boxes, scores = detect_crops(det, [crop], floor)[0]
+    if fusion:
+        p = fusion.apply(raw, float(scores.max()) if len(scores) else 0.0)
+        keep = scores >= point.detector_threshold
+        boxes, scores = boxes[keep], scores[keep]
     if len(boxes):
         boxes[:, [0, 2]] += x1
         boxes[:, [1, 3]] += y1
         boxes = boxes * k
     full_h, full_w = full.shape
     return {
-        "p": calibration.apply(raw) if calibration else raw,
+        "p": p,
         "crop": (x1 * k, y1 * k, min(full_w, x2 * k), min(full_h, y2 * k)),
         "boxes": boxes,
         "scores": scores,
@@ -88,7 +102,13 @@ def fast_study(image: DecodedImage, crp, clf, det, point) -> dict:
     work = [ImageWork(image=image, decode_ms=0.0)]
     run_study(work, crp, clf, det, point)
     w = work[0]
-    return {"p": w.probability, "crop": w.crop_box, "boxes": w.boxes, "scores": w.scores}
+    return {
+        "p": w.probability,
+        "crop": w.crop_box,
+        "boxes": w.boxes,
+        "scores": w.scores,
+        "scaled": image.frame_size is not None,  # decoded smaller than the frame
+    }
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -104,16 +124,19 @@ def assert_same_answers(
 ) -> None:
     """`typical`: the median difference is checked too (a set of images, not one). The bound on
     every probability holds where the crop boxes agree: a flipped borderline mask gives the
-    classifier another region, which the crop check bounds."""
+    classifier another region, which the crop check bounds. It is 0.05, and 0.1 for a frame
+    decoded smaller (JPEG DCT scaling, JPEG 2000 levels: another resampler than the plain path's
+    box reduce, and the detector's best box, half of the fused score, moves with the pixels)."""
     dp = np.array([abs(a["p"] - b["p"]) for _, a, b, _ in pairs])
     assert not typical or np.median(dp) <= 0.005, np.median(dp)
     crop_ok = [
         max(abs(u - v) for u, v in zip(a["crop"], b["crop"], strict=True)) <= 0.01 * side
         for _, a, b, side in pairs
     ]
-    same_crop = dp * np.asarray(crop_ok)
-    worst = pairs[int(same_crop.argmax())][0]
-    assert same_crop.max() <= 0.05, f"{worst}: probability moved by {same_crop.max():.3f}"
+    bound = np.array([0.1 if b["scaled"] else 0.05 for _, _, b, _ in pairs])
+    over = (dp - bound) * np.asarray(crop_ok)
+    worst = int(over.argmax())
+    assert over.max() <= 0, f"{pairs[worst][0]}: probability moved by {dp[worst]:.3f}"
     assert np.mean(crop_ok) >= 0.95, [
         n for (n, *_), ok in zip(pairs, crop_ok, strict=True) if not ok
     ]

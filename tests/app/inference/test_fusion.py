@@ -1,0 +1,102 @@
+"""The fused image score (classifier card `fusion`, Xie et al.): with the very detector file it was
+fitted for, fracture_probability mixes the classifier's raw probability with the best box the
+detector finds down to the floor, then its own calibration and threshold; the answer's boxes stay
+those of the requested operating point. With any other detector the classifier's own serves."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from app.core.config import Settings
+from app.inference import operating_point as op
+from app.inference.decoding import DecodedImage
+from app.inference.model_card import Calibration, CardError, Fusion, read_card, validate_card
+from app.inference.pipeline import (
+    FUSION_BOX_FLOOR,
+    ImageWork,
+    decision_threshold,
+    detect_crops,
+    image_score,
+    run_study,
+)
+from app.inference.runtime import ModelRegistry
+from tests.conftest import bone_phantom
+
+
+@pytest.fixture(scope="module")
+def chain():
+    s = Settings()
+    registry = ModelRegistry(s.models_dir)
+    registry.load_all("cpu", 0)
+    crp = registry.get("cropper", None, "")
+    clf = registry.get("classifier", None, s.default_classifier)
+    det = registry.get("detector", None, s.default_detector)
+    return crp, clf, det, op.from_fp_rate(det.card, s.default_fp_per_image)
+
+
+def with_fusion(clf, fusion: Fusion | None):
+    model = copy.copy(clf)
+    model.card = clf.card.model_copy(update={"fusion": fusion})
+    return model
+
+
+def works() -> list[ImageWork]:
+    rng = np.random.default_rng(1)
+    out = []
+    for h, w in ((480, 640), (700, 520)):
+        pixels = bone_phantom(h, w).astype(np.float32) + rng.normal(0, 3, (h, w))
+        out.append(ImageWork(image=DecodedImage(pixels=pixels, source="png"), decode_ms=0.0))
+    return out
+
+
+def test_the_fused_score_mixes_the_raw_probability_with_the_best_box(chain):
+    crp, clf, det, point = chain
+    platt = Calibration(slope=1.3, intercept=-0.4, fitted_on="test")
+    fusion = Fusion(
+        detector=det.name,
+        detector_sha256=det.card.sha256,
+        classifier_weight=0.5,
+        calibration=platt,
+        decision_threshold=0.3,
+        chosen_on="test",
+    )
+    fused = with_fusion(clf, fusion)
+    batch = works()
+    run_study(batch, crp, fused, det, point)
+    for w in batch:
+        _, scores = detect_crops(det, [w.crop], FUSION_BOX_FLOOR, [w.crop_levels])[0]
+        best = float(scores.max()) if len(scores) else 0.0
+        assert w.max_box_score == pytest.approx(best, abs=1e-6)
+        expected = platt.apply(0.5 * w.classifier_probability + 0.5 * best)
+        assert w.probability == pytest.approx(expected, abs=1e-9)
+        assert all(s >= point.detector_threshold for s in w.scores)  # the requested point
+    assert decision_threshold(fused, det) == 0.3
+    assert det.name in image_score(fused, det)
+
+    # fitted for another file of the detector: the classifier's own probability and threshold
+    other = with_fusion(clf, fusion.model_copy(update={"detector_sha256": "0" * 64}))
+    alone = works()
+    run_study(alone, crp, other, det, point)
+    calibration = clf.card.calibration
+    for w in alone:
+        raw = w.classifier_probability
+        assert w.probability == pytest.approx(calibration.apply(raw) if calibration else raw)
+    assert decision_threshold(other, det) == float(clf.card.decision_threshold)
+    assert det.name not in image_score(other, det)
+
+
+def test_only_a_classifier_card_carries_a_fusion():
+    s = Settings()
+    card = read_card(s.models_dir / f"{s.default_detector}.json").as_json()
+    card["fusion"] = {
+        "detector": card["name"],
+        "detector_sha256": card["sha256"],
+        "classifier_weight": 0.5,
+        "decision_threshold": 0.5,
+        "chosen_on": "test",
+    }
+    with pytest.raises(CardError, match="fusion"):
+        validate_card(card, "detector.json")
