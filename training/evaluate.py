@@ -25,7 +25,7 @@ from app.core.config import Settings
 from app.inference.decoding import DecodedImage, decode
 from app.inference.model_card import DEFAULT_FP_PER_IMAGE
 from app.inference.operating_point import from_fp_rate, from_score
-from app.inference.pipeline import ImageWork, run_study
+from app.inference.pipeline import ImageWork, decision_threshold, run_study
 from app.inference.runtime import ModelRegistry, OnnxModel
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO, progress
@@ -182,7 +182,7 @@ def evaluate(
         "n_images": len(records),
         "models": {m.role: f"{m.name} {m.version}" for m in (crp, clf, det)},
         "classifier": metrics.classification_metrics(
-            labels, probs, float(clf.card.decision_threshold)
+            labels, probs, decision_threshold(clf, det)
         ),
         "detector": {
             **metrics.coco_ap(preds, gts, sizes),
@@ -206,7 +206,7 @@ def evaluate(
             for w in (0.0, 0.25, 0.5, 0.75, 1.0)
         },
         "classifier_ci95": metrics.bootstrap_classification(
-            labels, probs, float(clf.card.decision_threshold)
+            labels, probs, decision_threshold(clf, det)
         ),
         "classifier_by_region": metrics.auroc_by_group(labels, probs, [r.region for r in records]),
         "shift": shift,
@@ -266,7 +266,7 @@ def operating_point_stability(
     for shift in shifts:
         c = collect(records, (crp, clf, det), shift)
         froc = metrics.froc(c.preds, c.gts)
-        cls = metrics.classification_metrics(c.labels, c.probs, float(clf.card.decision_threshold))
+        cls = metrics.classification_metrics(c.labels, c.probs, decision_threshold(clf, det))
         out["shifts"][shift] = {
             "classifier": {k: cls[k] for k in ("auroc", "sensitivity", "specificity")},
             "detector": {str(row.fp_per_image): froc.at_threshold(row.threshold) for row in rows},
