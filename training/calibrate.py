@@ -2,7 +2,8 @@
 frequency (Platt scaling), its decision threshold, and the detector's fp_per_image table.
 
     python -m training calibrate --split val --write-card          # the shipped cards, on val
-    python -m training calibrate --split val --write-card --fuse   # + choose a fused image score
+    python -m training calibrate --split val --write-card --fuse --fuse-shift all
+                                                     # + choose a fused image score
     python -m training calibrate --folder /site/labelled --site st-olav --out site.json
 
 A site runs the second form on its own labelled radiographs (the FracAtlas release layout: images/,
@@ -35,6 +36,7 @@ from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.detection import froc_operating_points
 from training.evaluate import collect, served_models
+from training.shifts import SHIFTS
 
 
 def fit_platt(labels: list[int], probs: list[float], fitted_on: str) -> Calibration:
@@ -61,10 +63,14 @@ def calibrate(
     detector: str | None,
     source: str,
     fuse: bool = False,
+    fuse_shift: str | None = None,
 ) -> tuple[SiteCalibration, dict[str, Any]]:
     """Fit on `records`; (the site calibration, a summary with its effect). The classifier card's
     fusion with this detector, if any, is refitted at its weight; `fuse` chooses the weight here
-    (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins)."""
+    (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins).
+    With `fuse_shift` (training/shifts.py) the weight is the one with the highest mean AUROC
+    over these images and the same images under that shift: a best box that degrades on other
+    sources' images must not pull the score down there."""
     crp, clf, det = served_models(models_dir, classifier, detector)
     shipped = clf.card.fusion if clf.card.fusion and clf.card.fusion.applies_to(det.card) else None
     # fit on the raw probability; the boxes down to the floor of every fused score
@@ -80,14 +86,27 @@ def calibrate(
     if fuse or shipped:
         weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
         if fuse:
+            runs = [(probs, max_box)]
+            if fuse_shift:
+                shifted = collect(records, (crp, clf, det), fuse_shift)
+                best = [float(s.max()) if len(s) else 0.0 for _, s in shifted.preds]
+                runs.append((np.asarray(shifted.probs, dtype=float), np.array(best)))
             aurocs = {
-                w: metrics.classification_metrics(run.labels, w * probs + (1 - w) * max_box, 0.5)[
-                    "auroc"
-                ]
+                w: float(
+                    np.mean(
+                        [
+                            metrics.classification_metrics(run.labels, w * p + (1 - w) * m, 0.5)[
+                                "auroc"
+                            ]
+                            for p, m in runs
+                        ]
+                    )
+                )
                 for w in FUSION_WEIGHTS
             }
             weight = max(aurocs, key=lambda w: (aurocs[w], w))
-            chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}"
+            under = f" and under --shift {fuse_shift} (mean)" if fuse_shift else ""
+            chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}{under}"
         if weight < 1.0:
             raw = (weight * probs + (1 - weight) * max_box).tolist()
             fused_platt = fit_platt(run.labels, raw, fitted_on)
@@ -188,6 +207,11 @@ def main(argv: list[str]) -> int:
         help="choose a fused image score (classifier with the detector's best box) here",
     )
     parser.add_argument(
+        "--fuse-shift",
+        choices=SHIFTS,
+        help="with --fuse: choose the weight on these images and the same under this shift",
+    )
+    parser.add_argument(
         "--roles",
         default="classifier,detector",
         help="with --write-card: which cards to update (comma-separated)",
@@ -201,7 +225,7 @@ def main(argv: list[str]) -> int:
         records = [r for r in records if r.split == split]
     source = args.site or (Path(args.folder).name if args.folder else f"FracAtlas {split}")
     site, summary = calibrate(
-        records, args.models_dir, args.classifier, args.detector, source, args.fuse
+        records, args.models_dir, args.classifier, args.detector, source, args.fuse, args.fuse_shift
     )
     if args.write_card:
         write_into_cards(site, args.models_dir, summary, tuple(args.roles.split(",")))

@@ -181,9 +181,7 @@ def evaluate(
     result = {
         "n_images": len(records),
         "models": {m.role: f"{m.name} {m.version}" for m in (crp, clf, det)},
-        "classifier": metrics.classification_metrics(
-            labels, probs, decision_threshold(clf, det)
-        ),
+        "classifier": metrics.classification_metrics(labels, probs, decision_threshold(clf, det)),
         "detector": {
             **metrics.coco_ap(preds, gts, sizes),
             "n_lesions": froc.n_lesions,
