@@ -29,13 +29,15 @@ from app.inference.model_card import (
     SiteCalibration,
     SiteClassifier,
     SiteDetector,
+    fused_score,
     validate_card,
 )
+from app.inference.pipeline import image_score_fusion
 from training import metrics
 from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.detection import froc_operating_points
-from training.evaluate import collect, served_models
+from training.evaluate import best_box_scores, collect, served_models
 from training.shifts import SHIFTS
 
 
@@ -72,7 +74,7 @@ def calibrate(
     over these images and the same images under that shift: a best box that degrades on other
     sources' images must not pull the score down there."""
     crp, clf, det = served_models(models_dir, classifier, detector)
-    shipped = clf.card.fusion if clf.card.fusion and clf.card.fusion.applies_to(det.card) else None
+    shipped = image_score_fusion(clf, det)
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
     run = collect(records, (crp, clf, det))
@@ -81,7 +83,7 @@ def calibrate(
     calibrated = [platt.apply(p) for p in run.probs]
     threshold = metrics.youden_threshold(run.labels, calibrated)
     probs = np.asarray(run.probs, dtype=float)
-    max_box = np.array([float(s.max()) if len(s) else 0.0 for _, s in run.preds])
+    max_box = np.array(best_box_scores(run.preds))
     fusion, fusion_summary = None, None
     if fuse or shipped:
         weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
@@ -89,26 +91,19 @@ def calibrate(
             runs = [(probs, max_box)]
             if fuse_shift:
                 shifted = collect(records, (crp, clf, det), fuse_shift)
-                best = [float(s.max()) if len(s) else 0.0 for _, s in shifted.preds]
-                runs.append((np.asarray(shifted.probs, dtype=float), np.array(best)))
-            aurocs = {
-                w: float(
-                    np.mean(
-                        [
-                            metrics.classification_metrics(run.labels, w * p + (1 - w) * m, 0.5)[
-                                "auroc"
-                            ]
-                            for p, m in runs
-                        ]
-                    )
-                )
-                for w in FUSION_WEIGHTS
-            }
+                runs.append((np.asarray(shifted.probs), np.array(best_box_scores(shifted.preds))))
+
+            def mean_auroc(w: float) -> float:
+                scores = [fused_score(p, m, w) for p, m in runs]
+                aucs = [metrics.classification_metrics(run.labels, s, 0.5)["auroc"] for s in scores]
+                return float(np.mean(aucs))
+
+            aurocs = {w: mean_auroc(w) for w in FUSION_WEIGHTS}
             weight = max(aurocs, key=lambda w: (aurocs[w], w))
             under = f" and under --shift {fuse_shift} (mean)" if fuse_shift else ""
             chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}{under}"
         if weight < 1.0:
-            raw = (weight * probs + (1 - weight) * max_box).tolist()
+            raw = fused_score(probs, max_box, weight).tolist()
             fused_platt = fit_platt(run.labels, raw, fitted_on)
             fused = [fused_platt.apply(v) for v in raw]
             fusion = Fusion(

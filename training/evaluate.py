@@ -23,7 +23,7 @@ import numpy as np
 
 from app.core.config import Settings
 from app.inference.decoding import DecodedImage, decode
-from app.inference.model_card import DEFAULT_FP_PER_IMAGE
+from app.inference.model_card import DEFAULT_FP_PER_IMAGE, fused_score
 from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, decision_threshold, run_study
 from app.inference.runtime import ModelRegistry, OnnxModel
@@ -70,6 +70,11 @@ def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:
     if shift != "none":
         data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
     return decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]), boxes
+
+
+def best_box_scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """The highest box score of each image (0 without a box): Xie et al.'s image score."""
+    return [float(s.max()) if len(s) else 0.0 for _, s in preds]
 
 
 def collect(
@@ -174,7 +179,7 @@ def evaluate(
 
     froc = metrics.froc(preds, gts)
     served_point = from_fp_rate(det.card, DEFAULT_FP_PER_IMAGE)
-    max_box = [float(s.max()) if len(s) else 0.0 for _, s in preds]
+    max_box = best_box_scores(preds)
     # Xie et al.'s image score is the max box score; the mean of it and the classifier's
     # probability is reported beside both.
     combined = [(p + m) / 2 for p, m in zip(probs, max_box, strict=True)]
@@ -199,7 +204,7 @@ def evaluate(
         "combined_image_auroc": metrics.classification_metrics(labels, combined, 0.5)["auroc"],
         "fused_image_auroc": {
             f"{w} * classifier + {1 - w} * max box": metrics.classification_metrics(
-                labels, [w * p + (1 - w) * m for p, m in zip(probs, max_box, strict=True)], 0.5
+                labels, fused_score(np.asarray(probs), np.asarray(max_box), w).tolist(), 0.5
             )["auroc"]
             for w in (0.0, 0.25, 0.5, 0.75, 1.0)
         },

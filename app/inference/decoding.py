@@ -504,6 +504,8 @@ def _fast_decode(ds: Dataset, rows: int, cols: int, k: int) -> np.ndarray | None
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return None
     frame = _single_frame(ds)
+    if frame is None:
+        return None
     try:
         import imagecodecs
 
@@ -527,10 +529,9 @@ def _single_frame(ds: Dataset) -> bytes | None:
 
 
 def _grey_j2k_codestream(ds: Dataset) -> tuple[bytes, int] | None:
-    """(frame, precision) of a JPEG 2000 object whose frame is a raw codestream of one unsigned
-    component of at most 16 bits, the only kind the fast decoders below take; else None."""
-    if str(ds.file_meta.TransferSyntaxUID) not in J2K_SYNTAXES:
-        return None
+    """(frame, precision) of a JPEG 2000 object (J2K_SYNTAXES) whose frame is a raw codestream of
+    one unsigned component of at most 16 bits, the only kind the fast decoders below take; else
+    None."""
     frame = _single_frame(ds)
     # raw codestream: SOC, SIZ; one component (Csiz at 40), Ssiz at 42: sign bit + precision - 1
     if frame is None or frame[:4] != b"\xff\x4f\xff\x51" or len(frame) < 43:

@@ -108,6 +108,12 @@ class Calibration(BaseModel):
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
 
+def fused_score(p: Any, max_box: Any, classifier_weight: float) -> Any:
+    """Xie et al.'s image score before calibration: classifier_weight * p + (1 -
+    classifier_weight) * max_box (floats or numpy arrays)."""
+    return classifier_weight * p + (1 - classifier_weight) * max_box
+
+
 class Fusion(BaseModel):
     """Xie et al.'s image score with one detector file: s = classifier_weight * p + (1 -
     classifier_weight) * m, p the classifier's uncalibrated probability, m the highest score of any
@@ -130,12 +136,8 @@ class Fusion(BaseModel):
             self.detector_sha256,
         )
 
-    def raw(self, p: float, max_box: float) -> float:
-        w = self.classifier_weight
-        return w * float(p) + (1 - w) * float(max_box)
-
     def apply(self, p: float, max_box: float) -> float:
-        s = self.raw(p, max_box)
+        s = fused_score(float(p), float(max_box), self.classifier_weight)
         return self.calibration.apply(s) if self.calibration else s
 
 

@@ -42,7 +42,7 @@ class ImageWork:
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
     classifier_probability: float = 0.0  # uncalibrated, what a fusion mixes
-    max_box_score: float = 0.0  # the best box at any score (what a fusion mixes)
+    max_box_score: float = 0.0  # under a fusion: the best box down to its floor
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     timings: dict[str, float] = field(default_factory=dict)
@@ -96,8 +96,7 @@ def run_study(
         probs = classify(classifier, batch)
         calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
-            w.classifier_probability = float(np.clip(p, 0.0, 1.0))
-            raw = w.classifier_probability
+            raw = w.classifier_probability = float(np.clip(p, 0.0, 1.0))
             w.probability = calibration.apply(raw) if calibration else raw
     threshold = operating_point.detector_threshold
     with _timed("detect", works, on_stage):
@@ -108,8 +107,8 @@ def run_study(
             [w.crop_levels for w in works],
         )
         for w, (boxes, scores) in zip(works, found, strict=True):
-            w.max_box_score = float(scores.max()) if len(scores) else 0.0
             if fusion:  # every box down to the floor scored; the answer keeps the requested
+                w.max_box_score = float(scores.max()) if len(scores) else 0.0
                 keep = scores >= threshold
                 boxes, scores = boxes[keep], scores[keep]
                 w.probability = fusion.apply(w.classifier_probability, w.max_box_score)

@@ -26,9 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.config import Settings
 from app.inference import decoding
-from app.inference import operating_point as op
 from app.inference.decoding import DecodedImage, decode, reduction
 from app.inference.pipeline import (
     FUSION_BOX_FLOOR,
@@ -46,21 +44,9 @@ from app.inference.preprocessing import (
     resize,
     stretch_grey,
 )
-from app.inference.runtime import ModelRegistry
 from tests.conftest import bone_phantom
 
 MODALITIES = ["CR", "DX", "RG", "OT"]
-
-
-@pytest.fixture(scope="module")
-def chain():
-    s = Settings()
-    registry = ModelRegistry(s.models_dir)
-    registry.load_all("cpu", 0)
-    crp = registry.get("cropper", None, "")
-    clf = registry.get("classifier", None, s.default_classifier)
-    det = registry.get("detector", None, s.default_detector)
-    return crp, clf, det, op.from_fp_rate(det.card, s.default_fp_per_image)
 
 
 def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:

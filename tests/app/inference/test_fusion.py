@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from app.core.config import Settings
-from app.inference import operating_point as op
 from app.inference.decoding import DecodedImage
 from app.inference.model_card import Calibration, CardError, Fusion, read_card, validate_card
 from app.inference.pipeline import (
@@ -22,19 +21,7 @@ from app.inference.pipeline import (
     image_score,
     run_study,
 )
-from app.inference.runtime import ModelRegistry
 from tests.conftest import bone_phantom
-
-
-@pytest.fixture(scope="module")
-def chain():
-    s = Settings()
-    registry = ModelRegistry(s.models_dir)
-    registry.load_all("cpu", 0)
-    crp = registry.get("cropper", None, "")
-    clf = registry.get("classifier", None, s.default_classifier)
-    det = registry.get("detector", None, s.default_detector)
-    return crp, clf, det, op.from_fp_rate(det.card, s.default_fp_per_image)
 
 
 def with_fusion(clf, fusion: Fusion | None):
