@@ -258,7 +258,7 @@ def operating_point_stability(
     models_dir: Path,
     classifier: str | None = None,
     detector: str | None = None,
-    shifts: Sequence[str] = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "all"),
+    shifts: Sequence[str] = SHIFTS,
 ) -> dict[str, Any]:
     """How the card's thresholds behave when the images come from elsewhere: for each shift,
     the FP/image and lesion recall each fp_per_image row's threshold gives, and the classifier's

@@ -1,6 +1,6 @@
 """Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
 differ (lower resolution, lower contrast, strong JPEG compression, burned-in markers, another
-orientation), so that generalisation can be measured with the labels we have. Each shift is
+orientation, a scan set down at any angle), so that generalisation can be measured with the labels we have. Each shift is
 deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from training.augment import _burn_marker
 
-SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "all")
+SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "rotate", "all")
 
 
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -26,6 +26,38 @@ def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.
         x1, y1, x2, y2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()
         b = np.stack([y1, 1 - x2, y2, 1 - x1], axis=1)
     return out, b
+
+
+def _rotate_any(
+    grey: np.ndarray, boxes: np.ndarray, degrees: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate counter-clockwise by any angle on a canvas grown to keep every pixel (black
+    corners, as a tilted film scanned square); each box becomes the upright box around its
+    rotated corners."""
+    import cv2
+
+    h, w = grey.shape
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(m[0, 0]), abs(m[0, 1])
+    nw, nh = int(np.ceil(h * sin + w * cos)), int(np.ceil(h * cos + w * sin))
+    m[0, 2] += nw / 2 - w / 2
+    m[1, 2] += nh / 2 - h / 2
+    out = cv2.warpAffine(grey, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
+    if not len(boxes):
+        return out, boxes
+    px = boxes * [w, h, w, h]
+    corners = np.stack(  # (k, 4 corners, xy1)
+        [
+            np.stack([px[:, 0], px[:, 1]], 1),
+            np.stack([px[:, 2], px[:, 1]], 1),
+            np.stack([px[:, 2], px[:, 3]], 1),
+            np.stack([px[:, 0], px[:, 3]], 1),
+        ],
+        1,
+    )
+    moved = np.concatenate([corners, np.ones((*corners.shape[:2], 1))], 2) @ m.T
+    upright = np.concatenate([moved.min(1), moved.max(1)], 1) / [nw, nh, nw, nh]
+    return out, np.clip(upright, 0, 1).astype(np.float32)
 
 
 def shift_image(
@@ -51,6 +83,8 @@ def shift_image(
             _burn_marker(out, rng)
     if kind in ("rot90", "all"):
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
+    if kind == "rotate":  # any angle: training saw only +-20 degrees around quarter turns
+        out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
     buf = io.BytesIO()
     if kind in ("jpeg", "all"):
         Image.fromarray(out).save(buf, format="JPEG", quality=35)

@@ -35,3 +35,15 @@ def test_shifts_are_deterministic_per_image():
     a = shift_image(img, boxes, "all", "IMG0000007")
     b = shift_image(img, boxes, "all", "IMG0000007")
     assert a[0] == b[0] and np.array_equal(a[2], b[2])
+
+
+def test_any_angle_keeps_every_pixel_and_boxes_the_rotated_lesion():
+    img, boxes = bright_box_image()
+    data, _, moved = shift_image(img, boxes, "rotate", "IMG0000003")
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    h, w = out.shape
+    assert h * w > img.size  # the canvas grew: no corner of the film was cut
+    assert (out > 200).sum() >= 0.9 * 30 * 60  # the lesion is all there
+    x1, y1, x2, y2 = (moved[0] * [w, h, w, h]).round().astype(int)
+    ys, xs = np.nonzero(out > 200)
+    assert x1 - 2 <= xs.min() and xs.max() <= x2 + 2 and y1 - 2 <= ys.min() and ys.max() <= y2 + 2
