@@ -98,12 +98,43 @@ def robust_photometric(
     return out
 
 
+def _tilt(img: Any, boxes: Any, degrees: float) -> tuple[Any, Any]:
+    """Rotate a square uint8 torch image counter-clockwise about its centre on the same canvas
+    (corners cut, black fill); each box becomes the upright box around its rotated corners,
+    clipped, and one left with under half of that box inside the canvas is dropped."""
+    import cv2
+    import torch
+
+    s = img.shape[-1]
+    m = cv2.getRotationMatrix2D((s / 2, s / 2), degrees, 1.0)
+    out = cv2.warpAffine(img.numpy(), m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
+    b = boxes.numpy().astype(np.float64)
+    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], 1)
+    moved = np.concatenate([corners, np.ones((*corners.shape[:2], 1))], 2) @ m.T
+    upright = np.concatenate([moved.min(1), moved.max(1)], 1)
+    clipped = np.clip(upright, 0, s)
+
+    def area(x: np.ndarray) -> np.ndarray:
+        return (x[:, 2] - x[:, 0]).clip(0) * (x[:, 3] - x[:, 1]).clip(0)
+
+    keep = area(clipped) >= 0.5 * area(upright)
+    return torch.from_numpy(out), torch.from_numpy(clipped[keep].astype(np.float32))
+
+
 def detection_pair(
-    img: Any, boxes: Any, rng: random.Random, rot90_p: float, photometric: bool
+    img: Any,
+    boxes: Any,
+    rng: random.Random,
+    rot90_p: float,
+    photometric: bool,
+    tilt_p: float = 0.0,
+    tilt_degrees: float = 45.0,
 ) -> tuple[Any, Any]:
     """One detector training pair, a square uint8 (s, s) torch image and its xyxy pixel boxes
-    (k, 4): a quarter turn with probability rot90_p, mirrors, and the robust photometric
-    changes when asked. Boxes follow every geometric change exactly (no angle in between)."""
+    (k, 4): a quarter turn with probability rot90_p, then with probability tilt_p any angle
+    within +-tilt_degrees (together: any orientation; the box becomes the upright box around
+    the turned one), mirrors, and the robust photometric changes when asked. Quarter turns and
+    mirrors move boxes exactly."""
     import torch
 
     s = img.shape[-1]
@@ -111,6 +142,8 @@ def detection_pair(
     for _ in range(k):  # counter-clockwise: (x, y) -> (y, s - x)
         img = img.rot90(1, (0, 1))
         boxes = torch.stack([boxes[:, 1], s - boxes[:, 2], boxes[:, 3], s - boxes[:, 0]], dim=1)
+    if tilt_p > 0 and rng.random() < tilt_p:  # no draw otherwise: older recipes replay exactly
+        img, boxes = _tilt(img.contiguous(), boxes, rng.uniform(-tilt_degrees, tilt_degrees))
     if rng.random() < 0.5:
         img = img.flip(-1)
         boxes = torch.stack([s - boxes[:, 2], boxes[:, 1], s - boxes[:, 0], boxes[:, 3]], dim=1)

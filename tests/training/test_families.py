@@ -416,6 +416,34 @@ def test_detection_pairs_move_boxes_with_the_pixels():
     assert out.dtype == torch.uint8 and out.shape == img.shape
 
 
+def test_a_tilted_pair_boxes_the_turned_lesion_and_drops_one_turned_out():
+    """Any angle (tilt_p): the box is the upright box around the turned lesion's pixels; a
+    lesion mostly turned off the canvas is dropped rather than kept as a sliver."""
+    import random
+
+    import torch
+
+    from training.augment import detection_pair
+
+    img = torch.zeros(96, 96, dtype=torch.uint8)
+    img[40:52, 30:66] = 255
+    box = torch.tensor([[30.0, 40.0, 66.0, 52.0]])
+    for seed in range(20):
+        out, moved = detection_pair(
+            img, box, random.Random(seed), rot90_p=0.5, photometric=False, tilt_p=1.0
+        )
+        ys, xs = torch.nonzero(out > 127, as_tuple=True)
+        x1, y1, x2, y2 = moved[0].tolist()
+        assert x1 - 1 <= xs.min() and xs.max() <= x2 + 1, seed
+        assert y1 - 1 <= ys.min() and ys.max() <= y2 + 1, seed
+    from training.augment import _tilt
+
+    corner = torch.zeros(96, 96, dtype=torch.uint8)
+    corner[0:6, 0:6] = 255
+    _, kept = _tilt(corner, torch.tensor([[0.0, 0.0, 6.0, 6.0], [30.0, 40.0, 66.0, 52.0]]), 45.0)
+    assert kept.shape == (1, 4) and kept[0, 0] < 48 < kept[0, 2]  # the corner's box is gone
+
+
 def test_a_skipped_augmentation_group_leaves_the_others_draws_alone():
     """`augment_skip` (the ablation of each robust group): every group skipped gives the image
     back; skipping one group leaves the random draws of the others where they were."""

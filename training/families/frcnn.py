@@ -222,7 +222,15 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
                 else:
                     photometric = strength == "robust"
                     rot90_p = float(recipe.get("rot90_p", 0.0))
-                    img, boxes = augment.detection_pair(img, boxes, rng, rot90_p, photometric)
+                    img, boxes = augment.detection_pair(
+                        img,
+                        boxes,
+                        rng,
+                        rot90_p,
+                        photometric,
+                        tilt_p=float(recipe.get("tilt_p", 0.0)),
+                        tilt_degrees=float(recipe.get("tilt_degrees", 45.0)),
+                    )
                 img = img.float().div(255).expand(3, -1, -1)
                 images.append(img)
                 targets.append(
