@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from training.augment import _burn_marker
+from training.augment import _burn_marker, upright_boxes
 
 SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "rotate", "all")
 
@@ -43,20 +43,7 @@ def _rotate_any(
     m[0, 2] += nw / 2 - w / 2
     m[1, 2] += nh / 2 - h / 2
     out = cv2.warpAffine(grey, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
-    if not len(boxes):
-        return out, boxes
-    px = boxes * [w, h, w, h]
-    corners = np.stack(  # (k, 4 corners, xy1)
-        [
-            np.stack([px[:, 0], px[:, 1]], 1),
-            np.stack([px[:, 2], px[:, 1]], 1),
-            np.stack([px[:, 2], px[:, 3]], 1),
-            np.stack([px[:, 0], px[:, 3]], 1),
-        ],
-        1,
-    )
-    moved = np.concatenate([corners, np.ones((*corners.shape[:2], 1))], 2) @ m.T
-    upright = np.concatenate([moved.min(1), moved.max(1)], 1) / [nw, nh, nw, nh]
+    upright = upright_boxes(boxes * [w, h, w, h], m) / [nw, nh, nw, nh]
     return out, np.clip(upright, 0, 1).astype(np.float32)
 
 
