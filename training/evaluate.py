@@ -314,7 +314,16 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="instead: the card's thresholds under every shift (FP/image, recall, AUROC)",
     )
+    parser.add_argument(
+        "--shifts",
+        type=lambda text: text.split(","),
+        default=list(SHIFTS),
+        help="with --stability: which shifts, comma-separated (default: all of them)",
+    )
     args = parser.parse_args(argv)
+    unknown = set(args.shifts) - set(SHIFTS)
+    if unknown:
+        parser.error(f"unknown shifts {sorted(unknown)}; known: {', '.join(SHIFTS)}")
     records = load_records(args.folder or data_root())
     split = args.split or (None if args.folder else "test")
     if split:
@@ -322,7 +331,9 @@ def main(argv: list[str]) -> int:
     if args.limit:
         records = records[: args.limit]
     if args.stability:
-        result = operating_point_stability(records, args.models_dir, args.classifier, args.detector)
+        result = operating_point_stability(
+            records, args.models_dir, args.classifier, args.detector, args.shifts
+        )
         print(json.dumps(result, indent=2))
         return 0
     name = (split or Path(args.folder).name) + ("" if args.shift == "none" else f"-{args.shift}")

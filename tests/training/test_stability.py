@@ -20,3 +20,14 @@ def test_stability_table_measures_every_row_under_every_shift():
         rates = [shift["detector"][k]["fp_per_image"] for k in ("0.1", "0.3", "0.5")]
         assert rates == sorted(rates)  # a lower threshold never gives fewer false positives
         assert 0.0 <= shift["classifier"]["auroc"] <= 1.0
+
+
+def test_an_unknown_shift_is_refused_before_any_image_is_read(capsys):
+    import pytest
+
+    from training.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--split", "val", "--stability", "--shifts", "rotate,sideways"])
+    assert exit_.value.code == 2
+    assert "sideways" in capsys.readouterr().err
