@@ -24,6 +24,23 @@ def test_help_lists_every_command():
         assert command in out.stdout
 
 
+@pytest.mark.parametrize(
+    "config", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS))
+)
+def test_every_recipe_names_a_family_and_a_parent_that_exist(config):
+    """Shipped and experiment recipes alike stay runnable: a known family, a model name, and a
+    warm-start parent that is itself a recipe in the repo (of another model)."""
+    from training.common import load_recipe
+
+    recipe = load_recipe(config)
+    assert recipe.get("family", config.stem.split("-")[0]) in FAMILIES
+    assert recipe["name"]
+    parent = recipe.get("warm_start")
+    if parent:
+        assert (REPO / parent).is_file(), parent
+        assert load_recipe(REPO / parent)["name"] != recipe["name"]
+
+
 def test_unknown_override_keys_are_refused():
     recipe = CONFIGS / "simclr.yaml"
     assert parse_overrides(["pretrain.epochs=50", "cache=/tmp/c"], recipe) == {
