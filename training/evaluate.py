@@ -262,17 +262,27 @@ def operating_point_stability(
 ) -> dict[str, Any]:
     """How the card's thresholds behave when the images come from elsewhere: for each shift,
     the FP/image and lesion recall each fp_per_image row's threshold gives, and the classifier's
-    AUROC, sensitivity and specificity at its decision threshold."""
+    AUROC, sensitivity and specificity at its decision threshold, each with a bootstrap 95%
+    interval over images."""
     crp, clf, det = served_models(models_dir, classifier, detector)
     rows = det.card.operating_points or []
     out: dict[str, Any] = {"detector": det.name, "classifier": clf.name, "shifts": {}}
     for shift in shifts:
         c = collect(records, (crp, clf, det), shift)
         froc = metrics.froc(c.preds, c.gts)
-        cls = metrics.classification_metrics(c.labels, c.probs, decision_threshold(clf, det))
+        threshold = decision_threshold(clf, det)
+        cls = metrics.classification_metrics(c.labels, c.probs, threshold)
+        ci = metrics.bootstrap_classification(c.labels, c.probs, threshold)
+        kept = ("auroc", "sensitivity", "specificity")
         out["shifts"][shift] = {
-            "classifier": {k: cls[k] for k in ("auroc", "sensitivity", "specificity")},
-            "detector": {str(row.fp_per_image): froc.at_threshold(row.threshold) for row in rows},
+            "classifier": {**{k: cls[k] for k in kept}, "ci95": {k: ci[k] for k in kept}},
+            "detector": {
+                str(row.fp_per_image): {
+                    **froc.at_threshold(row.threshold),
+                    **metrics.bootstrap_detection_at(c.preds, c.gts, row.threshold),
+                }
+                for row in rows
+            },
         }
     return out
 

@@ -1,4 +1,4 @@
-"""The operating-point stability table: every card row's threshold measured under each shift."""
+"""The operating-point stability table: every card row's threshold measured under each shift, with intervals."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def test_stability_table_measures_every_row_under_every_shift():
         rates = [shift["detector"][k]["fp_per_image"] for k in ("0.1", "0.3", "0.5")]
         assert rates == sorted(rates)  # a lower threshold never gives fewer false positives
         assert 0.0 <= shift["classifier"]["auroc"] <= 1.0
+        low, high = shift["classifier"]["ci95"]["auroc"]
+        assert low <= shift["classifier"]["auroc"] <= high
+        for row in shift["detector"].values():  # every row with its interval over images
+            assert row["fp_per_image_ci95"][0] <= row["fp_per_image"] <= row["fp_per_image_ci95"][1]
 
 
 def test_an_unknown_shift_is_refused_before_any_image_is_read(capsys):
