@@ -1,7 +1,8 @@
 """Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
 differ (lower resolution, lower contrast, strong JPEG compression, burned-in markers, another
-orientation, a scan set down at any angle), so that generalisation can be measured with the labels we have. Each shift is
-deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
+orientation, a scan set down at any angle), so that generalisation can be measured with the
+labels we have. Each shift is deterministic per image (seeded by its id) and moves the fracture
+boxes with the pixels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The operating-point stability table: every card row's threshold measured under each shift, with intervals."""
+"""The operating-point stability table: every card row's threshold measured under each shift,
+with intervals."""
 
 from __future__ import annotations
 
