@@ -267,13 +267,13 @@ def operating_point_stability(
     crp, clf, det = served_models(models_dir, classifier, detector)
     rows = det.card.operating_points or []
     out: dict[str, Any] = {"detector": det.name, "classifier": clf.name, "shifts": {}}
+    threshold = decision_threshold(clf, det)
+    kept = ("auroc", "sensitivity", "specificity")
     for shift in shifts:
         c = collect(records, (crp, clf, det), shift)
         froc = metrics.froc(c.preds, c.gts)
-        threshold = decision_threshold(clf, det)
         cls = metrics.classification_metrics(c.labels, c.probs, threshold)
         ci = metrics.bootstrap_classification(c.labels, c.probs, threshold)
-        kept = ("auroc", "sensitivity", "specificity")
         out["shifts"][shift] = {
             "classifier": {**{k: cls[k] for k in kept}, "ci95": {k: ci[k] for k in kept}},
             "detector": {

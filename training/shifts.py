@@ -16,8 +16,12 @@ from PIL import Image
 
 from training.augment import _burn_marker, upright_boxes
 
-# "all": every degradation with a quarter turn; "all-rotate": the same with any angle instead
 SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "rotate", "all", "all-rotate")
+# the combined shifts, as the single degradations they apply (each other shift is itself)
+COMBINED = {
+    "all": {"lowres", "contrast", "markers", "rot90", "jpeg"},
+    "all-rotate": {"lowres", "contrast", "markers", "rotate", "jpeg"},  # any angle instead
+}
 
 
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,22 +64,23 @@ def shift_image(
     rng = random.Random(zlib.crc32(f"{kind}:{image_id}".encode()))
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     out = grey.copy()
-    if kind in ("lowres", "all", "all-rotate"):  # about 60% of the pixels per side, kept small
+    steps = COMBINED.get(kind, {kind})
+    if "lowres" in steps:  # about 60% of the pixels per side, kept small
         h, w = out.shape
         out = cv2.resize(out, (max(8, round(w * 0.6)), max(8, round(h * 0.6))), cv2.INTER_AREA)
-    if kind in ("contrast", "all", "all-rotate"):  # flatter, brighter: a different detector and LUT
+    if "contrast" in steps:  # flatter, brighter: a different detector and LUT
         f = out.astype(np.float32) / 255.0
         f = 0.5 + (f**1.4 - 0.5) * 0.6 + 0.08
         out = (np.clip(f, 0, 1) * 255).astype(np.uint8)
-    if kind in ("markers", "all", "all-rotate"):
+    if "markers" in steps:
         for _ in range(2):
             _burn_marker(out, rng)
-    if kind in ("rot90", "all"):
+    if "rot90" in steps:
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
-    if kind in ("rotate", "all-rotate"):  # any angle, not only quarter turns
+    if "rotate" in steps:  # any angle, not only quarter turns
         out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
     buf = io.BytesIO()
-    if kind in ("jpeg", "all", "all-rotate"):
+    if "jpeg" in steps:
         Image.fromarray(out).save(buf, format="JPEG", quality=35)
         return buf.getvalue(), "image/jpeg", boxes
     Image.fromarray(out).save(buf, format="PNG")

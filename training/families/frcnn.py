@@ -206,6 +206,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         init = f"{init}; continued from {continued}"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     strength = recipe.get("augment")
+    # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
+    tilt = {k: float(recipe[k]) for k in ("tilt_p", "tilt_degrees") if k in recipe}
     for epoch in common.progress(range(start, recipe["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
@@ -223,13 +225,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
                     photometric = strength == "robust"
                     rot90_p = float(recipe.get("rot90_p", 0.0))
                     img, boxes = augment.detection_pair(
-                        img,
-                        boxes,
-                        rng,
-                        rot90_p,
-                        photometric,
-                        tilt_p=float(recipe.get("tilt_p", 0.0)),
-                        tilt_degrees=float(recipe.get("tilt_degrees", 45.0)),
+                        img, boxes, rng, rot90_p, photometric, **tilt
                     )
                 img = img.float().div(255).expand(3, -1, -1)
                 images.append(img)
