@@ -3,6 +3,7 @@
     python -m training mobilenet                       # training/configs/mobilenet.yaml
     python -m training frcnn --config training/configs/frcnn-mobilenet.yaml --set epochs=20
     python -m training promote runs/classifier-mobilenetv2/export
+    python -m training promote runs/<candidate>/export --as classifier-mobilenetv2 --version 2.0.0
     python -m training evaluate --split val
     python -m training compare reports/val-a reports/val-b   # paired bootstrap of two reports
     python -m training calibrate --folder /data/site --out site.json
@@ -59,24 +60,40 @@ def parse_overrides(items: list[str], recipe_path: Path) -> dict:
     return overrides
 
 
-def promote(export_dir: Path, models_dir: Path = MODELS_DIR) -> list[Path]:
+def promote(
+    export_dir: Path,
+    models_dir: Path = MODELS_DIR,
+    name: str | None = None,
+    version: str | None = None,
+) -> list[Path]:
     """Copy a run's ONNX file(s) and card(s) into models/ after validating each card against its
-    file (schema and sha256)."""
-    from app.inference.model_card import read_card
+    file (schema and sha256). `name` / `version` ship a single candidate trained under an
+    experiment's name as a served model (card name and file renamed, weights byte-identical)."""
+    from app.inference.model_card import read_card, validate_card
     from app.inference.runtime import sha256_of
 
     copied = []
     cards = sorted(export_dir.glob("*.json"))
     if not cards:
         raise SystemExit(f"{export_dir}: no model card to promote")
+    if (name or version) and len(cards) != 1:
+        raise SystemExit(
+            f"{export_dir}: --as / --version need exactly one card, found {len(cards)}"
+        )
     for card_path in cards:
         card = read_card(card_path)
         onnx = export_dir / card.file
         if sha256_of(onnx) != card.sha256:
             raise SystemExit(f"{card_path.name}: {card.file} does not match its sha256")
-        for path in (onnx, card_path):
-            shutil.copy2(path, models_dir / path.name)
-            copied.append(models_dir / path.name)
+        raw = json.loads(card_path.read_text())
+        stem = name or card.name
+        raw.update(name=stem, file=f"{stem}.onnx", version=version or card.version)
+        if stem != card.name:
+            raw["trained_as"] = card.name
+        validate_card(raw, card_path.name)
+        shutil.copy2(onnx, models_dir / f"{stem}.onnx")
+        (models_dir / f"{stem}.json").write_text(json.dumps(raw, indent=2) + "\n")
+        copied += [models_dir / f"{stem}.onnx", models_dir / f"{stem}.json"]
     return copied
 
 
@@ -123,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     promote_parser = commands.add_parser("promote", help="copy a run's export into models/")
     promote_parser.add_argument("export_dir", type=Path)
+    promote_parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    promote_parser.add_argument("--as", dest="name", help="ship under this model name")
+    promote_parser.add_argument("--version", help="the shipped card's version")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -141,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         return calibrate_main(rest)
     if command == "promote":
         args = parser.parse_args(argv)
-        for path in promote(args.export_dir):
+        for path in promote(args.export_dir, args.models_dir, args.name, args.version):
             print(f"promoted {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
         return 0
     if command in FAMILIES:

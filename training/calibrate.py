@@ -65,13 +65,13 @@ def calibrate(
     detector: str | None,
     source: str,
     fuse: bool = False,
-    fuse_shift: str | None = None,
+    fuse_shifts: tuple[str, ...] = (),
 ) -> tuple[SiteCalibration, dict[str, Any]]:
     """Fit on `records`; (the site calibration, a summary with its effect). The classifier card's
     fusion with this detector, if any, is refitted at its weight; `fuse` chooses the weight here
     (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins).
-    With `fuse_shift` (training/shifts.py) the weight is the one with the highest mean AUROC
-    over these images and the same images under that shift: a best box that degrades on other
+    With `fuse_shifts` (training/shifts.py) the weight is the one with the highest mean AUROC
+    over these images and the same images under each shift: a best box that degrades on other
     sources' images must not pull the score down there."""
     crp, clf, det = served_models(models_dir, classifier, detector)
     shipped = image_score_fusion(clf, det)
@@ -84,13 +84,13 @@ def calibrate(
     threshold = metrics.youden_threshold(run.labels, calibrated)
     probs = np.asarray(run.probs, dtype=float)
     max_box = np.array(best_box_scores(run.preds))
-    fusion, fusion_summary = None, None
+    fusion, fusion_summary, aurocs = None, None, {}
     if fuse or shipped:
         weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
         if fuse:
             runs = [(probs, max_box)]
-            if fuse_shift:
-                shifted = collect(records, (crp, clf, det), fuse_shift)
+            for shift in fuse_shifts:
+                shifted = collect(records, (crp, clf, det), shift)
                 runs.append((np.asarray(shifted.probs), np.array(best_box_scores(shifted.preds))))
 
             def mean_auroc(w: float) -> float:
@@ -100,7 +100,8 @@ def calibrate(
 
             aurocs = {w: mean_auroc(w) for w in FUSION_WEIGHTS}
             weight = max(aurocs, key=lambda w: (aurocs[w], w))
-            under = f" and under --shift {fuse_shift} (mean)" if fuse_shift else ""
+            under = "".join(f" and under --shift {shift}" for shift in fuse_shifts)
+            under += " (mean)" if fuse_shifts else ""
             chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}{under}"
         if weight < 1.0:
             raw = fused_score(probs, max_box, weight).tolist()
@@ -119,6 +120,7 @@ def calibrate(
                     run.labels, calibrated, fused
                 ),
                 "brier_calibrated": float(np.mean((np.asarray(fused) - run.labels) ** 2)),
+                "mean_auroc_by_weight": {str(w): a for w, a in aurocs.items()},
                 "at_threshold": metrics.classification_metrics(
                     run.labels, fused, fusion.decision_threshold
                 ),
@@ -203,8 +205,10 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--fuse-shift",
-        choices=SHIFTS,
-        help="with --fuse: choose the weight on these images and the same under this shift",
+        type=lambda text: tuple(text.split(",")),
+        default=(),
+        help="with --fuse: choose the weight on these images and the same under these shifts "
+        "(comma-separated)",
     )
     parser.add_argument(
         "--roles",
@@ -212,6 +216,9 @@ def main(argv: list[str]) -> int:
         help="with --write-card: which cards to update (comma-separated)",
     )
     args = parser.parse_args(argv)
+    unknown = set(args.fuse_shift) - set(SHIFTS)
+    if unknown:
+        parser.error(f"unknown shifts {sorted(unknown)}; known: {', '.join(SHIFTS)}")
     records = load_records(args.folder or data_root())
     split = args.split or (None if args.folder else "val")
     if split == "test":

@@ -41,7 +41,7 @@ def test_site_calibration_is_served_over_the_cards(tmp_path):
     models = Settings().models_dir
     site, summary = calibrate(picked, models, None, None, "test-site")
     assert site.images == 40 and site.fractured == 12
-    fused, _ = calibrate(picked, models, None, None, "test-site", fuse=True, fuse_shift="rot90")
+    fused, _ = calibrate(picked, models, None, None, "test-site", fuse=True, fuse_shifts=("rot90",))
     fusion = fused.classifier.fusion  # the weight with the highest AUROC here, or none
     assert fusion is None or fusion.classifier_weight in (0.25, 0.5, 0.75)
     assert fusion is None or "--shift rot90" in fusion.chosen_on

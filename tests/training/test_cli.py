@@ -69,3 +69,26 @@ def test_promote_copies_a_valid_export_and_refuses_a_tampered_one(tmp_path):
     (export / "cropper-unet.json").write_text(json.dumps(card))
     with pytest.raises(ValueError, match="crop_margin"):
         promote(export, models)
+
+
+def test_promote_as_ships_a_candidate_under_the_served_name(tmp_path):
+    export, models = tmp_path / "export", tmp_path / "models"
+    export.mkdir()
+    models.mkdir()
+    card = json.loads((MODELS_DIR / "cropper-unet.json").read_text())
+    card.update(name="cropper-unet-candidate", file="cropper-unet-candidate.onnx")
+    (export / "cropper-unet-candidate.json").write_text(json.dumps(card))
+    shutil.copy(MODELS_DIR / "cropper-unet.onnx", export / "cropper-unet-candidate.onnx")
+    copied = promote(export, models, name="cropper-unet", version="9.0.0")
+    assert sorted(p.name for p in copied) == ["cropper-unet.json", "cropper-unet.onnx"]
+    shipped = json.loads((models / "cropper-unet.json").read_text())
+    assert (shipped["name"], shipped["file"], shipped["version"]) == (
+        "cropper-unet",
+        "cropper-unet.onnx",
+        "9.0.0",
+    )
+    assert shipped["trained_as"] == "cropper-unet-candidate"
+    assert shipped["sha256"] == card["sha256"]
+    assert (models / "cropper-unet.onnx").read_bytes() == (
+        MODELS_DIR / "cropper-unet.onnx"
+    ).read_bytes()

@@ -25,12 +25,15 @@ modeldir() {  # name export_dir -> a folder with models/ and the run's files
   --out runs/classifier-mobilenetv2/export > $OUT/train-ref.log 2>&1
 ref=$(modeldir ref runs/classifier-mobilenetv2/export)
 for s in none lowres contrast jpeg markers all; do evaluate ref $ref $s; done
+# the arms vary the recipe of the reference run (classifier-mobilenetv2 1.x: +-20 degree turns,
+# epochs chosen without test-time views), not the current mobilenet.yaml
+BASE=(--set finetune.rotate_degrees=20 --set finetune.tta=none)
 arm() {  # suffix overrides... ; then shifts after --
   local suffix=$1; shift
   local sets=(); while [ "$1" != "--" ]; do sets+=(--set "$1"); shift; done; shift
   local name=classifier-mobilenetv2$suffix
   [ -f runs/$name/export/$name.onnx ] || $PY -m training mobilenet \
-    --config training/configs/mobilenet.yaml --set name=$name "${sets[@]}" \
+    --config training/configs/mobilenet.yaml --set name=$name "${BASE[@]}" "${sets[@]}" \
     --out runs/$name/export > $OUT/train$suffix.log 2>&1
   local d=$(modeldir $suffix runs/$name/export)
   for s in "$@"; do evaluate $suffix $d $s; done
