@@ -53,7 +53,8 @@ format: install-test
 	$(BIN)/ruff format app training tests bench
 
 # Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
-# see README). Each run writes runs/<name>/export first; promote validates and copies.
+# see README). Each run writes runs/<name>/export first (with test figures: the shipped model is
+# the one run that measures test); promote validates and copies.
 # family:recipe (training/configs/<recipe>.yaml):model name
 TRAIN_RUNS := cropper:cropper:cropper-unet simclr:simclr:classifier-simclr-resnet18 \
 	mobilenet:mobilenet:classifier-mobilenetv2 bam:bam:classifier-bam-mobilenetv2 \
@@ -62,7 +63,7 @@ TRAIN_RUNS := cropper:cropper:cropper-unet simclr:simclr:classifier-simclr-resne
 train: install-test
 	@set -e; for run in $(TRAIN_RUNS); do family=$${run%%:*}; rest=$${run#*:}; \
 	  recipe=$${rest%%:*}; name=$${rest#*:}; \
-	  $(BIN)/python -m training $$family --config training/configs/$$recipe.yaml; \
+	  $(BIN)/python -m training $$family --config training/configs/$$recipe.yaml --report-test; \
 	  $(BIN)/python -m training promote runs/$$name/export; done
 
 # README pictures, taken by the browser tests (a real chromium on the real pages).

@@ -9,8 +9,9 @@
     python -m training calibrate --folder /data/site --out site.json
 
 A family trains into runs/<name>/ (checkpoints, log, plots) and writes its ONNX file and card to
-runs/<name>/export/; `promote` validates that card and copies both into models/, the folder the
-service serves. Nothing overwrites a shipped model by accident.
+runs/<name>/export/ (val figures only; `--report-test` adds the test split, for the model about
+to ship); `promote` validates that card and copies both into models/, the folder the service
+serves. Nothing overwrites a shipped model by accident.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ FAMILIES = {
     "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
     "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),
 }
-# Keys a run may set that recipes do not carry: the data cache and a smoke-run image limit.
-RUN_KEYS = {"cache", "limit"}
+# Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit and
+# whether the run measures the test split (--report-test).
+RUN_KEYS = {"cache", "limit", "report_test"}
 
 
 def parse_overrides(items: list[str], recipe_path: Path) -> dict:
@@ -112,8 +114,16 @@ def train_main(family: str, argv: list[str]) -> int:
     parser.add_argument(
         "--out", type=Path, help="folder for the ONNX file and card (default runs/<name>/export)"
     )
+    parser.add_argument(
+        "--report-test",
+        action="store_true",
+        help="also measure the test split into the card: for the model about to ship, once",
+    )
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.config, parse_overrides(args.set, args.config))
+    overrides = parse_overrides(args.set, args.config)
+    if args.report_test:
+        overrides["report_test"] = True
+    recipe = load_recipe(args.config, overrides)
     out = args.out or RUNS_DIR / recipe["name"] / "export"
     card = importlib.import_module(module).train(recipe, out)
     print(json.dumps(card.get("metrics", {}), indent=2, default=str))

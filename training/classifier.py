@@ -241,9 +241,12 @@ def choose_fusion(
     cfg: dict[str, Any],
 ) -> dict[str, Any]:
     """Pick the image-head / max-cell fusion weight by val AUROC and set the model's test-time
-    flip from the recipe; return val and test AUROC of every variant (test is only reported)."""
-    table: dict[str, Any] = {"val": {}, "test": {}}
-    for split, x, y in (("val", x_val, y_val), ("test", x_test, y_test)):
+    flip from the recipe; return val and test AUROC of every variant (test is only reported, and
+    only when the run reports test)."""
+    table: dict[str, Any] = {"val": {}}
+    splits = [("val", x_val, y_val)] + ([("test", x_test, y_test)] if len(y_test) else [])
+    for split, x, y in splits:
+        table[split] = {}
         plain = _head_outputs(model, x, spec, flip=False)
         mirrored = _head_outputs(model, x, spec, flip=True)
         for tta, out in ((False, plain), (True, (plain + mirrored) / 2)):
@@ -457,10 +460,12 @@ def export_with_card(
 ) -> dict[str, Any]:
     """Fold the head, export ONNX (int8 if the recipe says so) with parity checks, pick the
     decision threshold on val (Youden, on the exported graph's scores when quantised), measure
-    val and test with bootstrap intervals and per region, write the card."""
+    val (and test, when the run reports it) with bootstrap intervals and per region, write the
+    card."""
     spec = data.spec
+    with_test = len(data.y_test) > 0
     val_scores = _scores(model, data.x_val, spec)
-    test_scores = _scores(model, data.x_test, spec)
+    test_scores = _scores(model, data.x_test, spec) if with_test else None
     fold_head(model)
     onnx_path = out_dir / f"{recipe['name']}.onnx"
     export.export_onnx(
@@ -472,15 +477,21 @@ def export_with_card(
         # int8 weights (dynamic quantisation): a ViT-S file shrinks about 4x; the metrics below
         # are measured on the quantised graph itself.
         parity["int8"] = export.quantize_int8(model, onnx_path, parity_batch, tolerance=0.1)
-        test_scores = _onnx_scores(onnx_path, data.x_test, spec)
+        test_scores = _onnx_scores(onnx_path, data.x_test, spec) if with_test else None
         val_scores = _onnx_scores(onnx_path, data.x_val, spec)
     threshold = metrics.youden_threshold(data.y_val, val_scores)
     from training import plots
 
     y_val, y_test = data.y_val, data.y_test
-    plots.roc_pr_plots(y_test, test_scores, log.run_dir, "test")
-    test = metrics.classification_metrics(y_test, test_scores, threshold)
-    plots.confusion_plot(test["confusion_matrix"], log.run_dir, "test")
+    measured = {"val": metrics.classification_metrics(y_val, val_scores, threshold)}
+    ci95 = {"val": metrics.bootstrap_classification(y_val, val_scores, threshold)}
+    by_region = {"val": metrics.auroc_by_group(y_val, val_scores, data.regions["val"])}
+    if with_test:
+        plots.roc_pr_plots(y_test, test_scores, log.run_dir, "test")
+        measured["test"] = metrics.classification_metrics(y_test, test_scores, threshold)
+        plots.confusion_plot(measured["test"]["confusion_matrix"], log.run_dir, "test")
+        ci95["test"] = metrics.bootstrap_classification(y_test, test_scores, threshold)
+        by_region["test"] = metrics.auroc_by_group(y_test, test_scores, data.regions["test"])
     card = {
         "name": recipe["name"],
         "version": recipe["version"],
@@ -495,17 +506,9 @@ def export_with_card(
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
         **card_fields,
         "metrics": {
-            "test": test,
-            "val": metrics.classification_metrics(y_val, val_scores, threshold),
-            "ci95": {
-                "val": metrics.bootstrap_classification(y_val, val_scores, threshold),
-                "test": metrics.bootstrap_classification(y_test, test_scores, threshold),
-                "method": "percentile bootstrap over images, 1000 resamples",
-            },
-            "by_region": {
-                "val": metrics.auroc_by_group(y_val, val_scores, data.regions["val"]),
-                "test": metrics.auroc_by_group(y_test, test_scores, data.regions["test"]),
-            },
+            **measured,
+            "ci95": {**ci95, "method": "percentile bootstrap over images, 1000 resamples"},
+            "by_region": by_region,
             **extra_metrics,
             "onnx_parity_max_abs_diff": parity,
             "note": "test inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",

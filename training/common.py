@@ -160,7 +160,7 @@ class Run:
 
 def start_run(recipe: dict[str, Any]) -> Run:
     """The preamble of every family: offline, seeded, the data cache built (or reused), the run
-    log opened, the three splits loaded."""
+    log opened, the splits loaded (test only with `report_test`)."""
     from training.data import DEFAULT_CACHE, build_cache, load_cache
 
     go_offline()
@@ -170,7 +170,10 @@ def start_run(recipe: dict[str, Any]) -> Run:
         cache=cache, long_side=recipe.get("cache_long_side", 512), limit=recipe.get("limit")
     )
     log = RunLog(RUNS_DIR / recipe["name"], recipe)
-    items = {s: load_cache(cache, [s]) for s in ("train", "val", "test")}
+    # test is read only when the run is to report it (a model about to ship): every other run
+    # is chosen and compared on val alone, so no experiment ever sees a test figure
+    splits = ("train", "val", "test") if recipe.get("report_test") else ("train", "val")
+    items = {s: load_cache(cache, [s]) if s in splits else [] for s in ("train", "val", "test")}
     held_out = set(recipe.get("exclude_regions") or ())
     if held_out:  # a body-region hold-out: never trained on, nor chosen with (val)
         for split in ("train", "val"):

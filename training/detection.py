@@ -108,14 +108,16 @@ def finish_detector(
     log: Any,
     **card_fields: Any,
 ) -> dict[str, Any]:
-    """Evaluate an exported detector on val and test through the service's detect stage,
+    """Evaluate an exported detector on val (and test) through the service's detect stage,
     calibrate its operating points on val, and write its card (the family's own fields, e.g.
     architecture, licence, metrics such as parity, are merged in)."""
     from training import common, export
 
     detect = onnx_detector(onnx_path, spec, output)
     val = detection_metrics(run_on_items(detect, items["val"]), run_dir, "val")
-    test = detection_metrics(run_on_items(detect, items["test"]), run_dir, "test")
+    measured = {"val": val}
+    if items["test"]:  # only when the run reports test (common.start_run)
+        measured["test"] = detection_metrics(run_on_items(detect, items["test"]), run_dir, "test")
     extra_metrics = card_fields.pop("metrics", {})
     card = {
         "name": recipe["name"],
@@ -128,7 +130,7 @@ def finish_detector(
         "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
         "recipe": recipe,
         **card_fields,
-        "metrics": {"test": test, "val": val, **extra_metrics},
+        "metrics": {**measured, **extra_metrics},
         "trained_on": common.hardware(),
         "train_time_s": log.training_seconds(),
     }

@@ -88,7 +88,7 @@ def _augment(x: Any, y: Any) -> tuple[Any, Any]:
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    """Train the U-Net on weak masks, export ONNX + card, report test Dice and box coverage."""
+    """Train the U-Net on weak masks, export ONNX + card, report val (and test) Dice and box coverage."""
     import torch
     import torch.nn.functional as F
 
@@ -140,7 +140,9 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         model, torch.from_numpy(x_val[:1].numpy()), onnx_path, ("image",), ("mask_logits",)
     )
     parity = export.check_parity(model, onnx_path, x_val[:4].numpy(), tolerance=1e-3)
-    test_metrics = evaluate_onnx(onnx_path, run.items["test"], spec, report_dir=run_dir)
+    measured = {"val": evaluate_onnx(onnx_path, run.items["val"], spec, report_dir=run_dir)}
+    if run.items["test"]:  # only when the run reports test (common.start_run)
+        measured["test"] = evaluate_onnx(onnx_path, run.items["test"], spec)
     card = {
         "name": recipe["name"],
         "version": recipe["version"],
@@ -153,7 +155,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         + "; targets are weak masks (two-level Otsu + morphology)",
         "recipe": recipe,
         "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
-        "metrics": {"test": test_metrics, "onnx_parity_max_abs_diff": parity},
+        "metrics": {**measured, "onnx_parity_max_abs_diff": parity},
         "trained_on": common.hardware(),
         "train_time_s": log.training_seconds(),
     }
