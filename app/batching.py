@@ -39,8 +39,10 @@ class StudyBatcher:
         max_delay_s: float = 0.0,
         on_stage: StageTimer | None = None,
         on_batch: Callable[[float, int], None] | None = None,
+        upright: bool = False,
     ):
         self.workers = workers
+        self.upright = upright  # run_study's: turn tilted radiographs onto the nearest axis
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_stage = on_stage
@@ -122,7 +124,7 @@ class StudyBatcher:
             t0 = time.perf_counter()
             try:
                 await asyncio.to_thread(
-                    run_study, works, crp, clf, det, live[0].point, self.on_stage
+                    run_study, works, crp, clf, det, live[0].point, self.on_stage, self.upright
                 )
             except Exception as exc:  # every study of the batch gets the failure
                 for s in live:

@@ -58,6 +58,7 @@ def start_batcher(state: AppState) -> StudyBatcher:
         s.batch_max_delay_ms / 1000,
         on_stage=on_stage,
         on_batch=on_batch,
+        upright=s.upright,
     )
     state.batcher.start()
     return state.batcher

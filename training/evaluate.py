@@ -83,9 +83,11 @@ def collect(
     shift: str = "none",
     batch: int = 8,
 ) -> Collected:
-    """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records."""
+    """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
+    as the service is configured (FRACTURE_UPRIGHT=true measures it with the upright turn)."""
     crp, clf, det = models
     point = from_score(COLLECT_THRESHOLD)
+    upright = Settings().upright
     out = Collected()
     t0 = time.perf_counter()
     for start in progress(range(0, len(records), batch), f"evaluate ({shift})"):
@@ -95,7 +97,7 @@ def collect(
             image, boxes = decode_record(rec, shift)
             works.append(ImageWork(image=image, decode_ms=0.0))
             chunk_boxes.append(boxes)
-        run_study(works, crp, clf, det, point)
+        run_study(works, crp, clf, det, point, upright=upright)
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
             gt = boxes * np.array([wd, h, wd, h], np.float32)

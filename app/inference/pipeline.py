@@ -22,11 +22,13 @@ from app.inference.postprocess import rcnn_detections, yolo_detections
 from app.inference.preprocessing import (
     GreyLevels,
     Placement,
-    crop_box_from_logits,
+    bone_mask,
+    crop_box_from_mask,
     grey_levels,
     model_input,
 )
 from app.inference.runtime import OnnxModel
+from app.inference.upright import Turn, turned_crop_box, upright_turn
 
 StageTimer = Callable[[str, float, int], None]
 
@@ -38,6 +40,8 @@ class ImageWork:
     crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # in the frame as sent
     working_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the same in working pixels
     crop_fallback: bool = False
+    turn: Turn | None = None  # the working image turned to set its bone axis upright
+    turned_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the crop in the turned image
     crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of the image)
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
@@ -67,9 +71,11 @@ def run_study(
     detector: OnnxModel,
     operating_point: OperatingPoint,
     on_stage: StageTimer | None = None,
+    upright: bool = False,
 ) -> None:
     """Fill crop boxes, probabilities and detections of every image in place (the crop margin
-    is the cropper card's)."""
+    is the cropper card's). With `upright`, an image whose bone axis lies between quarter turns
+    is turned onto the nearest axis first (app/inference/upright.py)."""
     crop_margin = float(cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
         batch = np.stack(
@@ -81,14 +87,23 @@ def run_study(
         logits = cropper.run(batch)[0]
         for w, lg in zip(works, logits, strict=True):
             h, wd = w.image.pixels.shape
-            box = crop_box_from_logits(lg[0], h, wd, crop_margin)
+            mask = bone_mask(lg[0], h, wd)
+            box = crop_box_from_mask(mask, h, wd, crop_margin)
             w.crop_fallback = box is None
             w.working_box = box or (0, 0, wd, h)
-            w.crop_box = w.image.crop_box_to_frame(w.working_box)
             x1, y1, x2, y2 = w.working_box
             # The crop is stretched on its own, as the models were trained; the stretch itself
             # runs on each model's input, after the resize.
             w.crop = w.image.pixels[y1:y2, x1:x2]
+            turn = upright_turn(mask, h, wd) if upright and box else None
+            turned = turned_crop_box(turn, mask, crop_margin) if turn else None
+            if turn and turned:
+                tx1, ty1, tx2, ty2 = w.turned_box = turned
+                w.turn, w.crop = turn, turn.image(w.image.pixels)[ty1:ty2, tx1:tx2]
+                # what the models looked at, as the upright box around it
+                bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
+                w.working_box = (bx1, by1, bx2, by2)
+            w.crop_box = w.image.crop_box_to_frame(w.working_box)
             w.crop_levels = grey_levels(w.crop)
     fusion = image_score_fusion(classifier, detector)
     with _timed("classify", works, on_stage):
@@ -112,10 +127,12 @@ def run_study(
                 keep = scores >= threshold
                 boxes, scores = boxes[keep], scores[keep]
                 w.probability = fusion.apply(w.classifier_probability, w.max_box_score)
-            x1, y1 = w.working_box[:2]
+            x1, y1 = (w.turned_box if w.turn else w.working_box)[:2]
             if len(boxes):
                 boxes[:, [0, 2]] += x1  # crop pixels -> working pixels -> the frame as sent
                 boxes[:, [1, 3]] += y1
+                if w.turn:  # turned pixels -> the upright box around each in working pixels
+                    boxes = w.turn.boxes_back(boxes)
                 boxes = w.image.to_frame(boxes)
             w.boxes, w.scores = boxes, scores
 
@@ -250,7 +267,12 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
         crop_box=[int(v) for v in w.crop_box],
         crop_fallback=w.crop_fallback,
         notes=img.notes
-        + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"]),
+        + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"])
+        + (
+            [f"turned {w.turn.degrees:+.0f} degrees to set the bone axis upright for analysis"]
+            if w.turn
+            else []
+        ),
         fracture_probability=round(w.probability, 6),
         fracture=w.probability >= decision_threshold,
         detections=[

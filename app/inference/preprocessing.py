@@ -205,13 +205,27 @@ def mask_crop_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] 
 MASK_MAX_SIDE = 512
 
 
+def bone_mask(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bone-mask logits (h, w) at model resolution -> the binary mask of a height x width image,
+    at no more than MASK_MAX_SIDE pixels on its long side."""
+    factor = max(1.0, max(height, width) / MASK_MAX_SIDE)
+    mh, mw = max(1, round(height / factor)), max(1, round(width / factor))
+    return resize(logits, mh, mw) > 0.0
+
+
 def crop_box_from_logits(
     logits: np.ndarray, height: int, width: int, margin: float
 ) -> tuple[int, int, int, int] | None:
     """Bone-mask logits (h, w) at model resolution -> crop box in a height x width image."""
-    factor = max(1.0, max(height, width) / MASK_MAX_SIDE)
-    mh, mw = max(1, round(height / factor)), max(1, round(width / factor))
-    box = mask_crop_box(resize(logits, mh, mw) > 0.0, margin)
+    return crop_box_from_mask(bone_mask(logits, height, width), height, width, margin)
+
+
+def crop_box_from_mask(
+    mask: np.ndarray, height: int, width: int, margin: float
+) -> tuple[int, int, int, int] | None:
+    """A bone mask (bone_mask) -> crop box in the height x width image it covers."""
+    mh, mw = mask.shape
+    box = mask_crop_box(mask, margin)
     if box is None or (mh, mw) == (height, width):
         return box
     x1, y1, x2, y2 = box  # mask pixels -> image pixels, rounded outwards

@@ -110,16 +110,18 @@ def assert_same_answers(
 ) -> None:
     """`typical`: the median difference is checked too (a set of images, not one). The bound on
     every probability holds where the crop boxes agree: a flipped borderline mask gives the
-    classifier another region, which the crop check bounds. It is 0.05, and 0.1 for a frame
+    classifier another region, which the crop check bounds. It is 0.05, and 0.12 for a frame
     decoded smaller (JPEG DCT scaling, JPEG 2000 levels: another resampler than the plain path's
-    box reduce, and the detector's best box, half of the fused score, moves with the pixels)."""
+    box reduce, and the detector's best box in the fused score moves with the pixels; the worst
+    of the 60 val images moves 0.107 with classifier-mobilenetv2 2.0.0, whose fused calibration
+    is steeper than 1.2.0's)."""
     dp = np.array([abs(a["p"] - b["p"]) for _, a, b, _ in pairs])
     assert not typical or np.median(dp) <= 0.005, np.median(dp)
     crop_ok = [
         max(abs(u - v) for u, v in zip(a["crop"], b["crop"], strict=True)) <= 0.01 * side
         for _, a, b, side in pairs
     ]
-    bound = np.array([0.1 if b["scaled"] else 0.05 for _, _, b, _ in pairs])
+    bound = np.array([0.12 if b["scaled"] else 0.05 for _, _, b, _ in pairs])
     over = (dp - bound) * np.asarray(crop_ok)
     worst = int(over.argmax())
     assert over.max() <= 0, f"{pairs[worst][0]}: probability moved by {dp[worst]:.3f}"
