@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from app.inference.upright import enclosing_boxes
+
 STRENGTHS = ("light", "robust")
 
 
@@ -98,15 +100,6 @@ def robust_photometric(
     return out
 
 
-def upright_boxes(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """xyxy pixel boxes (k, 4) under a 2x3 affine map: the upright box around each box's four
-    moved corners (for a rotation: the turned lesion's enclosing box)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], 1)
-    moved = np.concatenate([corners, np.ones((*corners.shape[:2], 1))], 2) @ affine.T
-    return np.concatenate([moved.min(1), moved.max(1)], 1)
-
-
 def _tilt(img: Any, boxes: Any, degrees: float) -> tuple[Any, Any]:
     """Rotate a square uint8 torch image counter-clockwise about its centre on the same canvas
     (corners cut, black fill); each box becomes the upright box around its rotated corners,
@@ -117,7 +110,7 @@ def _tilt(img: Any, boxes: Any, degrees: float) -> tuple[Any, Any]:
     s = img.shape[-1]
     m = cv2.getRotationMatrix2D((s / 2, s / 2), degrees, 1.0)
     out = cv2.warpAffine(img.numpy(), m, (s, s), flags=cv2.INTER_LINEAR, borderValue=0)
-    upright = upright_boxes(boxes.numpy(), m)
+    upright = enclosing_boxes(boxes.numpy(), m)
     clipped = np.clip(upright, 0, s)
 
     def area(x: np.ndarray) -> np.ndarray:

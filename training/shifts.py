@@ -14,7 +14,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from training.augment import _burn_marker, upright_boxes
+from app.inference.upright import enclosing_boxes
+from training.augment import _burn_marker
 
 SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "rotate", "all", "all-rotate")
 # the combined shifts, as the single degradations they apply (each other shift is itself)
@@ -49,7 +50,7 @@ def _rotate_any(
     m[0, 2] += nw / 2 - w / 2
     m[1, 2] += nh / 2 - h / 2
     out = cv2.warpAffine(grey, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
-    upright = upright_boxes(boxes * [w, h, w, h], m) / [nw, nh, nw, nh]
+    upright = enclosing_boxes(boxes * [w, h, w, h], m) / [nw, nh, nw, nh]
     return out, np.clip(upright, 0, 1).astype(np.float32)
 
 

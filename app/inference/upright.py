@@ -56,17 +56,21 @@ class Turn:
         """xyxy boxes in turned pixels -> the upright boxes around them in working pixels."""
         if not len(boxes):
             return np.zeros((0, 4), np.float32)
-        a, t = self.matrix[:, :2], self.matrix[:, 2]
-        b = np.asarray(boxes, dtype=np.float64)
-        corners = np.stack(
-            [b[:, [0, 1]], b[:, [2, 1]], b[:, [0, 3]], b[:, [2, 3]]], axis=1
-        )  # (n, 4, 2)
-        back = (corners - t) @ np.linalg.inv(a).T
+        inverse = np.linalg.inv(np.vstack([self.matrix, [0.0, 0.0, 1.0]]))[:2]
+        out = enclosing_boxes(boxes, inverse)
         h, w = self.source
-        out = np.concatenate([back.min(axis=1), back.max(axis=1)], axis=1)
         out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
         out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
         return out.astype(np.float32)
+
+
+def enclosing_boxes(boxes: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """xyxy pixel boxes (k, 4) under a 2x3 affine map: the upright box around each box's four
+    moved corners (for a rotation: the turned lesion's enclosing box)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    corners = np.stack([b[:, [0, 1]], b[:, [2, 1]], b[:, [2, 3]], b[:, [0, 3]]], 1)
+    moved = np.concatenate([corners, np.ones((*corners.shape[:2], 1))], 2) @ affine.T
+    return np.concatenate([moved.min(1), moved.max(1)], 1)
 
 
 def residual_tilt(
