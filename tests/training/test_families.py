@@ -483,3 +483,24 @@ def test_a_region_hold_out_is_never_trained_on_nor_chosen_with(tiny_cache, run_d
     assert not any(it.region == "hand" for s in ("train", "val") for it in run.items[s])
     assert len(run.items["train"]) == sum(it.region != "hand" for it in every["train"])
     assert [it.image_id for it in run.items["test"]] == [it.image_id for it in every["test"]]
+
+
+def test_the_cropper_turns_masks_with_the_pixels():
+    """rotate_p: a turned image keeps its weak mask on the same pixels, on a black grown canvas."""
+    import torch
+
+    from training.families.cropper import _set_down_at_an_angle, input_spec
+
+    spec = input_spec(64)
+    black = (0.0 - spec["mean"][0]) / spec["std"][0]
+    y = torch.zeros(8, 1, 64, 64)
+    y[:, :, 16:48, 28:36] = 1
+    x = torch.where(y > 0, torch.tensor(1.5), torch.tensor(0.0))  # the bar bright, the rest grey
+    torch.manual_seed(0)
+    xt, yt = _set_down_at_an_angle(x, y, spec, 1.0)
+    inside = xt[yt > 0]
+    assert inside.numel() > 0 and inside.mean() > 1.0  # the mask still covers the bar
+    assert xt.min() == pytest.approx(black, abs=1e-4)  # black corners, as the rotate shift has
+    assert 0.3 * y.sum() < yt.sum() < y.sum()  # the canvas grew: the bar is smaller
+    same, _ = _set_down_at_an_angle(x, y, spec, 0.0)
+    assert torch.equal(same, x)
