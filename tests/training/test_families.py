@@ -504,3 +504,9 @@ def test_the_cropper_turns_masks_with_the_pixels():
     assert 0.3 * y.sum() < yt.sum() < y.sum()  # the canvas grew: the bar is smaller
     same, _ = _set_down_at_an_angle(x, y, spec, 0.0)
     assert torch.equal(same, x)
+    # flatten_p: a black background inside the frame turns grey, the canvas corners stay black
+    dark = torch.where(y > 0, torch.tensor(1.5), torch.tensor(black))
+    flat, _ = _set_down_at_an_angle(dark, y, spec, 1.0, flatten_p=1.0)
+    centre = flat[:, :, 30:34, 10:14]  # background inside the frame, off the bar
+    assert (centre > black + 0.4).all()  # above 0.1 grey
+    assert flat.min() == pytest.approx(black, abs=1e-4)

@@ -75,7 +75,9 @@ def _arrays(items: list, spec: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-def _augment(x: Any, y: Any, spec: dict[str, Any], rotate_p: float = 0.0) -> tuple[Any, Any]:
+def _augment(
+    x: Any, y: Any, spec: dict[str, Any], rotate_p: float = 0.0, flatten_p: float = 0.0
+) -> tuple[Any, Any]:
     import torch
 
     if torch.rand(1) < 0.5:
@@ -83,16 +85,20 @@ def _augment(x: Any, y: Any, spec: dict[str, Any], rotate_p: float = 0.0) -> tup
     if torch.rand(1) < 0.3:
         x, y = x.flip(-2), y.flip(-2)
     if rotate_p > 0:
-        x, y = _set_down_at_an_angle(x, y, spec, rotate_p)
+        x, y = _set_down_at_an_angle(x, y, spec, rotate_p, flatten_p)
     gain = 1 + 0.2 * (torch.rand(x.shape[0], 1, 1, 1) - 0.5)
     shift = 0.4 * (torch.rand(x.shape[0], 1, 1, 1) - 0.5)
     return x * gain + shift, y
 
 
-def _set_down_at_an_angle(x: Any, y: Any, spec: dict[str, Any], p: float) -> tuple[Any, Any]:
+def _set_down_at_an_angle(
+    x: Any, y: Any, spec: dict[str, Any], p: float, flatten_p: float = 0.0
+) -> tuple[Any, Any]:
     """Turn a share `p` of the batch by any angle on a canvas grown to hold it all (black
     corners, as the `rotate` shift and a film scanned askew give), the masks with the pixels:
-    the weak masks of upright images then teach bone, not 'whatever is not black'."""
+    the weak masks of upright images then teach bone, not 'whatever is not black'. A share
+    `flatten_p` of those is first made flatter and brighter (another detector's LUT), so that a
+    grey background inside black corners is not taken for bone either."""
     import torch
     import torch.nn.functional as F
 
@@ -100,6 +106,15 @@ def _set_down_at_an_angle(x: Any, y: Any, spec: dict[str, Any], p: float) -> tup
     turned = torch.rand(n) < p
     if not turned.any():
         return x, y
+    mean, std = spec["mean"][0], spec["std"][0]
+    if flatten_p > 0:
+        flat = (torch.rand(n) < flatten_p).view(n, 1, 1, 1)
+        # black goes to 0.13-0.40 grey (the `contrast` shift takes it to 0.28)
+        keep_contrast = 0.5 + 0.3 * torch.rand(n, 1, 1, 1)  # of the grey range, about mid-grey
+        lift = 0.03 + 0.12 * torch.rand(n, 1, 1, 1)
+        grey = x * std + mean
+        flattened = ((0.5 + (grey - 0.5) * keep_contrast + lift).clamp(0, 1) - mean) / std
+        x = torch.where(flat, flattened, x)
     angle = torch.rand(n) * 2 * torch.pi
     cos, sin = torch.cos(angle), torch.sin(angle)
     grow = cos.abs() + sin.abs()  # the grown canvas's side over the image's, for a square
@@ -107,7 +122,7 @@ def _set_down_at_an_angle(x: Any, y: Any, spec: dict[str, Any], p: float) -> tup
     theta[:, 0, 0], theta[:, 0, 1] = cos * grow, -sin * grow
     theta[:, 1, 0], theta[:, 1, 1] = sin * grow, cos * grow
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    black = (0.0 - spec["mean"][0]) / spec["std"][0]  # a black pixel after normalisation
+    black = (0.0 - mean) / std  # a black pixel after normalisation
     xt = F.grid_sample(x - black, grid, align_corners=False, padding_mode="zeros") + black
     yt = (F.grid_sample(y, grid, align_corners=False, padding_mode="zeros") > 0.5).to(y.dtype)
     keep = turned.view(n, 1, 1, 1)
@@ -142,7 +157,13 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         model.train()
         t0, losses = time.time(), []
         for idx in torch.randperm(len(x_train)).split(recipe["batch_size"]):
-            x, y = _augment(x_train[idx], y_train[idx], spec, recipe.get("rotate_p", 0.0))
+            x, y = _augment(
+                x_train[idx],
+                y_train[idx],
+                spec,
+                recipe.get("rotate_p", 0.0),
+                recipe.get("flatten_p", 0.0),
+            )
             logits = model(x)
             prob = torch.sigmoid(logits)
             soft_dice = 1 - (2 * (prob * y).sum() + 1) / (prob.sum() + y.sum() + 1)
