@@ -1,8 +1,8 @@
 """Turn a radiograph set down at an angle so that its bone axis lies along an image axis.
 
 Other hospitals' radiographs arrive tilted by any angle, and the models lose most at angles
-between quarter turns (val AUROC 0.917 -> 0.848 under the `rotate` shift; the detector's best box
-0.859 -> 0.640). Quarter turns the models handle themselves (rot4 views, quarter-turn training),
+between quarter turns (1.2.0's val AUROC 0.917 -> 0.848 under the `rotate` shift; the detector's
+best box 0.859 -> 0.640). Quarter turns the models handle themselves (rot4 views, quarter-turn training),
 so only the residual angle matters: the long axis of the bone mask, folded into (-45, 45] degrees.
 When that residual is large and the mask elongated enough for its axis to mean something, the
 working image is turned by it (canvas grown, no pixel lost) and the crop is taken there; boxes
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-# Residual tilts up to this are left alone: training turned crops by up to +-45 degrees, and
-# FracAtlas's own radiographs lie within it (a median of 9 degrees off an axis on val).
+# Residual tilts up to this are left alone: the models trained on crops turned by up to +-20
+# (the detector: quarter turns only) or +-45 degrees, and FracAtlas's own radiographs mostly lie
+# within it (80 val images: a median of 9 degrees off an axis, a fifth beyond 20).
 MIN_TURN_DEGREES = 20.0
 # The mask's long axis is trusted when its variance is at least this many times the short
 # axis's (a hand spread flat, or a near-square mask, has no axis worth turning to).
