@@ -78,11 +78,10 @@ class Settings(BaseSettings):
         DEFAULT_FP_PER_IMAGE, description="operating point when a request gives none"
     )
     upright: bool = Field(
-        False,
+        True,
         description="turn a radiograph whose bone axis lies between quarter turns onto the nearest "
         "axis before the models see it (app/inference/upright.py); boxes come back in the frame "
-        "as sent. Off: on val it helps the detector under any-angle tilts and costs a little on "
-        "upright images (README: Site calibration)",
+        "as sent. The shipped cards' calibration and operating points were fitted with it on",
     )
     allowed_modalities: list[str] = Field(
         default_factory=lambda: ["CR", "DX", "RG"],
