@@ -84,7 +84,7 @@ def collect(
     batch: int = 8,
 ) -> Collected:
     """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
-    as the service is configured (FRACTURE_UPRIGHT=true measures it with the upright turn)."""
+    as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn)."""
     crp, clf, det = models
     point = from_score(COLLECT_THRESHOLD)
     upright = Settings().upright
