@@ -130,7 +130,8 @@ def _set_down_at_an_angle(
 
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
-    """Train the U-Net on weak masks, export ONNX + card, report val (and test) Dice and box coverage."""
+    """Train the U-Net on weak masks, export ONNX + card, report val (and test) Dice and box
+    coverage."""
     import torch
     import torch.nn.functional as F
 
