@@ -25,6 +25,19 @@ COMBINED = {
 }
 
 
+def shift_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of shift names (a command-line type): unknown names refused."""
+    import argparse
+
+    names = tuple(text.split(","))
+    unknown = set(names) - set(SHIFTS)
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown shifts {sorted(unknown)}; known: {', '.join(SHIFTS)}"
+        )
+    return names
+
+
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rotate counter-clockwise k quarter turns; normalised xyxy boxes follow."""
     out = np.rot90(grey, k).copy()

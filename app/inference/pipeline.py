@@ -98,8 +98,8 @@ def run_study(
             turn = upright_turn(mask, h, wd) if upright and box else None
             turned = turned_crop_box(turn, mask, crop_margin) if turn else None
             if turn and turned:
-                tx1, ty1, tx2, ty2 = w.turned_box = turned
-                w.turn, w.crop = turn, turn.image(w.image.pixels)[ty1:ty2, tx1:tx2]
+                w.turned_box = turned
+                w.turn, w.crop = turn, turn.image(w.image.pixels, turned)  # only the crop
                 # what the models looked at, as the upright box around it
                 bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
                 w.working_box = (bx1, by1, bx2, by2)

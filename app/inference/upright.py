@@ -35,13 +35,23 @@ class Turn:
     size: tuple[int, int]  # the turned canvas (height, width)
     source: tuple[int, int]  # the working image (height, width)
 
-    def image(self, pixels: np.ndarray) -> np.ndarray:
-        """The working image turned (bilinear, black where the canvas grew), same dtype."""
-        inverse = np.linalg.inv(np.vstack([self.matrix, [0.0, 0.0, 1.0]]))[:2]
-        h, w = self.size
+    @property
+    def inverse(self) -> np.ndarray:
+        """2 x 3, turned pixels -> working pixels."""
+        return np.linalg.inv(np.vstack([self.matrix, [0.0, 0.0, 1.0]]))[:2]
+
+    def image(self, pixels: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """The working image turned (bilinear, black where the canvas grew), same dtype; with
+        `box` (x1, y1, x2, y2 in turned pixels) only that part of the turned canvas is made."""
+        x1, y1, x2, y2 = box or (0, 0, self.size[1], self.size[0])
+        inverse = self.inverse.copy()
+        inverse[:, 2] += inverse[:, :2] @ [x1, y1]  # output pixel (0, 0) is turned (x1, y1)
         plane = Image.fromarray(pixels.astype(np.float32), mode="F")
         turned = plane.transform(
-            (w, h), Image.Transform.AFFINE, tuple(inverse.ravel()), Image.Resampling.BILINEAR
+            (x2 - x1, y2 - y1),
+            Image.Transform.AFFINE,
+            tuple(inverse.ravel()),
+            Image.Resampling.BILINEAR,
         )
         out = np.asarray(turned)
         if np.issubdtype(pixels.dtype, np.integer):
@@ -57,8 +67,7 @@ class Turn:
         """xyxy boxes in turned pixels -> the upright boxes around them in working pixels."""
         if not len(boxes):
             return np.zeros((0, 4), np.float32)
-        inverse = np.linalg.inv(np.vstack([self.matrix, [0.0, 0.0, 1.0]]))[:2]
-        out = enclosing_boxes(boxes, inverse)
+        out = enclosing_boxes(boxes, self.inverse)
         h, w = self.source
         out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
         out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)

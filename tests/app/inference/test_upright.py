@@ -62,6 +62,10 @@ def test_a_tilted_bar_is_turned_onto_the_nearest_axis_and_no_pixel_is_lost():
     ys, xs = np.nonzero(turned > 1500)
     assert x1 <= xs.min() and y1 <= ys.min() and x2 > xs.max() and y2 > ys.max()
     assert x1 >= 0 and y1 >= 0 and x2 <= turn.size[1] and y2 <= turn.size[0]
+    # only the crop made: the same pixels as the whole turned canvas cut to the box
+    part = turn.image(image, (x1, y1, x2, y2)).astype(np.int64)
+    whole = turned[y1:y2, x1:x2].astype(np.int64)
+    assert part.shape == whole.shape and np.abs(part - whole).max() <= 1
 
 
 def test_a_mask_at_a_lower_resolution_gives_the_same_turn():
