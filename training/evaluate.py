@@ -31,7 +31,7 @@ from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO, progress
 from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
-from training.shifts import SHIFTS, shift_image, shift_names
+from training.shifts import SHIFTS, shift_image, shift_name, shift_names
 
 
 @dataclass
@@ -314,9 +314,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--limit", type=int, help="first N images only")
     parser.add_argument(
         "--shift",
-        choices=SHIFTS,
+        type=shift_name,
         default="none",
-        help="degrade every image as another source might (training/shifts.py)",
+        help=f"degrade every image as another source might (training/shifts.py): one of "
+        f"{', '.join(SHIFTS)}; NAME@N draws its random angles, markers... again (N >= 1)",
     )
     parser.add_argument(
         "--report", type=Path, help="report folder (default reports/<split or folder>)"

@@ -1,7 +1,7 @@
 """Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
-differ (lower resolution, lower contrast, strong JPEG compression, burned-in markers, another
-orientation, a scan set down at any angle), so that generalisation can be measured with the
-labels we have. Each shift is deterministic per image (seeded by its id) and moves the fracture
+differ (lower resolution, or 512 px on the long side as the other source is described, lower
+contrast, strong JPEG compression, burned-in markers, another orientation, a scan set down at any
+angle), so that generalisation can be measured with the labels we have. Each shift is deterministic per image (seeded by its id) and moves the fracture
 boxes with the pixels.
 """
 
@@ -17,25 +17,53 @@ from PIL import Image
 from app.inference.upright import enclosing_boxes
 from training.augment import _burn_marker
 
-SHIFTS = ("none", "lowres", "contrast", "jpeg", "markers", "rot90", "rotate", "all", "all-rotate")
+SHIFTS = (
+    "none",
+    "lowres",
+    "lowres512",
+    "contrast",
+    "jpeg",
+    "markers",
+    "rot90",
+    "rotate",
+    "all",
+    "all-rotate",
+    "all-rotate-512",
+)
 # the combined shifts, as the single degradations they apply (each other shift is itself)
 COMBINED = {
     "all": {"lowres", "contrast", "markers", "rot90", "jpeg"},
     "all-rotate": {"lowres", "contrast", "markers", "rotate", "jpeg"},  # any angle instead
+    # the other source as described: about 512 px on the long side, not 60% of FracAtlas's
+    "all-rotate-512": {"lowres512", "contrast", "markers", "rotate", "jpeg"},
 }
+# `lowres512`: the long side brought down to this many pixels (a smaller image is kept)
+LONG_SIDE = 512
+
+
+def base_shift(name: str) -> str:
+    """The shift a name applies: `rotate@2` is `rotate` with its random numbers drawn again
+    (a draw of its own per image, seeded by the whole name: `rotate` itself is draw 0)."""
+    kind, at, draw = name.partition("@")
+    if kind not in SHIFTS or (at and not (draw.isdigit() and int(draw) > 0)):
+        raise ValueError(f"unknown shift {name!r}; one of {SHIFTS}, optionally @N (N >= 1)")
+    return kind
+
+
+def shift_name(text: str) -> str:
+    """One shift name (a command-line type): `all-rotate`, or `all-rotate@1` for another draw."""
+    import argparse
+
+    try:
+        base_shift(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def shift_names(text: str) -> tuple[str, ...]:
     """A comma-separated list of shift names (a command-line type): unknown names refused."""
-    import argparse
-
-    names = tuple(text.split(","))
-    unknown = set(names) - set(SHIFTS)
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown shifts {sorted(unknown)}; known: {', '.join(SHIFTS)}"
-        )
-    return names
+    return tuple(shift_name(name) for name in text.split(","))
 
 
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,18 +98,22 @@ def _rotate_any(
 def shift_image(
     grey: np.ndarray, boxes: np.ndarray, kind: str, image_id: str
 ) -> tuple[bytes, str, np.ndarray]:
-    """(encoded bytes, content type, boxes) of one grey uint8 image under a shift."""
+    """(encoded bytes, content type, boxes) of one grey uint8 image under a shift (a name of
+    base_shift's)."""
     import cv2
 
-    if kind not in SHIFTS:
-        raise ValueError(f"unknown shift {kind!r}; one of {SHIFTS}")
     rng = random.Random(zlib.crc32(f"{kind}:{image_id}".encode()))
+    kind = base_shift(kind)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     out = grey.copy()
     steps = COMBINED.get(kind, {kind})
     if "lowres" in steps:  # about 60% of the pixels per side, kept small
         h, w = out.shape
         out = cv2.resize(out, (max(8, round(w * 0.6)), max(8, round(h * 0.6))), cv2.INTER_AREA)
+    if "lowres512" in steps and max(out.shape) > LONG_SIDE:
+        h, w = out.shape
+        f = LONG_SIDE / max(h, w)
+        out = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
     if "contrast" in steps:  # flatter, brighter: a different detector and LUT
         f = out.astype(np.float32) / 255.0
         f = 0.5 + (f**1.4 - 0.5) * 0.6 + 0.08

@@ -22,7 +22,9 @@ def test_boxes_follow_the_pixels(kind):
     img, boxes = bright_box_image()
     data, ctype, moved = shift_image(img, boxes, kind, "IMG0000001")
     out = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(float)
-    assert ctype == ("image/jpeg" if kind in ("jpeg", "all", "all-rotate") else "image/png")
+    assert ctype == (
+        "image/jpeg" if kind in ("jpeg", "all", "all-rotate", "all-rotate-512") else "image/png"
+    )
     h, w = out.shape
     x1, y1, x2, y2 = (moved[0] * [w, h, w, h]).round().astype(int)
     inside = out[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].mean()
@@ -47,3 +49,33 @@ def test_any_angle_keeps_every_pixel_and_boxes_the_rotated_lesion():
     x1, y1, x2, y2 = (moved[0] * [w, h, w, h]).round().astype(int)
     ys, xs = np.nonzero(out > 200)
     assert x1 - 2 <= xs.min() and xs.max() <= x2 + 2 and y1 - 2 <= ys.min() and ys.max() <= y2 + 2
+
+
+def test_lowres512_brings_the_long_side_to_512_and_keeps_smaller_images():
+    big = np.full((1536, 1229), 90, np.uint8)
+    data, _, _ = shift_image(big, np.zeros((0, 4), np.float32), "lowres512", "IMG0000002")
+    assert Image.open(io.BytesIO(data)).size == (410, 512)  # (width, height), aspect kept
+    small = np.full((300, 400), 90, np.uint8)
+    data, _, _ = shift_image(small, np.zeros((0, 4), np.float32), "lowres512", "IMG0000002")
+    assert Image.open(io.BytesIO(data)).size == (400, 300)
+
+
+def test_a_draw_is_the_same_shift_with_other_random_numbers():
+    img, boxes = bright_box_image()
+    first = shift_image(img, boxes, "rotate", "IMG0000005")
+    again = shift_image(img, boxes, "rotate@1", "IMG0000005")
+    assert first[0] != again[0]  # another angle
+    assert again[0] == shift_image(img, boxes, "rotate@1", "IMG0000005")[0]
+    for bad in ("rotate@0", "rotate@x", "spin", "rotate@"):
+        with pytest.raises(ValueError, match="unknown shift"):
+            shift_image(img, boxes, bad, "IMG0000005")
+
+
+def test_command_line_names_take_draws_and_refuse_unknown_ones():
+    import argparse
+
+    from training.shifts import shift_names
+
+    assert shift_names("all-rotate@2,none") == ("all-rotate@2", "none")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown shift 'all-rotate@0'"):
+        shift_names("none,all-rotate@0")
