@@ -11,6 +11,8 @@ Measures, in one run:
 - time from process start to /readyz = 200 and RSS after start-up;
 - end-to-end latency per image (median, p95), one request at a time, over FracAtlas test JPEGs
   and over the shared DICOMs, and the ratio of the JPEG median to the model-only median;
+- the same JPEGs set down at any angle: end to end, how many the upright turn turned, and the
+  crop stage (where the turn runs) on those against the upright JPEGs';
 - throughput and latency with 1/4/8/16 concurrent clients (images/s, p50/p95, 503s), and the
   ratio of the 8-client throughput to the model-only bound;
 - decode time of the largest shared DICOM by bytes and by pixels (in process).
@@ -75,15 +77,57 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def post_each(client: httpx.Client, files: list[tuple[Path, str]]) -> list[float]:
+def post_bodies(client: httpx.Client, bodies: list[tuple[bytes, str]]) -> list[tuple[float, dict]]:
+    """Each body posted alone: (milliseconds, the answer's first image) per body."""
     out = []
-    for path, ctype in files:
-        data = path.read_bytes()
+    for data, ctype in bodies:
         t0 = time.perf_counter()
         r = client.post("/v1/predict", content=data, headers={"content-type": ctype})
-        out.append(1000 * (time.perf_counter() - t0))
+        ms = 1000 * (time.perf_counter() - t0)
         r.raise_for_status()
+        out.append((ms, r.json()["images"][0]))
     return out
+
+
+def post_each(client: httpx.Client, files: list[tuple[Path, str]]) -> list[float]:
+    return [ms for ms, _ in post_bodies(client, [(p.read_bytes(), ctype) for p, ctype in files])]
+
+
+def tilted(jpegs: list[Path]) -> list[tuple[bytes, str]]:
+    """The bench JPEGs set down at any angle (training/shifts.py `rotate`: canvas grown, seeded
+    by the image), re-encoded as JPEG (quality 95) so that decode costs what a JPEG costs: the
+    images on which the upright turn works."""
+    import io
+
+    from PIL import Image
+
+    from training.shifts import shift_image
+
+    out = []
+    for path in jpegs:
+        grey = np.asarray(Image.open(path).convert("L"))
+        png, _, _ = shift_image(grey, np.zeros((0, 4), np.float32), "rotate", path.stem)
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png)).save(buf, format="JPEG", quality=95)
+        out.append((buf.getvalue(), "image/jpeg"))
+    return out
+
+
+def upright_cost(upright: list[tuple[float, dict]], turned: list[tuple[float, dict]]) -> dict:
+    """End to end over the tilted JPEGs, how many the service turned, and the crop stage (where
+    the turn runs) on turned images against the upright JPEGs'."""
+    is_turned = [any(n.startswith("turned ") for n in image["notes"]) for _, image in turned]
+    crop = [
+        image["timings_ms"]["crop"] for (_, image), t in zip(turned, is_turned, strict=True) if t
+    ]
+    return {
+        **percentiles([ms for ms, _ in turned]),
+        "turned": sum(is_turned),
+        "crop_stage_median_ms_turned": round(float(np.median(crop)), 1) if crop else None,
+        "crop_stage_median_ms_upright_jpegs": round(
+            float(np.median([image["timings_ms"]["crop"] for _, image in upright])), 1
+        ),
+    }
 
 
 def model_only(jpegs: list[Path], seconds: float = 8.0) -> dict[str, dict[str, float]]:
@@ -115,7 +159,7 @@ def model_only(jpegs: list[Path], seconds: float = 8.0) -> dict[str, dict[str, f
     for path in jpegs:
         image = decode(path.read_bytes(), "image/jpeg", path.name, 10**9, ["CR", "DX"])
         work = ImageWork(image=image, decode_ms=0.0)
-        run_study([work], crp, clf, det, point)
+        run_study([work], crp, clf, det, point, upright=s.upright)
         pixels = work.image.pixels
         real_inputs[0].append(model_input(pixels, crp.spec, grey_levels(pixels))[0][None])
         real_inputs[1].append(model_input(work.crop, clf.spec, work.crop_levels)[0][None])
@@ -250,7 +294,9 @@ def main() -> int:
             ready_s = time.perf_counter() - t_start
             rss_ready = rss_mib(proc.pid)
             post_each(client, jpegs[:3])  # first requests: allocator and caches
-            jpeg_ms = post_each(client, jpegs)
+            jpeg_answers = post_bodies(client, [(p.read_bytes(), c) for p, c in jpegs])
+            jpeg_ms = [ms for ms, _ in jpeg_answers]
+            tilted_answers = post_bodies(client, tilted([p for p, _ in jpegs]))
             dicom_ms = post_each(client, dicoms)
             load = [
                 concurrent(str(client.base_url), jpegs, n, max(40, 6 * n))
@@ -311,6 +357,7 @@ def main() -> int:
         "jpeg_median_over_model_only_random_inputs": round(
             float(np.median(jpeg_ms)) / noise["median_ms"], 2
         ),
+        "tilted_jpeg_end_to_end": upright_cost(jpeg_answers, tilted_answers),
         "concurrent_jpeg": load,
         "throughput_8_clients_over_model_only": round(eight / real["images_per_s"], 2),
         "throughput_8_clients_over_model_only_random_inputs": round(
