@@ -55,17 +55,24 @@ ROBUST_GROUPS = ("intensity", "resolution", "blur", "noise", "jpeg", "markers")
 
 
 def robust_photometric(
-    img: np.ndarray, rng: random.Random, skip: frozenset[str] = frozenset()
+    img: np.ndarray,
+    rng: random.Random,
+    skip: frozenset[str] = frozenset(),
+    compound_p: float = 0.0,
 ) -> np.ndarray:
     """One grey uint8 image (h, w) as another device or site might have produced it. A group in
-    `skip` draws its random numbers but is not applied, so the others see the same draws."""
+    `skip` draws its random numbers but is not applied, so the others see the same draws. With
+    probability `compound_p` every group applies at once (drawn alone they rarely meet, while
+    another source's images differ in all of them together); 0 draws nothing extra, so a recipe
+    without it replays exactly."""
     import cv2
 
     unknown = skip - set(ROBUST_GROUPS)
     if unknown:
         raise ValueError(f"unknown augmentation groups {sorted(unknown)}; known: {ROBUST_GROUPS}")
+    every = compound_p > 0 and rng.random() < compound_p
     out = img.astype(np.float32) / 255.0
-    if rng.random() < 0.8:  # gamma and window
+    if rng.random() < 0.8 or every:  # gamma and window (the draw is taken either way)
         gamma = rng.uniform(0.6, 1.7)
         lo, hi = rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)
         window = rng.random() < 0.5
@@ -76,26 +83,26 @@ def robust_photometric(
             out = np.clip(0.5 + (out - 0.5) * contrast + offset, 0, 1)
     out = (out * 255).astype(np.uint8)
     h, w = out.shape
-    if rng.random() < 0.5:  # lower resolution: down and back up
+    if rng.random() < 0.5 or every:  # lower resolution: down and back up
         f = rng.uniform(0.3, 0.8)
         if "resolution" not in skip:
             small = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
             out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 or every:
         sigma = rng.uniform(0.5, 1.5)
         if "blur" not in skip:
             out = cv2.GaussianBlur(out, (0, 0), sigma)
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 or every:
         seed, sigma = rng.randrange(1 << 30), rng.uniform(2, 8)
         if "noise" not in skip:
             noise = np.random.default_rng(seed).normal(0, sigma, out.shape)
             out = np.clip(out + noise, 0, 255).astype(np.uint8)
-    if rng.random() < 0.4:
+    if rng.random() < 0.4 or every:
         quality = rng.randrange(25, 90)
         if "jpeg" not in skip:
             ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
             out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else out
-    if rng.random() < 0.3:
+    if rng.random() < 0.3 or every:
         _burn_marker(out if "markers" not in skip else out.copy(), rng)
     return out
 
@@ -162,9 +169,11 @@ def augment_batch(
     rotate_degrees: float = 15.0,
     rot90_p: float = 0.0,
     skip: frozenset[str] = frozenset(),
+    compound_p: float = 0.0,
 ) -> Any:
     """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks). `skip`: groups
-    of the robust photometric changes left out (ROBUST_GROUPS)."""
+    of the robust photometric changes left out (ROBUST_GROUPS); `compound_p`: how often all of
+    them apply together (robust_photometric)."""
     import torch
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -184,7 +193,7 @@ def augment_batch(
         else:
             img_t = geometry(img_t)
         if strength == "robust":
-            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip))
+            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip, compound_p))
         else:
             img_t = light(img_t)[0]
         images.append(img_t)

@@ -339,6 +339,7 @@ def fit(
         "rotate_degrees": cfg.get("rotate_degrees", 15.0),
         "rot90_p": cfg.get("rot90_p", 0.0),
         "skip": frozenset(cfg.get("augment_skip") or ()),
+        "compound_p": float(cfg.get("compound_p", 0.0)),
     }
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

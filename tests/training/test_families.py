@@ -470,6 +470,28 @@ def test_a_skipped_augmentation_group_leaves_the_others_draws_alone():
         robust_photometric(img, random.Random(0), frozenset({"sharpen"}))
 
 
+def test_compound_p_applies_every_group_at_once_and_zero_replays_the_old_draws():
+    """`compound_p` (every robust group at once): 0 draws nothing more than a recipe without it;
+    1 burns a marker into every image (the markers group alone does so for 30%)."""
+    import random
+
+    import numpy as np
+
+    from training.augment import robust_photometric
+
+    flat = np.full((96, 96), 100, np.uint8)
+    for seed in range(10):
+        plain, zero = random.Random(seed), random.Random(seed)
+        a = robust_photometric(flat, plain)
+        b = robust_photometric(flat, zero, compound_p=0.0)
+        assert np.array_equal(a, b) and plain.random() == zero.random()
+        everything = robust_photometric(flat, random.Random(seed), compound_p=1.0)
+        markerless = robust_photometric(
+            flat, random.Random(seed), frozenset({"markers"}), compound_p=1.0
+        )
+        assert (everything != markerless).sum() > 20  # the marker's strokes
+
+
 def test_a_region_hold_out_is_never_trained_on_nor_chosen_with(tiny_cache, run_dirs):
     """`exclude_regions` removes a body region from train and val (what the run learns and
     chooses with); test keeps it, to be measured on."""
