@@ -1,8 +1,8 @@
 """Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
 differ (lower resolution, or 512 px on the long side as the other source is described, lower
 contrast, strong JPEG compression, burned-in markers, another orientation, a scan set down at any
-angle), so that generalisation can be measured with the labels we have. Each shift is deterministic per image (seeded by its id) and moves the fracture
-boxes with the pixels.
+angle), so that generalisation can be measured with the labels we have. Each shift is
+deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
 
 from __future__ import annotations
@@ -66,6 +66,14 @@ def shift_names(text: str) -> tuple[str, ...]:
     return tuple(shift_name(name) for name in text.split(","))
 
 
+def _shrink(grey: np.ndarray, factor: float) -> np.ndarray:
+    """The image scaled by `factor` per side (area resampling), at least 8 px."""
+    import cv2
+
+    h, w = grey.shape
+    return cv2.resize(grey, (max(8, round(w * factor)), max(8, round(h * factor))), cv2.INTER_AREA)
+
+
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Rotate counter-clockwise k quarter turns; normalised xyxy boxes follow."""
     out = np.rot90(grey, k).copy()
@@ -100,7 +108,6 @@ def shift_image(
 ) -> tuple[bytes, str, np.ndarray]:
     """(encoded bytes, content type, boxes) of one grey uint8 image under a shift (a name of
     base_shift's)."""
-    import cv2
 
     rng = random.Random(zlib.crc32(f"{kind}:{image_id}".encode()))
     kind = base_shift(kind)
@@ -108,12 +115,9 @@ def shift_image(
     out = grey.copy()
     steps = COMBINED.get(kind, {kind})
     if "lowres" in steps:  # about 60% of the pixels per side, kept small
-        h, w = out.shape
-        out = cv2.resize(out, (max(8, round(w * 0.6)), max(8, round(h * 0.6))), cv2.INTER_AREA)
+        out = _shrink(out, 0.6)
     if "lowres512" in steps and max(out.shape) > LONG_SIDE:
-        h, w = out.shape
-        f = LONG_SIDE / max(h, w)
-        out = cv2.resize(out, (max(8, round(w * f)), max(8, round(h * f))), cv2.INTER_AREA)
+        out = _shrink(out, LONG_SIDE / max(out.shape))
     if "contrast" in steps:  # flatter, brighter: a different detector and LUT
         f = out.astype(np.float32) / 255.0
         f = 0.5 + (f**1.4 - 0.5) * 0.6 + 0.08
