@@ -40,9 +40,11 @@ class StudyBatcher:
         on_stage: StageTimer | None = None,
         on_batch: Callable[[float, int], None] | None = None,
         upright: bool = False,
+        markers: bool = False,
     ):
         self.workers = workers
         self.upright = upright  # run_study's: turn tilted radiographs onto the nearest axis
+        self.markers = markers  # run_study's: paint burned-in annotations out
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_stage = on_stage
@@ -124,7 +126,15 @@ class StudyBatcher:
             t0 = time.perf_counter()
             try:
                 await asyncio.to_thread(
-                    run_study, works, crp, clf, det, live[0].point, self.on_stage, self.upright
+                    run_study,
+                    works,
+                    crp,
+                    clf,
+                    det,
+                    live[0].point,
+                    self.on_stage,
+                    upright=self.upright,
+                    markers=self.markers,
                 )
             except Exception as exc:  # every study of the batch gets the failure
                 for s in live:

@@ -59,6 +59,7 @@ def start_batcher(state: AppState) -> StudyBatcher:
         on_stage=on_stage,
         on_batch=on_batch,
         upright=s.upright,
+        markers=s.paint_out_markers,
     )
     state.batcher.start()
     return state.batcher

@@ -84,10 +84,11 @@ def collect(
     batch: int = 8,
 ) -> Collected:
     """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
-    as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn)."""
+    as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn,
+    FRACTURE_PAINT_OUT_MARKERS=true with burned-in annotations painted out)."""
     crp, clf, det = models
     point = from_score(COLLECT_THRESHOLD)
-    upright = Settings().upright
+    settings = Settings()
     out = Collected()
     t0 = time.perf_counter()
     for start in progress(range(0, len(records), batch), f"evaluate ({shift})"):
@@ -97,7 +98,15 @@ def collect(
             image, boxes = decode_record(rec, shift)
             works.append(ImageWork(image=image, decode_ms=0.0))
             chunk_boxes.append(boxes)
-        run_study(works, crp, clf, det, point, upright=upright)
+        run_study(
+            works,
+            crp,
+            clf,
+            det,
+            point,
+            upright=settings.upright,
+            markers=settings.paint_out_markers,
+        )
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
             gt = boxes * np.array([wd, h, wd, h], np.float32)

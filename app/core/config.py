@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "axis before the models see it (app/inference/upright.py); boxes come back in the frame "
         "as sent. The shipped cards' calibration and operating points were fitted with it on",
     )
+    paint_out_markers: bool = Field(
+        False,
+        description="paint burned-in annotations (side markers, acquisition text, label tabs) "
+        "out of what the models see (app/inference/markers.py); the answer refers to the image "
+        "as sent",
+    )
     allowed_modalities: list[str] = Field(
         default_factory=lambda: ["CR", "DX", "RG"],
         description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",

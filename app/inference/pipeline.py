@@ -16,6 +16,7 @@ import numpy as np
 
 from app.inference.answers import Detection, ImageResult
 from app.inference.decoding import DecodedImage
+from app.inference.markers import Painted, suppress_markers
 from app.inference.model_card import Fusion
 from app.inference.operating_point import OperatingPoint
 from app.inference.postprocess import rcnn_detections, yolo_detections
@@ -41,6 +42,8 @@ class ImageWork:
     working_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the same in working pixels
     crop_fallback: bool = False
     turn: Turn | None = None  # the working image turned to set its bone axis upright
+    painted: Painted | None = None  # burned-in annotations painted out of what the models see
+    seen: np.ndarray | None = None  # the working pixels as the models see them
     turned_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the crop in the turned image
     crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of the image)
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
@@ -72,21 +75,22 @@ def run_study(
     operating_point: OperatingPoint,
     on_stage: StageTimer | None = None,
     upright: bool = False,
+    markers: bool = False,
 ) -> None:
     """Fill crop boxes, probabilities and detections of every image in place (the crop margin
     is the cropper card's). With `upright`, an image whose bone axis lies between quarter turns
-    is turned onto the nearest axis first (app/inference/upright.py)."""
+    is turned onto the nearest axis first (app/inference/upright.py); with `markers`, burned-in
+    annotations are painted out of what the models see (app/inference/markers.py)."""
     crop_margin = float(cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
-        batch = np.stack(
-            [
-                model_input(w.image.pixels, cropper.spec, grey_levels(w.image.pixels))[0]
-                for w in works
-            ]
-        )
+        for w in works:
+            w.seen, w.painted = w.image.pixels, None
+            if markers:
+                w.seen, w.painted = suppress_markers(w.image.pixels)
+        batch = np.stack([model_input(w.seen, cropper.spec, grey_levels(w.seen))[0] for w in works])
         logits = cropper.run(batch)[0]
         for w, lg in zip(works, logits, strict=True):
-            h, wd = w.image.pixels.shape
+            h, wd = w.seen.shape
             mask = bone_mask(lg[0], h, wd)
             box = crop_box_from_mask(mask, h, wd, crop_margin)
             w.crop_fallback = box is None
@@ -94,12 +98,12 @@ def run_study(
             x1, y1, x2, y2 = w.working_box
             # The crop is stretched on its own, as the models were trained; the stretch itself
             # runs on each model's input, after the resize.
-            w.crop = w.image.pixels[y1:y2, x1:x2]
+            w.crop = w.seen[y1:y2, x1:x2]
             turn = upright_turn(mask, h, wd) if upright and box else None
             turned = turned_crop_box(turn, mask, crop_margin) if turn else None
             if turn and turned:
                 w.turned_box = turned
-                w.turn, w.crop = turn, turn.image(w.image.pixels, turned)  # only the crop
+                w.turn, w.crop = turn, turn.image(w.seen, turned)  # only the crop
                 # what the models looked at, as the upright box around it
                 bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
                 w.working_box = (bx1, by1, bx2, by2)
@@ -271,6 +275,11 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
         + (
             [f"turned {w.turn.degrees:+.0f} degrees to set the bone axis upright for analysis"]
             if w.turn
+            else []
+        )
+        + (
+            [f"{w.painted.count} burned-in annotation(s) painted out for analysis"]
+            if w.painted and w.painted.count
             else []
         ),
         fracture_probability=round(w.probability, 6),
