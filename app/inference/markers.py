@@ -7,7 +7,7 @@ background around the anatomy. The models never learned that a bright "L" is not
 annotation is told from anatomy by what it is made of: a small bright island (the top of the
 image's own range) with a sharp step down to a much darker ring around it. Bone, even cortical
 bone or metal, sits inside soft tissue or joins a large bright area, so it fails one test or the
-other. Each island found is filled with the median of its ring; the image's geometry is
+other. Each island found is filled smoothly from the pixels around it; the image's geometry is
 unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
 boxes refer to the image as sent.
 """
@@ -34,7 +34,7 @@ RING_PX = 3
 # Specks smaller than this are left alone (noise, not worth a note)
 MIN_AREA_PX = 20
 # Islands are painted with a margin, so that JPEG halos around the letters go too.
-PAINT_MARGIN_PX = 1
+PAINT_MARGIN_PX = 2
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,8 @@ def suppress_markers(pixels: np.ndarray) -> tuple[np.ndarray, Painted]:
     h, w = pixels.shape
     area = np.bincount(labels.ravel(), minlength=n + 1)
     cores = np.bincount(labels.ravel(), weights=(level >= CORE).ravel(), minlength=n + 1)
-    out = None
+    paint = np.zeros((h, w), bool)
     boxes = []
-    done = np.zeros((h, w), bool)
     grow = np.ones((2 * RING_PX + 1, 2 * RING_PX + 1), bool)
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or cores[i] == 0 or not MIN_AREA_PX <= area[i] <= MAX_AREA * h * w:
@@ -81,23 +80,66 @@ def suppress_markers(pixels: np.ndarray) -> tuple[np.ndarray, Painted]:
         x1, x2 = max(0, xs.start - RING_PX), min(w, xs.stop + RING_PX)
         # a tab's dark letters are holes in its island: they belong to it
         island = ndimage.binary_fill_holes(labels[y1:y2, x1:x2] == i)
-        if done[y1:y2, x1:x2][island].any():
-            continue  # inside a tab already painted (the bowl of its letter)
+        if paint[y1:y2, x1:x2][island].any():
+            continue  # inside a tab already found (the bowl of its letter)
         near = ndimage.binary_dilation(island, grow)
         ring = near & ~island & ~bright[y1:y2, x1:x2]
         if not ring.any():
             continue
         window = level[y1:y2, x1:x2]
-        ring_level = float(np.median(window[ring]))
-        if float(np.median(window[island & bright[y1:y2, x1:x2]])) - ring_level < MIN_STEP:
+        step = float(np.median(window[island & bright[y1:y2, x1:x2]]))
+        if step - float(np.median(window[ring])) < MIN_STEP:
             continue
-        if out is None:
-            out = pixels.copy()
-        paint = ndimage.binary_dilation(island, iterations=PAINT_MARGIN_PX)
-        fill = lo + ring_level * (hi - lo)
-        if np.issubdtype(pixels.dtype, np.integer):
-            fill = round(fill)
-        out[y1:y2, x1:x2][paint] = fill
-        done[y1:y2, x1:x2] |= paint
+        paint[y1:y2, x1:x2] |= ndimage.binary_dilation(island, iterations=PAINT_MARGIN_PX)
         boxes.append((x1, y1, x2, y2))
-    return (pixels if out is None else out), Painted(tuple(boxes))
+    if not boxes:
+        return pixels, Painted(())
+    out = pixels.copy()
+    for x1, y1, x2, y2 in boxes:
+        _fill_smoothly(level, paint, out, (x1, y1, x2, y2), lo, hi)
+    return out, Painted(tuple(boxes))
+
+
+# Painted pixels take a normalised Gaussian average of the unpainted pixels around them, at the
+# finest of these scales (pixels) where enough of them are near: a letter over bone becomes the
+# bone's smooth course there, not a flat patch the detector would box; a large tab the scale
+# of its size.
+FILL_SIGMAS = (2.0, 6.0, 18.0)
+MIN_FILL_WEIGHT = 0.05
+
+
+def _fill_smoothly(
+    level: np.ndarray,
+    paint: np.ndarray,
+    out: np.ndarray,
+    box: tuple[int, int, int, int],
+    lo: float,
+    hi: float,
+) -> None:
+    """Fill the painted pixels inside `box` of `out` (in place) from the unpainted around them."""
+    from scipy import ndimage
+
+    h, w = level.shape
+    m = int(3 * FILL_SIGMAS[-1])
+    x1, y1, x2, y2 = box
+    wy1, wy2, wx1, wx2 = max(0, y1 - m), min(h, y2 + m), max(0, x1 - m), min(w, x2 + m)
+    hole = paint[wy1:wy2, wx1:wx2]
+    known = (~hole).astype(np.float32)
+    values = level[wy1:wy2, wx1:wx2] * known
+    filled = np.full(hole.shape, np.nan, np.float32)
+    for sigma in FILL_SIGMAS:
+        weight = ndimage.gaussian_filter(known, sigma)
+        ok = np.isnan(filled) & (weight >= MIN_FILL_WEIGHT)
+        filled[ok] = ndimage.gaussian_filter(values, sigma)[ok] / weight[ok]
+    # the window's own median where even the widest scale sees too little
+    rest = level[wy1:wy2, wx1:wx2][~hole]
+    filled = np.where(np.isnan(filled), float(np.median(rest)) if rest.size else 0.0, filled)
+    target = hole.copy()
+    target[: y1 - wy1, :] = False  # only this box: neighbours fill their own
+    target[y2 - wy1 :, :] = False
+    target[:, : x1 - wx1] = False
+    target[:, x2 - wx1 :] = False
+    fill = lo + filled[target] * (hi - lo)
+    if np.issubdtype(out.dtype, np.integer):
+        fill = np.rint(fill)
+    out[wy1:wy2, wx1:wx2][target] = fill.astype(out.dtype)
