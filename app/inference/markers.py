@@ -10,6 +10,10 @@ bone or metal, sits inside soft tissue or joins a large bright area, so it fails
 other. Each island found is filled smoothly from the pixels around it; the image's geometry is
 unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
 boxes refer to the image as sent.
+
+Off by default (FRACTURE_PAINT_OUT_MARKERS): on val it brings scores nearer the unmarked image's
+but not AUROC, and the shipped detector boxes painted patches over bone (README, "Site
+calibration"; training/configs/experiments/marker_boxes.py).
 """
 
 from __future__ import annotations
