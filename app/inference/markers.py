@@ -4,9 +4,8 @@ models look at an image.
 Sites burn letters and text into the pixels at the brightest grey level, on the dark
 background around the anatomy. The models never learned that a bright "L" is not bone: under the
 `markers` shift the classifier loses about 0.02 AUROC (6 of the detector's 265 boxes at the fp=0.4
-row sit on a letter). An
-annotation is told from anatomy by what it is made of: a small bright island (the top of the
-image's own range) with a sharp step down to a much darker ring around it. Bone, even cortical
+row sit on a letter). An annotation is told from anatomy by what it is made of: a small bright
+island (the top of the image's own range) with a sharp step down to a much darker ring around it. Bone, even cortical
 bone or metal, sits inside soft tissue or joins a large bright area, so it fails one test or the
 other. Each island found is filled smoothly from the pixels around it; the image's geometry is
 unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
