@@ -5,10 +5,10 @@ Sites burn letters and text into the pixels at the brightest grey level, on the 
 background around the anatomy. The models never learned that a bright "L" is not bone: under the
 `markers` shift the classifier loses about 0.02 AUROC (6 of the detector's 265 boxes at the fp=0.4
 row sit on a letter). An annotation is told from anatomy by what it is made of: a small bright
-island (the top of the image's own range) with a sharp step down to a much darker ring around it. Bone, even cortical
-bone or metal, sits inside soft tissue or joins a large bright area, so it fails one test or the
-other. Each island found is filled smoothly from the pixels around it; the image's geometry is
-unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
+island (the top of the image's own range) with a sharp step down to a much darker ring around
+it. Bone, even cortical bone or metal, sits inside soft tissue or joins a large bright area, so it
+fails one test or the other. Each island found is filled smoothly from the pixels around it; the
+image's geometry is unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
 boxes refer to the image as sent.
 
 Off by default (FRACTURE_PAINT_OUT_MARKERS): on val it brings scores nearer the unmarked image's
@@ -135,14 +135,14 @@ def _fill_smoothly(
         weight = ndimage.gaussian_filter(known, sigma)
         ok = np.isnan(filled) & (weight >= MIN_FILL_WEIGHT)
         filled[ok] = ndimage.gaussian_filter(values, sigma)[ok] / weight[ok]
+        if not np.isnan(filled[hole]).any():
+            break  # every painted pixel has its value: the wider scales would change none
     # the window's own median where even the widest scale sees too little
     rest = level[wy1:wy2, wx1:wx2][~hole]
     filled = np.where(np.isnan(filled), float(np.median(rest)) if rest.size else 0.0, filled)
-    target = hole.copy()
-    target[: y1 - wy1, :] = False  # only this box: neighbours fill their own
-    target[y2 - wy1 :, :] = False
-    target[:, : x1 - wx1] = False
-    target[:, x2 - wx1 :] = False
+    target = np.zeros_like(hole)  # only this box: neighbours fill their own
+    inner = (slice(y1 - wy1, y2 - wy1), slice(x1 - wx1, x2 - wx1))
+    target[inner] = hole[inner]
     fill = lo + filled[target] * (hi - lo)
     if np.issubdtype(out.dtype, np.integer):
         fill = np.rint(fill)

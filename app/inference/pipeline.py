@@ -45,7 +45,7 @@ class ImageWork:
     painted: Painted | None = None  # burned-in annotations painted out of what the models see
     seen: np.ndarray | None = None  # the working pixels as the models see them
     turned_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the crop in the turned image
-    crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of the image)
+    crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of `seen`)
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
     classifier_probability: float = 0.0  # uncalibrated, what a fusion mixes
