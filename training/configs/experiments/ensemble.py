@@ -1,0 +1,165 @@
+"""Would an ensemble of the classifiers we already trained rank better under a source shift?
+
+    python training/configs/experiments/ensemble.py score --shift all-rotate@3 [--limit N]
+    python training/configs/experiments/ensemble.py summary
+
+`score` runs the served pipeline (default models, crop, upright turn, detector) on val under one
+shift and scores the same classifier input with every member below (rot4 views; `default-d4`
+with d4 views), writing one CSV per shift to runs/ensemble/. `summary` combines them: a
+candidate's probability is the sigmoid of its members' mean logit, fused with the best box at the
+served weight, and each is paired against the default on the same images. The rule that says
+which candidate is chosen and when it ships is in runs/ensemble/RULE.txt (written before any
+score). A measurement, not shipped.
+
+Measured (val, 523 images; paired against the served default on the same images, 95% CI):
+chosen on the draw-0 shifts (highest mean AUROC over none, all, all-rotate): default-d4 + ref,
+none 0.921 (+0.007 [-0.001, 0.015]), all 0.854 (+0.007), all-rotate 0.846 (+0.004). On draws no
+choice saw: all-rotate-512@3 0.859 against 0.853 (+0.007 [-0.007, 0.022]), all-rotate@3 0.800
+against 0.797 (+0.003 [-0.011, 0.016]); mean +0.005, below the +0.010 the rule asked: not shipped.
+Adding the light arm lowers every shifted figure (all-rotate -0.031 [-0.052, -0.012]); d4 views
+alone +0.002 to +0.004; default + bam the best on all-rotate@3 (+0.014 [0.000, 0.027]) but
+-0.005 on all-rotate@0. Two MobileNetV2s of one data set and similar recipes make the same
+mistakes under a shift: averaging them returns little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+
+from app.core.config import Settings  # noqa: E402
+from app.inference.model_card import fused_score  # noqa: E402
+from app.inference.operating_point import from_score  # noqa: E402
+from app.inference.pipeline import ImageWork, classify, image_score_fusion, run_study  # noqa: E402
+from app.inference.preprocessing import model_input  # noqa: E402
+from app.inference.runtime import OnnxModel  # noqa: E402
+from training import metrics  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress  # noqa: E402
+from training.data import load_records  # noqa: E402
+from training.detection import COLLECT_THRESHOLD  # noqa: E402
+from training.evaluate import decode_record, served_models  # noqa: E402
+from training.shifts import shift_name  # noqa: E402
+
+OUT = REPO / "runs" / "ensemble"
+# Members besides the served classifier: (graph, test-time views).
+MEMBERS = {
+    "default-d4": (MODELS_DIR / "classifier-mobilenetv2.onnx", "d4"),
+    "ref": (REPO / "runs/classifier-mobilenetv2/export/classifier-mobilenetv2.onnx", "rot4"),
+    "light": (
+        REPO / "runs/classifier-mobilenetv2-light/export/classifier-mobilenetv2-light.onnx",
+        "rot4",
+    ),
+    "bam": (MODELS_DIR / "classifier-bam-mobilenetv2.onnx", "rot4"),
+}
+CHOOSE_ON = ("none", "all", "all-rotate")
+CONFIRM_ON = ("all-rotate-512@3", "all-rotate@3")
+HAND_SHOULDER = ("hand", "shoulder")
+
+
+def score(shift: str, limit: int | None) -> Path:
+    crp, clf, det = served_models(MODELS_DIR, None, None)
+    fusion = image_score_fusion(clf, det)
+    assert fusion is not None, "the served classifier fuses with the default detector"
+    members = {
+        name: OnnxModel.unshipped(path, {**clf.card.input.model_dump(), "tta": tta})
+        for name, (path, tta) in MEMBERS.items()
+    }
+    for m in members.values():
+        m.load(["CPUExecutionProvider"], 0)
+    records = [r for r in load_records() if r.split == "val"][:limit]
+    rows, upright = [], Settings().upright
+    for start in progress(range(0, len(records), 8), f"ensemble ({shift})"):
+        chunk = records[start : start + 8]
+        works = [ImageWork(image=decode_record(r, shift)[0], decode_ms=0.0) for r in chunk]
+        run_study(works, crp, clf, det, from_score(COLLECT_THRESHOLD), upright=upright)
+        batch = np.stack([model_input(w.crop, clf.spec, w.crop_levels)[0] for w in works])
+        extra = {name: classify(m, batch) for name, m in members.items()}
+        for i, (rec, w) in enumerate(zip(chunk, works, strict=True)):
+            row = {"image_id": rec.image_id, "region": rec.region, "fractured": int(rec.fractured)}
+            row |= {"max_box": w.max_box_score, "default": w.classifier_probability}
+            row |= {name: float(p[i]) for name, p in extra.items()}
+            rows.append(row)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"scores-{shift}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def candidates() -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {"default": ("default",), "default-d4": ("default-d4",)}
+    others = ("ref", "light", "bam")
+    for k in range(1, len(others) + 1):
+        for subset in itertools.combinations(others, k):
+            out["+".join(("default", *subset))] = ("default", *subset)
+    out["default-d4+ref"] = ("default-d4", "ref")
+    return out
+
+
+def ensemble_scores(rows: list[dict], members: tuple[str, ...], weight: float) -> np.ndarray:
+    p = np.clip(np.array([[float(r[m]) for m in members] for r in rows]), 1e-7, 1 - 1e-7)
+    prob = 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(axis=1)))
+    return fused_score(prob, np.array([float(r["max_box"]) for r in rows]), weight)
+
+
+def summary() -> dict:
+    _, clf, det = served_models(MODELS_DIR, None, None)
+    weight = image_score_fusion(clf, det).classifier_weight
+    tables = {}
+    for path in sorted(OUT.glob("scores-*.csv")):
+        with path.open() as f:
+            tables[path.stem.removeprefix("scores-")] = list(csv.DictReader(f))
+    out: dict = {"weight": weight, "shifts": {}}
+    for shift, rows in tables.items():
+        y = [int(r["fractured"]) for r in rows]
+        hs = [i for i, r in enumerate(rows) if r["region"] in HAND_SHOULDER]
+        base = ensemble_scores(rows, ("default",), weight)
+        per = {}
+        for name, members in candidates().items():
+            s = ensemble_scores(rows, members, weight)
+            d = metrics.paired_auroc_difference(y, base, s)
+            ys, bs, ss = [y[i] for i in hs], base[hs], s[hs]
+            per[name] = {
+                "auroc": d["auroc_b"],
+                "vs_default": d["delta"],
+                "ci95": d["delta_ci95"],
+                "hand_shoulder": metrics.paired_auroc_difference(ys, bs, ss)["auroc_b"],
+            }
+        out["shifts"][shift] = per
+    chosen_from = [s for s in CHOOSE_ON if s in out["shifts"]]
+    if len(chosen_from) == len(CHOOSE_ON):
+        means = {
+            name: float(np.mean([out["shifts"][s][name]["auroc"] for s in CHOOSE_ON]))
+            for name in candidates()
+            if name != "default"
+        }
+        out["choice"] = {"mean_auroc_on_draw_0": means, "chosen": max(means, key=means.get)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    sc = sub.add_parser("score")
+    sc.add_argument("--shift", type=shift_name, required=True)
+    sc.add_argument("--limit", type=int, default=None)
+    sub.add_parser("summary")
+    args = ap.parse_args()
+    if args.command == "score":
+        print(score(args.shift, args.limit))
+    else:
+        print(json.dumps(summary(), indent=1))
+
+
+if __name__ == "__main__":
+    main()
