@@ -51,6 +51,19 @@ def _burn_marker(img: np.ndarray, rng: random.Random) -> None:
 
 # The groups of robust_photometric, each of which a recipe may leave out (`augment_skip`) to
 # measure what it brings.
+def vendor_processing(grey: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Another vendor's rendering of the same exposure: local contrast equalised (CLAHE, clip
+    limit 2-4 on 8 x 8 tiles) and edges enhanced (unsharp mask at 1% of the long side, amount
+    0.5-1.5), as CR/DX consoles process before they send; FracAtlas's look is one of many."""
+    import cv2
+
+    clip, amount = rng.uniform(2.0, 4.0), rng.uniform(0.5, 1.5)
+    out = cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(grey)
+    blurred = cv2.GaussianBlur(out, (0, 0), max(1.0, max(out.shape) / 100))
+    sharp = out.astype(np.float32) + amount * (out.astype(np.float32) - blurred)
+    return np.clip(sharp, 0, 255).astype(np.uint8)
+
+
 ROBUST_GROUPS = ("intensity", "resolution", "blur", "noise", "jpeg", "markers")
 
 
@@ -59,12 +72,14 @@ def robust_photometric(
     rng: random.Random,
     skip: frozenset[str] = frozenset(),
     compound_p: float = 0.0,
+    processing_p: float = 0.0,
 ) -> np.ndarray:
     """One grey uint8 image (h, w) as another device or site might have produced it. A group in
     `skip` draws its random numbers but is not applied, so the others see the same draws. With
     probability `compound_p` every group applies at once (drawn alone they rarely meet, while
-    another source's images differ in all of them together); 0 draws nothing extra, so a recipe
-    without it replays exactly."""
+    another source's images differ in all of them together); with `processing_p`, another
+    vendor's local contrast and edge enhancement (vendor_processing). Either at 0 draws nothing
+    extra, so a recipe without them replays exactly."""
     import cv2
 
     unknown = skip - set(ROBUST_GROUPS)
@@ -82,6 +97,8 @@ def robust_photometric(
             out = np.clip((out - lo) / (hi - lo), 0, 1) if window else out
             out = np.clip(0.5 + (out - 0.5) * contrast + offset, 0, 1)
     out = (out * 255).astype(np.uint8)
+    if processing_p > 0 and rng.random() < processing_p:
+        out = vendor_processing(out, rng)
     h, w = out.shape
     if rng.random() < 0.5 or every:  # lower resolution: down and back up
         f = rng.uniform(0.3, 0.8)
@@ -170,10 +187,12 @@ def augment_batch(
     rot90_p: float = 0.0,
     skip: frozenset[str] = frozenset(),
     compound_p: float = 0.0,
+    processing_p: float = 0.0,
 ) -> Any:
     """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks). `skip`: groups
     of the robust photometric changes left out (ROBUST_GROUPS); `compound_p`: how often all of
-    them apply together (robust_photometric)."""
+    them apply together; `processing_p`: how often another vendor's processing (both
+    robust_photometric)."""
     import torch
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -193,7 +212,7 @@ def augment_batch(
         else:
             img_t = geometry(img_t)
         if strength == "robust":
-            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip, compound_p))
+            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip, compound_p, processing_p))
         else:
             img_t = light(img_t)[0]
         images.append(img_t)

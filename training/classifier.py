@@ -340,6 +340,7 @@ def fit(
         "rot90_p": cfg.get("rot90_p", 0.0),
         "skip": frozenset(cfg.get("augment_skip") or ()),
         "compound_p": float(cfg.get("compound_p", 0.0)),
+        "processing_p": float(cfg.get("processing_p", 0.0)),
     }
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

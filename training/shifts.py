@@ -1,6 +1,7 @@
 """Source shifts for evaluation: FracAtlas images degraded the way other hospitals' radiographs
 differ (lower resolution, or 512 px on the long side as the other source is described, lower
-contrast, strong JPEG compression, burned-in markers, another orientation, a scan set down at any
+contrast, another vendor's image processing (local contrast equalised, edges enhanced), strong
+JPEG compression, burned-in markers, another orientation, a scan set down at any
 angle), so that generalisation can be measured with the labels we have. Each shift is
 deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
@@ -15,13 +16,14 @@ import numpy as np
 from PIL import Image
 
 from app.inference.upright import enclosing_boxes
-from training.augment import _burn_marker
+from training.augment import _burn_marker, vendor_processing
 
 SHIFTS = (
     "none",
     "lowres",
     "lowres512",
     "contrast",
+    "processing",
     "jpeg",
     "markers",
     "rot90",
@@ -122,6 +124,8 @@ def shift_image(
         f = out.astype(np.float32) / 255.0
         f = 0.5 + (f**1.4 - 0.5) * 0.6 + 0.08
         out = (np.clip(f, 0, 1) * 255).astype(np.uint8)
+    if "processing" in steps:
+        out = vendor_processing(out, rng)
     if "markers" in steps:
         for _ in range(2):
             _burn_marker(out, rng)
