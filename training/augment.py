@@ -212,7 +212,9 @@ def augment_batch(
         else:
             img_t = geometry(img_t)
         if strength == "robust":
-            img_t = torch.from_numpy(robust_photometric(img_t[0].numpy(), rng, skip, compound_p, processing_p))
+            img_t = torch.from_numpy(
+                robust_photometric(img_t[0].numpy(), rng, skip, compound_p, processing_p)
+            )
         else:
             img_t = light(img_t)[0]
         images.append(img_t)
