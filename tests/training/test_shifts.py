@@ -79,3 +79,23 @@ def test_command_line_names_take_draws_and_refuse_unknown_ones():
     assert shift_names("all-rotate@2,none") == ("all-rotate@2", "none")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown shift 'all-rotate@0'"):
         shift_names("none,all-rotate@0")
+
+
+def test_vendor_processing_raises_local_contrast_and_replays_without_it():
+    import random
+
+    from training.augment import robust_photometric
+
+    # a faint dark line (a crack) inside a bright band (a bone): the other console shows it more
+    img = np.full((200, 300), 40, np.uint8)
+    img[:, 100:200] = 150
+    img[:, 148:152] = 140
+    data, _, _ = shift_image(img, np.zeros((0, 4), np.float32), "processing", "IMG0000004")
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("L")).astype(float)
+    assert out.shape == img.shape
+    crack = lambda a: a[:, 120:140].mean() - a[:, 148:152].mean()  # noqa: E731
+    assert crack(out) > 1.5 * crack(img.astype(float))
+    # at processing_p=0 the augmentation draws nothing extra: existing recipes replay exactly
+    plain = robust_photometric(img, random.Random(3))
+    assert np.array_equal(plain, robust_photometric(img, random.Random(3), processing_p=0.0))
+    assert not np.array_equal(plain, robust_photometric(img, random.Random(3), processing_p=1.0))
