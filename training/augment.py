@@ -49,8 +49,6 @@ def _burn_marker(img: np.ndarray, rng: random.Random) -> None:
     cv2.putText(img, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness)
 
 
-# The groups of robust_photometric, each of which a recipe may leave out (`augment_skip`) to
-# measure what it brings.
 def vendor_processing(grey: np.ndarray, rng: random.Random) -> np.ndarray:
     """Another vendor's rendering of the same exposure: local contrast equalised (CLAHE, clip
     limit 2-4 on 8 x 8 tiles) and edges enhanced (unsharp mask at 1% of the long side, amount
@@ -59,11 +57,13 @@ def vendor_processing(grey: np.ndarray, rng: random.Random) -> np.ndarray:
 
     clip, amount = rng.uniform(2.0, 4.0), rng.uniform(0.5, 1.5)
     out = cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(grey)
-    blurred = cv2.GaussianBlur(out, (0, 0), max(1.0, max(out.shape) / 100))
-    sharp = out.astype(np.float32) + amount * (out.astype(np.float32) - blurred)
-    return np.clip(sharp, 0, 255).astype(np.uint8)
+    blurred = cv2.GaussianBlur(out, (0, 0), max(1.0, max(out.shape) / 100))  # uint8, as shipped
+    level = out.astype(np.float32)
+    return np.clip(level + amount * (level - blurred), 0, 255).astype(np.uint8)
 
 
+# The groups of robust_photometric, each of which a recipe may leave out (`augment_skip`) to
+# measure what it brings.
 ROBUST_GROUPS = ("intensity", "resolution", "blur", "noise", "jpeg", "markers")
 
 

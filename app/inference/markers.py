@@ -8,8 +8,8 @@ row sit on a letter). An annotation is told from anatomy by what it is made of: 
 island (the top of the image's own range) with a sharp step down to a much darker ring around
 it. Bone, even cortical bone or metal, sits inside soft tissue or joins a large bright area, so it
 fails one test or the other. Each island found is filled smoothly from the pixels around it; the
-image's geometry is unchanged, so boxes need no mapping. What is painted is only what the models see: the answer's
-boxes refer to the image as sent.
+image's geometry is unchanged, so boxes need no mapping. What is painted is only what the models
+see: the answer's boxes refer to the image as sent.
 
 Off by default (FRACTURE_PAINT_OUT_MARKERS): on val it brings scores nearer the unmarked image's
 but not AUROC, and the shipped detector boxes painted patches over bone (README, "Site

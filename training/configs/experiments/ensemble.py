@@ -38,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 from app.core.config import Settings  # noqa: E402
 from app.inference.model_card import fused_score  # noqa: E402
 from app.inference.operating_point import from_score  # noqa: E402
-from app.inference.pipeline import ImageWork, classify, image_score_fusion, run_study  # noqa: E402
+from app.inference.pipeline import (  # noqa: E402
+    ImageWork,
+    classify,
+    image_score_fusion,
+    mean_logit,
+    run_study,
+)
 from app.inference.preprocessing import model_input  # noqa: E402
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
@@ -60,7 +66,6 @@ MEMBERS = {
     "bam": (MODELS_DIR / "classifier-bam-mobilenetv2.onnx", "rot4"),
 }
 CHOOSE_ON = ("none", "all", "all-rotate")
-CONFIRM_ON = ("all-rotate-512@3", "all-rotate@3")
 HAND_SHOULDER = ("hand", "shoulder")
 
 
@@ -107,9 +112,8 @@ def candidates() -> dict[str, tuple[str, ...]]:
 
 
 def ensemble_scores(rows: list[dict], members: tuple[str, ...], weight: float) -> np.ndarray:
-    p = np.clip(np.array([[float(r[m]) for m in members] for r in rows]), 1e-7, 1 - 1e-7)
-    prob = 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(axis=1)))
-    return fused_score(prob, np.array([float(r["max_box"]) for r in rows]), weight)
+    probs = np.array([[float(r[m]) for r in rows] for m in members])  # members x images
+    return fused_score(mean_logit(probs), np.array([float(r["max_box"]) for r in rows]), weight)
 
 
 def summary() -> dict:
@@ -128,16 +132,16 @@ def summary() -> dict:
         for name, members in candidates().items():
             s = ensemble_scores(rows, members, weight)
             d = metrics.paired_auroc_difference(y, base, s)
-            ys, bs, ss = [y[i] for i in hs], base[hs], s[hs]
             per[name] = {
                 "auroc": d["auroc_b"],
                 "vs_default": d["delta"],
                 "ci95": d["delta_ci95"],
-                "hand_shoulder": metrics.paired_auroc_difference(ys, bs, ss)["auroc_b"],
+                "hand_shoulder": metrics.classification_metrics([y[i] for i in hs], s[hs], 0.5)[
+                    "auroc"
+                ],
             }
         out["shifts"][shift] = per
-    chosen_from = [s for s in CHOOSE_ON if s in out["shifts"]]
-    if len(chosen_from) == len(CHOOSE_ON):
+    if all(s in out["shifts"] for s in CHOOSE_ON):
         means = {
             name: float(np.mean([out["shifts"][s][name]["auroc"] for s in CHOOSE_ON]))
             for name in candidates()
