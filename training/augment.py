@@ -32,7 +32,7 @@ def _geometry(rotate_degrees: float) -> Any:
     )
 
 
-def _burn_marker(img: np.ndarray, rng: random.Random) -> None:
+def burn_marker(img: np.ndarray, rng: random.Random) -> None:
     """A side marker or annotation burned into the pixels, as many sites do (in place)."""
     import cv2
 
@@ -120,7 +120,7 @@ def robust_photometric(
             ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
             out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else out
     if rng.random() < 0.3 or every:
-        _burn_marker(out if "markers" not in skip else out.copy(), rng)
+        burn_marker(out if "markers" not in skip else out.copy(), rng)
     return out
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import random
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from app.inference.upright import enclosing_boxes
-from training.augment import _burn_marker, vendor_processing
+from training.augment import burn_marker, vendor_processing
 
 SHIFTS = (
     "none",
@@ -41,6 +42,9 @@ COMBINED = {
 }
 # `lowres512`: the long side brought down to this many pixels (a smaller image is kept)
 LONG_SIDE = 512
+# The `markers` shift's painter, looked up per call: an experiment that measures another marker
+# style (configs/experiments/marker_styles.py) sets its own here.
+paint_marker: Callable[[np.ndarray, random.Random], None] = burn_marker
 
 
 def base_shift(name: str) -> str:
@@ -128,7 +132,7 @@ def shift_image(
         out = vendor_processing(out, rng)
     if "markers" in steps:
         for _ in range(2):
-            _burn_marker(out, rng)
+            paint_marker(out, rng)
     if "rot90" in steps:
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
     if "rotate" in steps:  # any angle, not only quarter turns

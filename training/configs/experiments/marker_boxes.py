@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.style == "unseen":
         style = marker_styles.unseen_marker
-        shifts._burn_marker = lambda img, rng: style(img, random.Random(rng.random()))
+        shifts.paint_marker = lambda img, rng: style(img, random.Random(rng.random()))
     crp, clf, det = models = served_models(MODELS_DIR, None, None)
     point = from_fp_rate(det.card, 0.4)
     upright = Settings().upright

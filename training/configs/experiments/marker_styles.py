@@ -67,7 +67,7 @@ def unseen_marker(img: np.ndarray, rng: random.Random) -> None:
 
 
 STYLES = {
-    "trained": shifts._burn_marker,
+    "trained": shifts.paint_marker,
     "unseen": unseen_marker,
     "none": lambda img, rng: None,
 }
@@ -78,5 +78,5 @@ if __name__ == "__main__":
     def marker_of_its_own(img: np.ndarray, rng: random.Random) -> None:
         style(img, random.Random(rng.random()))  # one draw of the shift's numbers, any style
 
-    shifts._burn_marker = marker_of_its_own
+    shifts.paint_marker = marker_of_its_own
     sys.exit(main(sys.argv[2:]))
