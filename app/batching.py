@@ -41,10 +41,12 @@ class StudyBatcher:
         on_batch: Callable[[float, int], None] | None = None,
         upright: bool = False,
         markers: bool = False,
+        orienter: OnnxModel | None = None,
     ):
         self.workers = workers
         self.upright = upright  # run_study's: turn tilted radiographs onto the nearest axis
         self.markers = markers  # run_study's: paint burned-in annotations out
+        self.orienter = orienter  # run_study's: turn crops found a quarter or half turn off
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_stage = on_stage
@@ -135,6 +137,7 @@ class StudyBatcher:
                     self.on_stage,
                     upright=self.upright,
                     markers=self.markers,
+                    orienter=self.orienter,
                 )
             except Exception as exc:  # every study of the batch gets the failure
                 for s in live:

@@ -97,6 +97,7 @@ async def analyse_study(
     )
 
     threshold = decision_threshold(clf, det)
+    ori = state.batcher.orienter
     images = [image_answer(i, w, threshold) for i, w in enumerate(works)]
     for img in images:
         state.metrics.images.labels("fracture" if img.fracture else "no_fracture").inc()
@@ -112,7 +113,7 @@ async def analyse_study(
                 "caller": caller.get(),
                 # a hash, not the UID: the audit trail links studies without identifying them
                 "study": hashlib.sha256(study_uid.encode()).hexdigest()[:16] if study_uid else None,
-                "models": {m.role: f"{m.name} {m.version}" for m in models},
+                "models": {m.role: f"{m.name} {m.version}" for m in (*models, ori) if m},
                 "fp_per_image": point.fp_per_image,
                 "detector_threshold": round(point.detector_threshold, 6),
                 "images": len(images),
@@ -128,6 +129,7 @@ async def analyse_study(
             cropper=ModelRef(name=crp.name, version=crp.version),
             classifier=ModelRef(name=clf.name, version=clf.version),
             detector=ModelRef(name=det.name, version=det.version),
+            orienter=ModelRef(name=ori.name, version=ori.version) if ori else None,
         ),
         operating_point=OperatingPointAnswer(**point.as_dict()),
         decision_threshold=threshold,

@@ -35,6 +35,7 @@ FAMILIES = {
     "bam": ("training.families.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
     "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
     "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),
+    "orienter": ("training.families.orienter", "quarter-turn classifier (which way up a crop is)"),
 }
 # Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit and
 # whether the run measures the test split (--report-test).

@@ -37,7 +37,7 @@ from training import metrics
 from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.detection import froc_operating_points
-from training.evaluate import best_box_scores, collect, served_models
+from training.evaluate import best_box_scores, collect, served_models, served_orienter
 from training.shifts import shift_names
 
 
@@ -77,7 +77,8 @@ def calibrate(
     shipped = image_score_fusion(clf, det)
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
-    run = collect(records, (crp, clf, det))
+    orienter = served_orienter(models_dir)
+    run = collect(records, (crp, clf, det), orienter=orienter)
     fitted_on = f"{source}: {len(records)} images through the served pipeline"
     platt = fit_platt(run.labels, run.probs, fitted_on)
     calibrated = [platt.apply(p) for p in run.probs]
@@ -90,7 +91,7 @@ def calibrate(
         if fuse:
             runs = [(probs, max_box)]
             for shift in fuse_shifts:
-                shifted = collect(records, (crp, clf, det), shift)
+                shifted = collect(records, (crp, clf, det), shift, orienter=orienter)
                 runs.append((np.asarray(shifted.probs), np.array(best_box_scores(shifted.preds))))
 
             def mean_auroc(w: float) -> float:

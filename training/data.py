@@ -125,6 +125,13 @@ def weak_bone_mask(grey: np.ndarray) -> np.ndarray:
     return (m | (1 - flood[1:-1, 1:-1])).astype(np.uint8)
 
 
+def _save_png_atomic(pixels: np.ndarray, path: Path) -> None:
+    """Write then rename, so a second run building the same cache never reads half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    Image.fromarray(pixels).save(tmp)
+    os.replace(tmp, path)
+
+
 def _cache_one(args: tuple[dict, str, int]) -> dict:
     rec, out_dir, long_side = args
     grey = read_grey(rec["path"])
@@ -135,8 +142,8 @@ def _cache_one(args: tuple[dict, str, int]) -> dict:
             Image.fromarray(grey).resize((round(w * scale), round(h * scale)), Image.BILINEAR)
         )
     mask = weak_bone_mask(grey)
-    Image.fromarray(grey).save(Path(out_dir) / "images" / f"{rec['image_id']}.png")
-    Image.fromarray(mask * 255).save(Path(out_dir) / "masks" / f"{rec['image_id']}.png")
+    _save_png_atomic(grey, Path(out_dir) / "images" / f"{rec['image_id']}.png")
+    _save_png_atomic(mask * 255, Path(out_dir) / "masks" / f"{rec['image_id']}.png")
     box = mask_crop_box(mask, CROP_MARGIN)
     mh, mw = mask.shape
     crop = (
@@ -172,7 +179,9 @@ def build_cache(
             )
     else:
         rows = [_cache_one(j) for j in progress(jobs, "cache")]
-    index_file.write_text(json.dumps({"long_side": long_side, "records": rows}))
+    tmp_index = index_file.with_name(f".index.{os.getpid()}.json")
+    tmp_index.write_text(json.dumps({"long_side": long_side, "records": rows}))
+    os.replace(tmp_index, index_file)
     return out
 
 

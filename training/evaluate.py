@@ -26,7 +26,7 @@ from app.inference.decoding import DecodedImage, decode
 from app.inference.model_card import DEFAULT_FP_PER_IMAGE, fused_score
 from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, decision_threshold, run_study
-from app.inference.runtime import ModelRegistry, OnnxModel
+from app.inference.runtime import ModelRegistry, OnnxModel, choose_providers
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO, progress
 from training.data import Record, data_root, load_records, read_grey
@@ -62,6 +62,16 @@ def served_models(
     )
 
 
+def served_orienter(models_dir: Path) -> OnnxModel | None:
+    """The orienter when the service is configured to use one (FRACTURE_ORIENT), loaded alone."""
+    if not Settings().orient:
+        return None
+    registry = ModelRegistry(models_dir)
+    orienter = registry.get("orienter", None, "")
+    orienter.load(choose_providers("cpu"), 0)
+    return orienter
+
+
 def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:
     """A record as the service decodes it, under a source shift when one is named, with its
     normalised fracture boxes moved along."""
@@ -82,6 +92,7 @@ def collect(
     models: tuple[OnnxModel, OnnxModel, OnnxModel],
     shift: str = "none",
     batch: int = 8,
+    orienter: OnnxModel | None = None,
 ) -> Collected:
     """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
     as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn,
@@ -106,6 +117,7 @@ def collect(
             point,
             upright=settings.upright,
             markers=settings.paint_out_markers,
+            orienter=orienter,
         )
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
@@ -184,7 +196,7 @@ def evaluate(
     classifier, detector and fused image score with bootstrap 95% intervals and per-region AUROC.
     """
     crp, clf, det = served_models(models_dir, classifier, detector)
-    c = collect(records, (crp, clf, det), shift, batch)
+    c = collect(records, (crp, clf, det), shift, batch, served_orienter(models_dir))
     probs, preds, gts, sizes, labels = c.probs, c.preds, c.gts, c.sizes, c.labels
     inside, shown, seconds = c.inside, c.shown, c.seconds
 
@@ -276,12 +288,13 @@ def operating_point_stability(
     AUROC, sensitivity and specificity at its decision threshold, each with a bootstrap 95%
     interval over images."""
     crp, clf, det = served_models(models_dir, classifier, detector)
+    orienter = served_orienter(models_dir)
     rows = det.card.operating_points or []
     out: dict[str, Any] = {"detector": det.name, "classifier": clf.name, "shifts": {}}
     threshold = decision_threshold(clf, det)
     kept = ("auroc", "sensitivity", "specificity")
     for shift in shifts:
-        c = collect(records, (crp, clf, det), shift)
+        c = collect(records, (crp, clf, det), shift, orienter=orienter)
         froc = metrics.froc(c.preds, c.gts)
         cls = metrics.classification_metrics(c.labels, c.probs, threshold)
         ci = metrics.bootstrap_classification(c.labels, c.probs, threshold)

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         "axis before the models see it (app/inference/upright.py); boxes come back in the frame "
         "as sent. The shipped cards' calibration and operating points were fitted with it on",
     )
+    orient: bool = Field(
+        False,
+        description="turn a crop that the orienter model finds a quarter or half turn from the "
+        "way FracAtlas shows limbs (proximal end up) before the classifier and detector see it; "
+        "needs an orienter card in models_dir. Boxes come back in the frame as sent",
+    )
     paint_out_markers: bool = Field(
         False,
         description="paint burned-in annotations (side markers, acquisition text, label tabs) "

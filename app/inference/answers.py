@@ -20,6 +20,9 @@ class ModelsUsed(BaseModel):
     cropper: ModelRef
     classifier: ModelRef
     detector: ModelRef
+    orienter: ModelRef | None = Field(
+        None, description="the quarter-turn model, when the service runs one (FRACTURE_ORIENT)"
+    )
 
 
 class OperatingPointAnswer(BaseModel):

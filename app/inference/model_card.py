@@ -16,12 +16,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Task = Literal["segmentation", "classification", "detection"]
+Task = Literal["segmentation", "classification", "detection", "orientation"]
 ROLES: dict[str, str] = {
     "segmentation": "cropper",
     "classification": "classifier",
     "detection": "detector",
+    "orientation": "orienter",
 }
+# Roles the service cannot run without; an orienter is used only when FRACTURE_ORIENT is on.
+REQUIRED_ROLES: tuple[str, ...] = ("cropper", "classifier", "detector")
 # Detector output decoders the service implements (app.inference.postprocess), by card `output.postprocess`.
 Postprocess = Literal["yolo", "rcnn"]
 # The FROC rows every detector card carries, and the service's default operating point.
@@ -160,6 +163,9 @@ class ModelCard(BaseModel):
     decision_threshold: float | None = Field(None, ge=0, le=1)
     operating_points: list[OperatingPointRow] | None = None
     crop_margin: float | None = Field(None, ge=0, le=0.5)
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="an orienter's: the turn probability it acts on"
+    )
     calibration: Calibration | None = None
     fusion: Fusion | None = None
     site: str | None = Field(None, description="site calibration applied over the shipped card")
@@ -179,6 +185,8 @@ class ModelCard(BaseModel):
             raise ValueError("only a classifier card carries a calibration or a fusion")
         if self.task == "segmentation" and self.crop_margin is None:
             raise ValueError("a cropper card needs crop_margin")
+        if self.task == "orientation" and self.min_confidence is None:
+            raise ValueError("an orienter card needs min_confidence")
         if self.task == "detection":
             DetectorOutput.model_validate(self.output)
             rows = self.operating_points or []

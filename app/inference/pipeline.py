@@ -29,7 +29,7 @@ from app.inference.preprocessing import (
     model_input,
 )
 from app.inference.runtime import OnnxModel
-from app.inference.upright import Turn, turned_crop_box, upright_turn
+from app.inference.upright import Turn, turn_for, turned_crop_box, upright_turn
 
 StageTimer = Callable[[str, float, int], None]
 
@@ -45,6 +45,7 @@ class ImageWork:
     painted: Painted | None = None  # burned-in annotations painted out of what the models see
     seen: np.ndarray | None = None  # the working pixels as the models see them
     turned_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the crop in the turned image
+    quarter_turns: int = 0  # clockwise quarter turns the orienter added to set it proximal end up
     crop: np.ndarray | None = None  # raw grey pixels of the crop box (a view of `seen`)
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
@@ -76,12 +77,15 @@ def run_study(
     on_stage: StageTimer | None = None,
     upright: bool = False,
     markers: bool = False,
+    orienter: OnnxModel | None = None,
 ) -> None:
     """Fill crop boxes, probabilities and detections of every image in place (the crop margin
     is the cropper card's). With `upright`, an image whose bone axis lies between quarter turns
     is turned onto the nearest axis first (app/inference/upright.py); with `markers`, burned-in
-    annotations are painted out of what the models see (app/inference/markers.py)."""
+    annotations are painted out of what the models see (app/inference/markers.py); with an
+    `orienter`, a crop it finds a quarter or half turn from FracAtlas's way up is turned back."""
     crop_margin = float(cropper.card.crop_margin)
+    masks: list[np.ndarray | None] = []
     with _timed("crop", works, on_stage):
         for w in works:
             w.seen, w.painted = w.image.pixels, None
@@ -93,6 +97,7 @@ def run_study(
             h, wd = w.seen.shape
             mask = bone_mask(lg[0], h, wd)
             box = crop_box_from_mask(mask, h, wd, crop_margin)
+            masks.append(mask if box else None)
             w.crop_fallback = box is None
             w.working_box = box or (0, 0, wd, h)
             x1, y1, x2, y2 = w.working_box
@@ -109,6 +114,9 @@ def run_study(
                 w.working_box = (bx1, by1, bx2, by2)
             w.crop_box = w.image.crop_box_to_frame(w.working_box)
             w.crop_levels = grey_levels(w.crop)
+    if orienter is not None:
+        with _timed("orient", works, on_stage):
+            orient_crops(works, masks, orienter, crop_margin)
     fusion = image_score_fusion(classifier, detector)
     with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec, w.crop_levels)[0] for w in works])
@@ -139,6 +147,40 @@ def run_study(
                     boxes = w.turn.boxes_back(boxes)
                 boxes = w.image.to_frame(boxes)
             w.boxes, w.scores = boxes, scores
+
+
+def quarter_turns_needed(orienter: OnnxModel, batch: np.ndarray) -> np.ndarray:
+    """Per input, the clockwise quarter turns that bring it to the orienter's way up: the most
+    probable turn it was given (counter-clockwise, the graph's classes) when the softmax
+    probability reaches the card's min_confidence, else 0."""
+    logits = orienter.run(batch)[0].astype(np.float64)
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = z / z.sum(axis=1, keepdims=True)
+    k = probs.argmax(axis=1)
+    return np.where(probs.max(axis=1) >= float(orienter.card.min_confidence), k, 0)
+
+
+def orient_crops(
+    works: list[ImageWork], masks: list[np.ndarray | None], orienter: OnnxModel, margin: float
+) -> None:
+    """Turn each crop the orienter finds a quarter or half turn off, composing the turn with the
+    upright one so that boxes map back through one Turn (crop-fallback images stay as they are)."""
+    batch = np.stack([model_input(w.crop, orienter.spec, w.crop_levels)[0] for w in works])
+    for w, mask, k in zip(works, masks, quarter_turns_needed(orienter, batch), strict=True):
+        if k == 0 or mask is None:
+            continue
+        h, wd = w.seen.shape
+        degrees_cw = (-w.turn.degrees if w.turn else 0.0) + 90.0 * int(k)
+        turn = turn_for(degrees_cw, h, wd)
+        turned = turned_crop_box(turn, mask, margin)
+        if turned is None:
+            continue
+        w.turn, w.turned_box, w.quarter_turns = turn, turned, int(k)
+        w.crop = turn.image(w.seen, turned)
+        bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
+        w.working_box = (bx1, by1, bx2, by2)
+        w.crop_box = w.image.crop_box_to_frame(w.working_box)
+        w.crop_levels = grey_levels(w.crop)
 
 
 # A fused image score takes the best box down to this score (Faster R-CNN graphs stop here
@@ -274,7 +316,12 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
         + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"])
         + (
             [f"turned {w.turn.degrees:+.0f} degrees to set the bone axis upright for analysis"]
-            if w.turn
+            if w.turn and not w.quarter_turns
+            else []
+        )
+        + (
+            [f"turned {w.turn.degrees:+.0f} degrees to show the bone proximal end up for analysis"]
+            if w.turn and w.quarter_turns
             else []
         )
         + (

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.inference.model_card import (
-    ROLES,
+    REQUIRED_ROLES,
     CardError,
     DetectorOutput,
     InputSpec,
@@ -202,7 +202,7 @@ class ModelRegistry:
         self, provider_preference: str, intra_op_threads: int, spinning: bool = False
     ) -> None:
         providers = choose_providers(provider_preference)
-        for role in ROLES.values():
+        for role in REQUIRED_ROLES:
             if not self.by_role(role):
                 raise ModelLoadError(f"no {role} model in {self.models_dir}")
         for model in self.models.values():

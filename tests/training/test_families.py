@@ -342,6 +342,43 @@ def test_imagenet_classifier_tiny_run_and_resume(family, config, tiny_cache, run
     assert len(epoch_losses(log)) == 3
 
 
+def test_orienter_tiny_run_and_its_turn_table(tiny_cache, run_dirs):
+    """The quarter-turn classifier trains from the ImageNet weights, exports with parity, and
+    its card carries a min_confidence chosen by its rule from the val turn table."""
+    from tests.training.test_pretrained import need_pretrained
+
+    need_pretrained()
+    from training.families import orienter
+
+    runs, models = run_dirs
+    recipe = load_recipe(
+        CONFIGS / "orienter.yaml",
+        {"cache": str(tiny_cache), "name": "t-orienter", "input_size": 64, "epochs": 2},
+    )
+    card = orienter.train(recipe, out_dir=models)
+    assert len(epoch_losses(runs / "t-orienter" / "log.jsonl")) == 2
+    c = check_card(models, "t-orienter")
+    assert c["task"] == "orientation"
+    table = card["metrics"]["val"]["turn_table"]
+    assert c["min_confidence"] == orienter.choose_confidence(table, recipe["max_upright_turned"])
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-3
+
+
+def test_the_turn_table_counts_harms_and_repairs():
+    """An upright crop turned is a harm, a turned crop set right a repair; below the confidence
+    nothing is turned."""
+    from training.families.orienter import choose_confidence, decisions, turn_table
+
+    probs = np.array([[0.97, 0.01, 0.01, 0.01], [0.2, 0.75, 0.05, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    labels = np.array([0, 0, 3])
+    assert decisions(probs, 0.7).tolist() == [0, 1, 3]
+    assert decisions(probs, 0.8).tolist() == [0, 0, 3]
+    rows = {r["min_confidence"]: r for r in turn_table(probs, labels)}
+    assert rows[0.7]["upright_turned"] == 0.5 and rows[0.8]["upright_turned"] == 0.0
+    assert rows[0.99]["turned_set_right"] == 1.0
+    assert choose_confidence(turn_table(probs, labels), 0.01) == 0.8
+
+
 def test_frcnn_on_imagenet_mobilenet_tiny_run(tiny_cache, run_dirs):
     """Faster R-CNN with the converted ImageNet MobileNetV2 as its FPN body: trains, exports with
     parity and names the pretrained file in the card."""
