@@ -171,6 +171,7 @@ def orient_crops(
             continue
         h, wd = w.seen.shape
         degrees_cw = (-w.turn.degrees if w.turn else 0.0) + 90.0 * int(k)
+        degrees_cw = (degrees_cw + 180.0) % 360.0 - 180.0  # three quarter turns: one back
         turn = turn_for(degrees_cw, h, wd)
         turned = turned_crop_box(turn, mask, margin)
         if turned is None:
