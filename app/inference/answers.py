@@ -6,9 +6,9 @@ Boxes are xyxy in the pixel frame of the image as uploaded (after EXIF orientati
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class ModelRef(BaseModel):
@@ -21,8 +21,18 @@ class ModelsUsed(BaseModel):
     classifier: ModelRef
     detector: ModelRef
     orienter: ModelRef | None = Field(
-        None, description="the quarter-turn model, when the service runs one (FRACTURE_ORIENT)"
+        None,
+        description="the quarter-turn model, when the service runs one (FRACTURE_ORIENT); "
+        "absent otherwise",
     )
+
+    @model_serializer(mode="wrap")
+    def _orienter_only_when_used(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # absent rather than null when off, so the answer of the default service keeps its keys
+        out = handler(self)
+        if out.get("orienter") is None:
+            out.pop("orienter", None)
+        return out
 
 
 class OperatingPointAnswer(BaseModel):
