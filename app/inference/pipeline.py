@@ -55,6 +55,16 @@ class ImageWork:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     timings: dict[str, float] = field(default_factory=dict)
 
+    def take_turned_crop(self, turn: Turn, turned_box: tuple[int, int, int, int]) -> None:
+        """Analyse `turned_box` of the working image turned by `turn` (only that part is
+        rendered); the crop box is what the models look at, as the upright box around it."""
+        self.turn, self.turned_box = turn, turned_box
+        self.crop = turn.image(self.seen, turned_box)
+        bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned_box]))[0])
+        self.working_box = (bx1, by1, bx2, by2)
+        self.crop_box = self.image.crop_box_to_frame(self.working_box)
+        self.crop_levels = grey_levels(self.crop)
+
 
 @contextmanager
 def _timed(stage: str, works: list[ImageWork], on_stage: StageTimer | None) -> Iterator[None]:
@@ -107,13 +117,10 @@ def run_study(
             turn = upright_turn(mask, h, wd) if upright and box else None
             turned = turned_crop_box(turn, mask, crop_margin) if turn else None
             if turn and turned:
-                w.turned_box = turned
-                w.turn, w.crop = turn, turn.image(w.seen, turned)  # only the crop
-                # what the models looked at, as the upright box around it
-                bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
-                w.working_box = (bx1, by1, bx2, by2)
-            w.crop_box = w.image.crop_box_to_frame(w.working_box)
-            w.crop_levels = grey_levels(w.crop)
+                w.take_turned_crop(turn, turned)
+            else:
+                w.crop_box = w.image.crop_box_to_frame(w.working_box)
+                w.crop_levels = grey_levels(w.crop)
     if orienter is not None:
         with _timed("orient", works, on_stage):
             orient_crops(works, masks, orienter, crop_margin)
@@ -176,12 +183,8 @@ def orient_crops(
         turned = turned_crop_box(turn, mask, margin)
         if turned is None:
             continue
-        w.turn, w.turned_box, w.quarter_turns = turn, turned, int(k)
-        w.crop = turn.image(w.seen, turned)
-        bx1, by1, bx2, by2 = (int(v) for v in turn.boxes_back(np.array([turned]))[0])
-        w.working_box = (bx1, by1, bx2, by2)
-        w.crop_box = w.image.crop_box_to_frame(w.working_box)
-        w.crop_levels = grey_levels(w.crop)
+        w.take_turned_crop(turn, turned)
+        w.quarter_turns = int(k)
 
 
 # A fused image score takes the best box down to this score (Faster R-CNN graphs stop here
