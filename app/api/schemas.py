@@ -47,8 +47,11 @@ class ServedModel(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    role: Literal["cropper", "classifier", "detector"]
-    default: bool = Field(description="used when a request names no model of this role")
+    role: Literal["cropper", "classifier", "detector", "orienter"]
+    default: bool = Field(
+        description="used when a request names no model of this role (an orienter: run on "
+        "every request, FRACTURE_ORIENT)"
+    )
     name: str
     version: str
     task: str

@@ -24,11 +24,9 @@ async def list_models(state: StateDep) -> ModelList:
     defaults = {s.default_classifier, s.default_detector}
     models = []
     for m in state.registry.models.values():
-        models.append(
-            {
-                "role": m.role,
-                "default": m.name in defaults or len(state.registry.by_role(m.role)) == 1,
-                **m.describe(),
-            }
-        )
+        if m.role == "orienter":  # not chosen per request: used on every one, or on none
+            default = s.orient
+        else:
+            default = m.name in defaults or len(state.registry.by_role(m.role)) == 1
+        models.append({"role": m.role, "default": default, **m.describe()})
     return ModelList(models=[ServedModel.model_validate(m) for m in models])

@@ -210,6 +210,10 @@ def test_the_service_orients_only_when_configured_to_and_says_with_what(fracatla
             assert r.status_code == 200, r.text
             answer = r.json()
             notes = answer["images"][0]["notes"]
+            listed = client.get("/v1/models")
+            assert listed.status_code == 200, listed.text
+            roles = {m["name"]: (m["role"], m["default"]) for m in listed.json()["models"]}
+            assert roles["orienter-fixed"] == ("orienter", orient)
             if orient:
                 assert answer["models"]["orienter"]["name"] == "orienter-fixed"
                 assert any("proximal end up" in n for n in notes)
