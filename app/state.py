@@ -24,6 +24,7 @@ class AppState:
     settings: Settings
     metrics: Metrics
     registry: ModelRegistry | None = None
+    orienter: OnnxModel | None = None  # the registry's, run on every study (FRACTURE_ORIENT)
     ready: bool = False
     not_ready_reason: str = "models are loading"
     admission: Admission = field(default_factory=lambda: Admission(2, 8))
@@ -35,13 +36,6 @@ class AppState:
     def inference_slots(self) -> asyncio.Semaphore:
         """The model slots (`inference_workers` of them) that admitted requests wait for."""
         return self.admission.slots
-
-
-def served_orienter(state: AppState) -> OnnxModel | None:
-    """The orienter the pipeline runs: the models folder's one, when FRACTURE_ORIENT is on."""
-    if not state.settings.orient or state.registry is None:
-        return None
-    return next(iter(state.registry.by_role("orienter").values()), None)
 
 
 def start_batcher(state: AppState) -> StudyBatcher:
@@ -67,7 +61,7 @@ def start_batcher(state: AppState) -> StudyBatcher:
         on_batch=on_batch,
         upright=s.upright,
         markers=s.paint_out_markers,
-        orienter=served_orienter(state),
+        orienter=state.orienter,
     )
     state.batcher.start()
     return state.batcher
@@ -83,11 +77,7 @@ def load_models(state: AppState) -> None:
         registry.load_all(s.execution_provider, s.intra_op_threads, s.intra_op_spinning)
         for role in ("classifier", "detector"):
             registry.get(role, None, getattr(s, f"default_{role}"))
-        if s.orient and len(registry.by_role("orienter")) != 1:
-            raise ModelLoadError(
-                f"FRACTURE_ORIENT is on: {s.models_dir} must hold one orienter model, holds "
-                f"{len(registry.by_role('orienter'))}"
-            )
+        state.orienter = registry.orienter(s.orient)
     except (ModelLoadError, OSError, ValueError, KeyError) as exc:
         state.ready = False
         state.not_ready_reason = f"models failed to load: {exc}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,11 +125,16 @@ def weak_bone_mask(grey: np.ndarray) -> np.ndarray:
     return (m | (1 - flood[1:-1, 1:-1])).astype(np.uint8)
 
 
-def _save_png_atomic(pixels: np.ndarray, path: Path) -> None:
-    """Write then rename, so a second run building the same cache never reads half a file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    Image.fromarray(pixels).save(tmp)
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` to a temporary name beside `path`, then rename: a second run building the same
+    cache never reads half a file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def _save_png_atomic(pixels: np.ndarray, path: Path) -> None:
+    _write_atomic(path, Image.fromarray(pixels).save)
 
 
 def _cache_one(args: tuple[dict, str, int]) -> dict:
@@ -179,9 +184,8 @@ def build_cache(
             )
     else:
         rows = [_cache_one(j) for j in progress(jobs, "cache")]
-    tmp_index = index_file.with_name(f".index.{os.getpid()}.json")
-    tmp_index.write_text(json.dumps({"long_side": long_side, "records": rows}))
-    os.replace(tmp_index, index_file)
+    text = json.dumps({"long_side": long_side, "records": rows})
+    _write_atomic(index_file, lambda tmp: tmp.write_text(text))
     return out
 
 

@@ -64,11 +64,9 @@ def served_models(
 
 def served_orienter(models_dir: Path) -> OnnxModel | None:
     """The orienter when the service is configured to use one (FRACTURE_ORIENT), loaded alone."""
-    if not Settings().orient:
-        return None
-    registry = ModelRegistry(models_dir)
-    orienter = registry.get("orienter", None, "")
-    orienter.load(choose_providers("cpu"), 0)
+    orienter = ModelRegistry(models_dir).orienter(Settings().orient)
+    if orienter is not None:
+        orienter.load(choose_providers("cpu"), 0)
     return orienter
 
 

@@ -95,32 +95,8 @@ def run_study(
     annotations are painted out of what the models see (app/inference/markers.py); with an
     `orienter`, a crop it finds a quarter or half turn from FracAtlas's way up is turned back."""
     crop_margin = float(cropper.card.crop_margin)
-    masks: list[np.ndarray | None] = []
     with _timed("crop", works, on_stage):
-        for w in works:
-            w.seen, w.painted = w.image.pixels, None
-            if markers:
-                w.seen, w.painted = suppress_markers(w.image.pixels)
-        batch = np.stack([model_input(w.seen, cropper.spec, grey_levels(w.seen))[0] for w in works])
-        logits = cropper.run(batch)[0]
-        for w, lg in zip(works, logits, strict=True):
-            h, wd = w.seen.shape
-            mask = bone_mask(lg[0], h, wd)
-            box = crop_box_from_mask(mask, h, wd, crop_margin)
-            masks.append(mask if box else None)
-            w.crop_fallback = box is None
-            w.working_box = box or (0, 0, wd, h)
-            x1, y1, x2, y2 = w.working_box
-            # The crop is stretched on its own, as the models were trained; the stretch itself
-            # runs on each model's input, after the resize.
-            w.crop = w.seen[y1:y2, x1:x2]
-            turn = upright_turn(mask, h, wd) if upright and box else None
-            turned = turned_crop_box(turn, mask, crop_margin) if turn else None
-            if turn and turned:
-                w.take_turned_crop(turn, turned)
-            else:
-                w.crop_box = w.image.crop_box_to_frame(w.working_box)
-                w.crop_levels = grey_levels(w.crop)
+        masks = take_crops(works, cropper, upright, markers)
     if orienter is not None:
         with _timed("orient", works, on_stage):
             orient_crops(works, masks, orienter, crop_margin)
@@ -156,15 +132,59 @@ def run_study(
             w.boxes, w.scores = boxes, scores
 
 
-def quarter_turns_needed(orienter: OnnxModel, batch: np.ndarray) -> np.ndarray:
-    """Per input, the clockwise quarter turns that bring it to the orienter's way up: the most
-    probable turn it was given (counter-clockwise, the graph's classes) when the softmax
-    probability reaches the card's min_confidence, else 0."""
-    logits = orienter.run(batch)[0].astype(np.float64)
+def take_crops(
+    works: list[ImageWork], cropper: OnnxModel, upright: bool = False, markers: bool = False
+) -> list[np.ndarray | None]:
+    """The crop stage of run_study: paint markers out (`markers`), find the bone mask, take the
+    crop (turned onto the nearest axis with `upright`); each image's mask, None where it was
+    empty and the whole image is analysed."""
+    crop_margin = float(cropper.card.crop_margin)
+    masks: list[np.ndarray | None] = []
+    for w in works:
+        w.seen, w.painted = w.image.pixels, None
+        if markers:
+            w.seen, w.painted = suppress_markers(w.image.pixels)
+    batch = np.stack([model_input(w.seen, cropper.spec, grey_levels(w.seen))[0] for w in works])
+    logits = cropper.run(batch)[0]
+    for w, lg in zip(works, logits, strict=True):
+        h, wd = w.seen.shape
+        mask = bone_mask(lg[0], h, wd)
+        box = crop_box_from_mask(mask, h, wd, crop_margin)
+        masks.append(mask if box else None)
+        w.crop_fallback = box is None
+        w.working_box = box or (0, 0, wd, h)
+        x1, y1, x2, y2 = w.working_box
+        # The crop is stretched on its own, as the models were trained; the stretch itself
+        # runs on each model's input, after the resize.
+        w.crop = w.seen[y1:y2, x1:x2]
+        turn = upright_turn(mask, h, wd) if upright and box else None
+        turned = turned_crop_box(turn, mask, crop_margin) if turn else None
+        if turn and turned:
+            w.take_turned_crop(turn, turned)
+        else:
+            w.crop_box = w.image.crop_box_to_frame(w.working_box)
+            w.crop_levels = grey_levels(w.crop)
+    return masks
+
+
+def turn_probabilities(logits: np.ndarray) -> np.ndarray:
+    """An orienter's N x 4 logits as probabilities (softmax over the four turns)."""
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = z / z.sum(axis=1, keepdims=True)
-    k = probs.argmax(axis=1)
-    return np.where(probs.max(axis=1) >= float(orienter.card.min_confidence), k, 0)
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def turns_to_undo(probs: np.ndarray, min_confidence: float) -> np.ndarray:
+    """Per crop, the quarter turns (counter-clockwise, the orienter's classes) to undo: the most
+    probable one when its probability reaches `min_confidence`, else 0 (left as it is). Training
+    chooses min_confidence with this very rule (training/families/orienter.py)."""
+    return np.where(probs.max(axis=1) >= min_confidence, probs.argmax(axis=1), 0)
+
+
+def quarter_turns_needed(orienter: OnnxModel, batch: np.ndarray) -> np.ndarray:
+    """Per input, the clockwise quarter turns that bring it to the orienter's way up (see
+    turns_to_undo), at the card's min_confidence."""
+    probs = turn_probabilities(orienter.run(batch)[0].astype(np.float64))
+    return turns_to_undo(probs, float(orienter.card.min_confidence))
 
 
 def orient_crops(
@@ -302,6 +322,13 @@ def detect_crops(
     return found
 
 
+# What a turn was for, as the answer's note says (by whether the orienter added quarter turns).
+TURN_PURPOSE = {
+    False: "set the bone axis upright for analysis",
+    True: "show the bone proximal end up for analysis",
+}
+
+
 def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageResult:
     img = w.image
     return ImageResult(
@@ -319,13 +346,8 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
         notes=img.notes
         + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"])
         + (
-            [f"turned {w.turn.degrees:+.0f} degrees to set the bone axis upright for analysis"]
-            if w.turn and not w.quarter_turns
-            else []
-        )
-        + (
-            [f"turned {w.turn.degrees:+.0f} degrees to show the bone proximal end up for analysis"]
-            if w.turn and w.quarter_turns
+            [f"turned {w.turn.degrees:+.0f} degrees to {TURN_PURPOSE[bool(w.quarter_turns)]}"]
+            if w.turn
             else []
         )
         + (

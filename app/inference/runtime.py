@@ -198,6 +198,19 @@ class ModelRegistry:
             return next(iter(candidates.values()))
         raise ModelLoadError(f"no default {role}: set FRACTURE_DEFAULT_{role.upper()}")
 
+    def orienter(self, enabled: bool) -> OnnxModel | None:
+        """The orienter the pipeline runs when `enabled` (FRACTURE_ORIENT): the folder's one;
+        ModelLoadError when it holds none or several. None when not enabled."""
+        if not enabled:
+            return None
+        found = list(self.by_role("orienter").values())
+        if len(found) != 1:
+            raise ModelLoadError(
+                f"FRACTURE_ORIENT is on: {self.models_dir} must hold one orienter model, "
+                f"holds {len(found)}"
+            )
+        return found[0]
+
     def load_all(
         self, provider_preference: str, intra_op_threads: int, spinning: bool = False
     ) -> None:

@@ -367,7 +367,8 @@ def test_orienter_tiny_run_and_its_turn_table(tiny_cache, run_dirs):
 def test_the_turn_table_counts_harms_and_repairs():
     """An upright crop turned is a harm, a turned crop set right a repair; below the confidence
     nothing is turned."""
-    from training.families.orienter import choose_confidence, decisions, turn_table
+    from app.inference.pipeline import turns_to_undo as decisions
+    from training.families.orienter import choose_confidence, turn_table
 
     probs = np.array([[0.97, 0.01, 0.01, 0.01], [0.2, 0.75, 0.05, 0.0], [0.0, 0.0, 0.0, 1.0]])
     labels = np.array([0, 0, 3])

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from app.inference.pipeline import turn_probabilities, turns_to_undo
 from training import classifier, common, export, pretrained
 
 FEATURE_DIM = 1280
@@ -47,13 +48,6 @@ def turned_batch(x_u8: Any, rng: random.Random, recipe: dict[str, Any]) -> tuple
     return torch.stack(out), torch.tensor(labels)
 
 
-def turn_probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the four turns."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def all_turns(x_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every crop at each of its four quarter turns (counter-clockwise), with the turn as label."""
     turned = [np.rot90(x_u8, k, axes=(-2, -1)) for k in range(TURNS)]
@@ -61,20 +55,14 @@ def all_turns(x_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.concatenate(turned)), labels
 
 
-def decisions(probs: np.ndarray, min_confidence: float) -> np.ndarray:
-    """The turn the service undoes for each crop: the most probable one when its probability
-    reaches `min_confidence`, else 0 (left as it is)."""
-    k = probs.argmax(axis=1)
-    return np.where(probs.max(axis=1) >= min_confidence, k, 0)
-
-
 def turn_table(probs: np.ndarray, labels: np.ndarray) -> list[dict[str, float]]:
-    """Per confidence: share of upright crops turned (a harm), of turned crops set right, and
-    of turned crops turned wrongly (neither right nor left alone)."""
+    """Per confidence, by the service's own rule (turns_to_undo): share of upright crops turned
+    (a harm), of turned crops set right, and of turned crops turned wrongly (neither right nor
+    left alone)."""
     rows = []
     upright = labels == 0
     for c in CONFIDENCES:
-        k = decisions(probs, c)
+        k = turns_to_undo(probs, c)
         rows.append(
             {
                 "min_confidence": c,

@@ -31,11 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
-from app.inference import preprocessing as pre  # noqa: E402
 from app.inference.decoding import decode  # noqa: E402
-from app.inference.pipeline import quarter_turns_needed  # noqa: E402
+from app.inference.pipeline import ImageWork, quarter_turns_needed, take_crops  # noqa: E402
+from app.inference.preprocessing import model_input  # noqa: E402
 from app.inference.runtime import ModelRegistry, choose_providers  # noqa: E402
-from app.inference.upright import turned_crop_box, upright_turn  # noqa: E402
 from training import shifts  # noqa: E402
 from training.data import load_records, read_grey  # noqa: E402
 
@@ -68,29 +67,19 @@ def main() -> None:
     ap.add_argument("--orienter", required=True, help="folder with the orienter's ONNX and card")
     ap.add_argument("--shift", default="rot90")
     args = ap.parse_args()
-    registry = ModelRegistry(Path(args.orienter))
-    orienter = registry.get("orienter", None, "")
+    orienter = ModelRegistry(Path(args.orienter)).orienter(True)
     cropper = ModelRegistry(Path("models")).get("cropper", None, "")
     for m in (orienter, cropper):
         m.load(choose_providers("cpu"), 0)
-    margin = float(cropper.card.crop_margin)
     tally: dict[str, Counter] = {}
     for rec in [r for r in load_records() if r.split == "val"]:
         data, ctype, degrees = shifted_with_turn(rec, args.shift)
-        grey = decode(data, ctype, rec.image_id, 10**9, ["CR", "DX", "RG"]).pixels
-        h, w = grey.shape
-        logits = cropper.run(pre.model_input(grey, cropper.spec, pre.grey_levels(grey))[0][None])
-        mask = pre.bone_mask(logits[0][0, 0], h, w)
-        box = pre.crop_box_from_mask(mask, h, w, margin)
-        if box is None:
+        w = ImageWork(decode(data, ctype, rec.image_id, 10**9, ["CR", "DX", "RG"]), 0.0)
+        if take_crops([w], cropper, upright=True)[0] is None:
             continue
-        crop, upright_ccw = grey[box[1] : box[3], box[0] : box[2]], 0.0
-        turn = upright_turn(mask, h, w)
-        turned = turned_crop_box(turn, mask, margin) if turn else None
-        if turn and turned:
-            crop, upright_ccw = turn.image(grey, turned), turn.degrees
+        upright_ccw = w.turn.degrees if w.turn else 0.0
         left = round((degrees + upright_ccw) / 90.0) % 4  # quarter turns (ccw) still in the crop
-        x = pre.model_input(crop, orienter.spec, pre.grey_levels(crop))[0][None]
+        x = model_input(w.crop, orienter.spec, w.crop_levels)[0][None]
         said = int(quarter_turns_needed(orienter, x)[0])
         if left == 0:
             outcome = "upright, turned wrongly" if said else "upright, left alone"
