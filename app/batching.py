@@ -41,11 +41,13 @@ class StudyBatcher:
         on_batch: Callable[[float, int], None] | None = None,
         upright: bool = False,
         markers: bool = False,
+        polarity: bool = False,
         orienter: OnnxModel | None = None,
     ):
         self.workers = workers
         self.upright = upright  # run_study's: turn tilted radiographs onto the nearest axis
         self.markers = markers  # run_study's: paint burned-in annotations out
+        self.polarity = polarity  # run_study's: invert a PNG or JPEG shown bone-dark
         self.orienter = orienter  # run_study's: turn crops found a quarter or half turn off
         self.max_images = max_images
         self.max_delay_s = max_delay_s
@@ -137,6 +139,7 @@ class StudyBatcher:
                     self.on_stage,
                     upright=self.upright,
                     markers=self.markers,
+                    polarity=self.polarity,
                     orienter=self.orienter,
                 )
             except Exception as exc:  # every study of the batch gets the failure

@@ -61,6 +61,7 @@ def start_batcher(state: AppState) -> StudyBatcher:
         on_batch=on_batch,
         upright=s.upright,
         markers=s.paint_out_markers,
+        polarity=s.fix_polarity,
         orienter=state.orienter,
     )
     state.batcher.start()

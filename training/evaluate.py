@@ -115,6 +115,7 @@ def collect(
             point,
             upright=settings.upright,
             markers=settings.paint_out_markers,
+            polarity=settings.fix_polarity,
             orienter=orienter,
         )
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):

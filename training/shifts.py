@@ -2,7 +2,8 @@
 differ (lower resolution, or 512 px on the long side as the other source is described, lower
 contrast, another vendor's image processing (local contrast equalised, edges enhanced), strong
 JPEG compression, burned-in markers, another orientation, a scan set down at any
-angle), so that generalisation can be measured with the labels we have. Each shift is
+angle, reversed polarity; and, as a check of our own decoding, the same pixels stored as a
+MONOCHROME1 DICOM that the service must show as they were), so that generalisation can be measured with the labels we have. Each shift is
 deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
 
@@ -32,6 +33,8 @@ SHIFTS = (
     "all",
     "all-rotate",
     "all-rotate-512",
+    "invert",
+    "monochrome1",
 )
 # the combined shifts, as the single degradations they apply (each other shift is itself)
 COMBINED = {
@@ -109,6 +112,27 @@ def _rotate_any(
     return out, np.clip(upright, 0, 1).astype(np.float32)
 
 
+def _monochrome1_dicom(grey: np.ndarray) -> bytes:
+    """A 12-bit MONOCHROME1 DX file of a grey image: stored values high where it is dark, as
+    such a detector writes them; decoding must invert them back."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PhotometricInterpretation, ds.SamplesPerPixel = "DX", "MONOCHROME1", 1
+    ds.Rows, ds.Columns = grey.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = ((255 - grey.astype(np.uint16)) * 16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def shift_image(
     grey: np.ndarray, boxes: np.ndarray, kind: str, image_id: str
 ) -> tuple[bytes, str, np.ndarray]:
@@ -130,6 +154,8 @@ def shift_image(
         out = (np.clip(f, 0, 1) * 255).astype(np.uint8)
     if "processing" in steps:
         out = vendor_processing(out, rng)
+    if "invert" in steps:  # a MONOCHROME1 image exported without its LUT: bone dark, air white
+        out = 255 - out
     if "markers" in steps:
         for _ in range(2):
             paint_marker(out, rng)
@@ -137,6 +163,8 @@ def shift_image(
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
     if "rotate" in steps:  # any angle, not only quarter turns
         out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
+    if "monochrome1" in steps:
+        return _monochrome1_dicom(out), "application/dicom", boxes
     buf = io.BytesIO()
     if "jpeg" in steps:
         Image.fromarray(out).save(buf, format="JPEG", quality=35)

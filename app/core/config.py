@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         "way FracAtlas shows limbs (proximal end up) before the classifier and detector see it; "
         "needs an orienter card in models_dir. Boxes come back in the frame as sent",
     )
+    fix_polarity: bool = Field(
+        True,
+        description="invert a PNG or JPEG whose bone is dark on a bright background (an image "
+        "exported from MONOCHROME1 without its presentation step) before the models see it "
+        "(app/inference/polarity.py); DICOM keeps the polarity its header declares",
+    )
     paint_out_markers: bool = Field(
         False,
         description="paint burned-in annotations (side markers, acquisition text, label tabs) "

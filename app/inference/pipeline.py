@@ -19,6 +19,7 @@ from app.inference.decoding import DecodedImage
 from app.inference.markers import Painted, suppress_markers
 from app.inference.model_card import Fusion
 from app.inference.operating_point import OperatingPoint
+from app.inference.polarity import inverted, looks_inverted
 from app.inference.postprocess import rcnn_detections, yolo_detections
 from app.inference.preprocessing import (
     GreyLevels,
@@ -43,6 +44,7 @@ class ImageWork:
     crop_fallback: bool = False
     turn: Turn | None = None  # the working image turned to set its bone axis upright
     painted: Painted | None = None  # burned-in annotations painted out of what the models see
+    inverted: bool = False  # shown bone-dark: the models saw it inverted
     seen: np.ndarray | None = None  # the working pixels as the models see them
     turned_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the crop in the turned image
     quarter_turns: int = 0  # clockwise quarter turns the orienter added to set it proximal end up
@@ -88,15 +90,17 @@ def run_study(
     upright: bool = False,
     markers: bool = False,
     orienter: OnnxModel | None = None,
+    polarity: bool = False,
 ) -> None:
     """Fill crop boxes, probabilities and detections of every image in place (the crop margin
     is the cropper card's). With `upright`, an image whose bone axis lies between quarter turns
     is turned onto the nearest axis first (app/inference/upright.py); with `markers`, burned-in
     annotations are painted out of what the models see (app/inference/markers.py); with an
-    `orienter`, a crop it finds a quarter or half turn from FracAtlas's way up is turned back."""
+    `orienter`, a crop it finds a quarter or half turn from FracAtlas's way up is turned back;
+    with `polarity`, a PNG or JPEG shown bone-dark is inverted first (app/inference/polarity.py)."""
     crop_margin = float(cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
-        masks = take_crops(works, cropper, upright, markers)
+        masks = take_crops(works, cropper, upright, markers, polarity)
     if orienter is not None:
         with _timed("orient", works, on_stage):
             orient_crops(works, masks, orienter, crop_margin)
@@ -133,17 +137,26 @@ def run_study(
 
 
 def take_crops(
-    works: list[ImageWork], cropper: OnnxModel, upright: bool = False, markers: bool = False
+    works: list[ImageWork],
+    cropper: OnnxModel,
+    upright: bool = False,
+    markers: bool = False,
+    polarity: bool = False,
 ) -> list[np.ndarray | None]:
-    """The crop stage of run_study: paint markers out (`markers`), find the bone mask, take the
-    crop (turned onto the nearest axis with `upright`); each image's mask, None where it was
-    empty and the whole image is analysed."""
+    """The crop stage of run_study: invert a PNG or JPEG shown bone-dark (`polarity`), paint
+    markers out (`markers`), find the bone mask, take the crop (turned onto the nearest axis
+    with `upright`); each image's mask, None where it was empty and the whole image is
+    analysed."""
     crop_margin = float(cropper.card.crop_margin)
     masks: list[np.ndarray | None] = []
     for w in works:
         w.seen, w.painted = w.image.pixels, None
+        # a DICOM's header says how it is shown (MONOCHROME1 is inverted on decoding)
+        w.inverted = polarity and w.image.source != "dicom" and looks_inverted(w.seen)
+        if w.inverted:
+            w.seen = inverted(w.seen)
         if markers:
-            w.seen, w.painted = suppress_markers(w.image.pixels)
+            w.seen, w.painted = suppress_markers(w.seen)
     batch = np.stack([model_input(w.seen, cropper.spec, grey_levels(w.seen))[0] for w in works])
     logits = cropper.run(batch)[0]
     for w, lg in zip(works, logits, strict=True):
@@ -344,6 +357,7 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
         crop_box=[int(v) for v in w.crop_box],
         crop_fallback=w.crop_fallback,
         notes=img.notes
+        + (["bone dark on a bright background: inverted for analysis"] if w.inverted else [])
         + ([] if not w.crop_fallback else ["bone mask empty: the whole image was analysed"])
         + (
             [f"turned {w.turn.degrees:+.0f} degrees to {TURN_PURPOSE[bool(w.quarter_turns)]}"]

@@ -17,7 +17,9 @@ def bright_box_image() -> tuple[np.ndarray, np.ndarray]:
     return img, np.array([[120 / 200, 30 / 120, 180 / 200, 60 / 120]], np.float32)
 
 
-@pytest.mark.parametrize("kind", [s for s in SHIFTS if s not in ("none", "markers")])
+@pytest.mark.parametrize(
+    "kind", [s for s in SHIFTS if s not in ("none", "markers", "invert", "monochrome1")]
+)
 def test_boxes_follow_the_pixels(kind):
     img, boxes = bright_box_image()
     data, ctype, moved = shift_image(img, boxes, kind, "IMG0000001")
@@ -30,6 +32,27 @@ def test_boxes_follow_the_pixels(kind):
     inside = out[y1 + 2 : y2 - 2, x1 + 2 : x2 - 2].mean()
     outside = np.delete(out, np.s_[max(0, y1 - 3) : y2 + 3], axis=0).mean()
     assert inside > outside + 60
+
+
+def test_invert_reverses_the_polarity_and_keeps_the_boxes():
+    img, boxes = bright_box_image()
+    data, ctype, moved = shift_image(img, boxes, "invert", "IMG0000001")
+    out = np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+    assert ctype == "image/png" and np.array_equal(out, 255 - img)
+    assert np.array_equal(moved, np.asarray(boxes, np.float32).reshape(-1, 4))
+
+
+def test_monochrome1_decodes_to_the_image_as_it_was():
+    """The DICOM path's inversion: stored dark-high, shown as the grey image we started from."""
+    from app.inference.decoding import decode
+
+    img, boxes = bright_box_image()
+    data, ctype, moved = shift_image(img, boxes, "monochrome1", "IMG0000001")
+    assert ctype == "application/dicom" and data[128:132] == b"DICM"
+    shown = decode(data, ctype, "x.dcm", 10**9, ["DX"]).pixels
+    assert np.corrcoef(shown.ravel(), img.ravel())[0, 1] > 0.999
+    assert shown[40, 150] > shown[100, 20]  # the bright box is still the bright part
+    assert np.array_equal(moved, boxes)
 
 
 def test_shifts_are_deterministic_per_image():
