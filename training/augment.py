@@ -32,6 +32,24 @@ def _geometry(rotate_degrees: float) -> Any:
     )
 
 
+def squeeze_axis(img: Any, squeeze: float, vertical: bool, nearest: bool = False) -> Any:
+    """A (c, h, w) torch image with one axis shrunk by `squeeze` (< 1) about the centre, the
+    rest filled black: the crop of a radiograph that an export stretched along the other axis
+    (as data sets stretched to a square are), letterboxed again. `nearest` for masks."""
+    import torch
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    size = (max(1, round(h * squeeze)), w) if vertical else (h, max(1, round(w * squeeze)))
+    mode = "nearest" if nearest else "bilinear"
+    kwargs = {} if nearest else {"align_corners": False, "antialias": True}
+    small = F.interpolate(img[None].float(), size=size, mode=mode, **kwargs)[0]
+    out = torch.zeros_like(img)
+    y0, x0 = (h - size[0]) // 2, (w - size[1]) // 2
+    out[:, y0 : y0 + size[0], x0 : x0 + size[1]] = small.round().to(img.dtype)
+    return out
+
+
 def burn_marker(img: np.ndarray, rng: random.Random) -> None:
     """A side marker or annotation burned into the pixels, as many sites do (in place)."""
     import cv2
@@ -188,11 +206,15 @@ def augment_batch(
     skip: frozenset[str] = frozenset(),
     compound_p: float = 0.0,
     processing_p: float = 0.0,
+    aspect_p: float = 0.0,
+    min_squeeze: float = 0.6,
 ) -> Any:
     """Augment a uint8 (n, h, w) torch batch; with masks, (images, moved masks). `skip`: groups
     of the robust photometric changes left out (ROBUST_GROUPS); `compound_p`: how often all of
     them apply together; `processing_p`: how often another vendor's processing (both
-    robust_photometric)."""
+    robust_photometric); `aspect_p`: how often one axis is squeezed by a factor drawn from
+    [min_squeeze, 1] (squeeze_axis), the masks with it. At 0 nothing extra is drawn, so a
+    recipe without it replays exactly."""
     import torch
     from torchvision import tv_tensors
     from torchvision.transforms import v2
@@ -206,8 +228,14 @@ def augment_batch(
     for i, img in enumerate(x_u8):
         k = rng.randrange(1, 4) if rng.random() < rot90_p else 0
         img_t = tv_tensors.Image(img.unsqueeze(0).rot90(k, (-2, -1)))
-        if masks is not None:
-            img_t, mask_t = geometry(img_t, tv_tensors.Mask(masks[i].rot90(k, (-2, -1))))
+        mask = masks[i].rot90(k, (-2, -1)) if masks is not None else None
+        if aspect_p > 0 and rng.random() < aspect_p:
+            squeeze, vertical = rng.uniform(min_squeeze, 1.0), rng.random() < 0.5
+            img_t = tv_tensors.Image(squeeze_axis(img_t, squeeze, vertical))
+            if mask is not None:
+                mask = squeeze_axis(mask[None], squeeze, vertical, nearest=True)[0]
+        if mask is not None:
+            img_t, mask_t = geometry(img_t, tv_tensors.Mask(mask))
             moved.append(mask_t)
         else:
             img_t = geometry(img_t)

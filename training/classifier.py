@@ -341,6 +341,8 @@ def fit(
         "skip": frozenset(cfg.get("augment_skip") or ()),
         "compound_p": float(cfg.get("compound_p", 0.0)),
         "processing_p": float(cfg.get("processing_p", 0.0)),
+        "aspect_p": float(cfg.get("aspect_p", 0.0)),
+        "min_squeeze": float(cfg.get("min_squeeze", 0.6)),
     }
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

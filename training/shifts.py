@@ -2,7 +2,7 @@
 differ (lower resolution, or 512 px on the long side as the other source is described, lower
 contrast, another vendor's image processing (local contrast equalised, edges enhanced), strong
 JPEG compression, burned-in markers, another orientation, a scan set down at any
-angle, reversed polarity; and, as a check of our own decoding, the same pixels stored as a
+angle, reversed polarity, a data set's square export (stretched, or letterboxed on grey); and, as a check of our own decoding, the same pixels stored as a
 MONOCHROME1 DICOM that the service must show as they were), so that generalisation can be measured with the labels we have. Each shift is
 deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
@@ -35,6 +35,8 @@ SHIFTS = (
     "all-rotate-512",
     "invert",
     "monochrome1",
+    "stretch512",
+    "letterbox512",
 )
 # the combined shifts, as the single degradations they apply (each other shift is itself)
 COMBINED = {
@@ -81,6 +83,30 @@ def _shrink(grey: np.ndarray, factor: float) -> np.ndarray:
 
     h, w = grey.shape
     return cv2.resize(grey, (max(8, round(w * factor)), max(8, round(h * factor))), cv2.INTER_AREA)
+
+
+def cv2_resize(grey: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+
+
+# what detector data sets pad a letterboxed square with (ultralytics' and many exports' grey)
+LETTERBOX_GREY = 114
+
+
+def _letterbox(grey: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The image scaled to LONG_SIDE on its long side and centred on a LONG_SIDE square of
+    LETTERBOX_GREY; normalised boxes follow."""
+    h, w = grey.shape
+    f = LONG_SIDE / max(h, w)
+    nh, nw = max(1, round(h * f)), max(1, round(w * f))
+    y0, x0 = (LONG_SIDE - nh) // 2, (LONG_SIDE - nw) // 2
+    out = np.full((LONG_SIDE, LONG_SIDE), LETTERBOX_GREY, np.uint8)
+    out[y0 : y0 + nh, x0 : x0 + nw] = cv2_resize(grey, nw, nh)
+    scale = np.array([nw, nh, nw, nh], np.float32)
+    offset = np.array([x0, y0, x0, y0], np.float32)
+    return out, ((boxes * scale + offset) / LONG_SIDE).astype(np.float32)
 
 
 def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +189,10 @@ def shift_image(
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
     if "rotate" in steps:  # any angle, not only quarter turns
         out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
+    if "stretch512" in steps:  # both sides to LONG_SIDE: the anatomy's aspect changes
+        out = cv2_resize(out, LONG_SIDE, LONG_SIDE)
+    if "letterbox512" in steps:  # long side to LONG_SIDE, centred on a square of grey 114
+        out, boxes = _letterbox(out, boxes)
     if "monochrome1" in steps:
         return _monochrome1_dicom(out), "application/dicom", boxes
     buf = io.BytesIO()

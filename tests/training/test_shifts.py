@@ -122,3 +122,36 @@ def test_vendor_processing_raises_local_contrast_and_replays_without_it():
     plain = robust_photometric(img, random.Random(3))
     assert np.array_equal(plain, robust_photometric(img, random.Random(3), processing_p=0.0))
     assert not np.array_equal(plain, robust_photometric(img, random.Random(3), processing_p=1.0))
+
+
+def test_a_squeezed_axis_keeps_the_content_and_moves_the_mask_with_it():
+    """aspect_p (augment.squeeze_axis): one axis shrunk about the centre, the rest black; a box
+    mask shrinks exactly with the pixels it covers."""
+    import torch
+
+    from training.augment import augment_batch, squeeze_axis
+
+    img = torch.zeros((1, 100, 100), dtype=torch.uint8)
+    img[0, 20:80, 40:60] = 200
+    out = squeeze_axis(img, 0.5, vertical=False)
+    cols = torch.nonzero(out[0].amax(0) > 100).flatten()
+    assert (int(cols.min()), int(cols.max())) in ((45, 54), (44, 55))  # 20 px wide -> 10
+    rows = torch.nonzero(out[0].amax(1) > 100).flatten()
+    assert (int(rows.min()), int(rows.max())) == (20, 79)  # the other axis untouched
+    assert out[0, :, :20].max() == 0  # outside the squeezed image: black
+    mask = (img[0] > 0)[None]
+    moved = squeeze_axis(mask, 0.5, vertical=False, nearest=True)
+    assert moved.dtype == torch.bool and torch.equal(moved[0], out[0] > 100)
+
+    batch = torch.from_numpy(np.stack([img[0].numpy()] * 4))
+    torch.manual_seed(0)
+    plain = augment_batch(batch, strength="light", rotate_degrees=0)
+    torch.manual_seed(0)
+    again = augment_batch(batch, strength="light", rotate_degrees=0, aspect_p=0.0)
+    assert torch.equal(plain, again)  # off: the same draws as a recipe without it
+    torch.manual_seed(0)
+    squeezed, masks = augment_batch(
+        batch, torch.stack([mask[0]] * 4), strength="light", rotate_degrees=0, aspect_p=1.0
+    )
+    assert squeezed.shape == batch.shape and masks.shape == (4, 100, 100)
+    assert masks.sum() < 4 * mask.sum()  # every box mask squeezed along one axis
