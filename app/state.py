@@ -59,10 +59,8 @@ def start_batcher(state: AppState) -> StudyBatcher:
         s.batch_max_delay_ms / 1000,
         on_stage=on_stage,
         on_batch=on_batch,
-        upright=s.upright,
-        markers=s.paint_out_markers,
-        polarity=s.fix_polarity,
         orienter=state.orienter,
+        **s.pipeline_stages(),
     )
     state.batcher.start()
     return state.batcher

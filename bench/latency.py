@@ -159,16 +159,7 @@ def model_only(jpegs: list[Path], seconds: float = 8.0) -> dict[str, dict[str, f
     for path in jpegs:
         image = decode(path.read_bytes(), "image/jpeg", path.name, 10**9, ["CR", "DX"])
         work = ImageWork(image=image, decode_ms=0.0)
-        run_study(
-            [work],
-            crp,
-            clf,
-            det,
-            point,
-            upright=s.upright,
-            markers=s.paint_out_markers,
-            polarity=s.fix_polarity,
-        )
+        run_study([work], crp, clf, det, point, **s.pipeline_stages())
         pixels = work.image.pixels
         real_inputs[0].append(model_input(pixels, crp.spec, grey_levels(pixels))[0][None])
         real_inputs[1].append(model_input(work.crop, clf.spec, work.crop_levels)[0][None])

@@ -94,7 +94,8 @@ def collect(
 ) -> Collected:
     """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
     as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn,
-    FRACTURE_PAINT_OUT_MARKERS=true with burned-in annotations painted out)."""
+    FRACTURE_PAINT_OUT_MARKERS=true with burned-in annotations painted out,
+    FRACTURE_FIX_POLARITY=false without bone-dark PNGs inverted)."""
     crp, clf, det = models
     point = from_score(COLLECT_THRESHOLD)
     settings = Settings()
@@ -107,17 +108,7 @@ def collect(
             image, boxes = decode_record(rec, shift)
             works.append(ImageWork(image=image, decode_ms=0.0))
             chunk_boxes.append(boxes)
-        run_study(
-            works,
-            crp,
-            clf,
-            det,
-            point,
-            upright=settings.upright,
-            markers=settings.paint_out_markers,
-            polarity=settings.fix_polarity,
-            orienter=orienter,
-        )
+        run_study(works, crp, clf, det, point, orienter=orienter, **settings.pipeline_stages())
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
             gt = boxes * np.array([wd, h, wd, h], np.float32)

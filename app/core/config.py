@@ -179,6 +179,15 @@ class Settings(BaseSettings):
     def queue_limit(self) -> int:
         return 4 * self.inference_workers if self.max_queue is None else self.max_queue
 
+    def pipeline_stages(self) -> dict[str, bool]:
+        """The optional stages of app.inference.pipeline.run_study, as its keyword arguments:
+        the service, the batcher, evaluate and the benchmark all run what these settings say."""
+        return {
+            "upright": self.upright,
+            "markers": self.paint_out_markers,
+            "polarity": self.fix_polarity,
+        }
+
 
 @lru_cache
 def get_settings() -> Settings:
