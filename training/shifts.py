@@ -2,8 +2,9 @@
 differ (lower resolution, or 512 px on the long side as the other source is described, lower
 contrast, another vendor's image processing (local contrast equalised, edges enhanced), strong
 JPEG compression, burned-in markers, another orientation, a scan set down at any
-angle, reversed polarity, a data set's square export (stretched, or letterboxed on grey); and, as a check of our own decoding, the same pixels stored as a
-MONOCHROME1 DICOM that the service must show as they were), so that generalisation can be measured with the labels we have. Each shift is
+angle, reversed polarity, a data set's square export: stretched, or letterboxed on grey; and, as
+a check of our own decoding, the same pixels stored as a MONOCHROME1 DICOM that the service must
+show as they were), so that generalisation can be measured with the labels we have. Each shift is
 deterministic per image (seeded by its id) and moves the fracture boxes with the pixels.
 """
 
@@ -77,18 +78,21 @@ def shift_names(text: str) -> tuple[str, ...]:
     return tuple(shift_name(name) for name in text.split(","))
 
 
+def _resize(grey: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The image at width x height (area resampling)."""
+    import cv2
+
+    return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
+
+
 def _shrink(grey: np.ndarray, factor: float) -> np.ndarray:
-    """The image scaled by `factor` per side (area resampling), at least 8 px."""
+    """The image scaled by `factor` per side, at least 8 px. Bilinear, cv2's default: the third
+    positional argument of cv2.resize is `dst`, not the interpolation, and every published
+    lowres figure was measured so; area resampling would change them."""
     import cv2
 
     h, w = grey.shape
     return cv2.resize(grey, (max(8, round(w * factor)), max(8, round(h * factor))), cv2.INTER_AREA)
-
-
-def cv2_resize(grey: np.ndarray, width: int, height: int) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(grey, (width, height), interpolation=cv2.INTER_AREA)
 
 
 # what detector data sets pad a letterboxed square with (ultralytics' and many exports' grey)
@@ -103,7 +107,7 @@ def _letterbox(grey: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndar
     nh, nw = max(1, round(h * f)), max(1, round(w * f))
     y0, x0 = (LONG_SIDE - nh) // 2, (LONG_SIDE - nw) // 2
     out = np.full((LONG_SIDE, LONG_SIDE), LETTERBOX_GREY, np.uint8)
-    out[y0 : y0 + nh, x0 : x0 + nw] = cv2_resize(grey, nw, nh)
+    out[y0 : y0 + nh, x0 : x0 + nw] = _resize(grey, nw, nh)
     scale = np.array([nw, nh, nw, nh], np.float32)
     offset = np.array([x0, y0, x0, y0], np.float32)
     return out, ((boxes * scale + offset) / LONG_SIDE).astype(np.float32)
@@ -190,7 +194,7 @@ def shift_image(
     if "rotate" in steps:  # any angle, not only quarter turns
         out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
     if "stretch512" in steps:  # both sides to LONG_SIDE: the anatomy's aspect changes
-        out = cv2_resize(out, LONG_SIDE, LONG_SIDE)
+        out = _resize(out, LONG_SIDE, LONG_SIDE)
     if "letterbox512" in steps:  # long side to LONG_SIDE, centred on a square of grey 114
         out, boxes = _letterbox(out, boxes)
     if "monochrome1" in steps:
