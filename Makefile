@@ -54,10 +54,11 @@ format: install-test
 
 # Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
 # see README). Each run writes runs/<name>/export first (with test figures: the shipped model is
-# the one run that measures test); promote validates and copies.
+# the one run that measures test); promote validates and copies; the served cards' calibration,
+# fused score and operating points are then fitted on val through the served pipeline.
 # family:recipe (training/configs/<recipe>.yaml):model name
 TRAIN_RUNS := cropper:cropper:cropper-unet simclr:simclr:classifier-simclr-resnet18 \
-	mobilenet:mobilenet:classifier-mobilenetv2 bam:bam:classifier-bam-mobilenetv2 \
+	ensemble:mobilenet-ensemble:classifier-mobilenetv2-ensemble bam:bam:classifier-bam-mobilenetv2 \
 	yolo:yolo:detector-yolov8n frcnn:frcnn-mobilenet:detector-frcnn-mobilenetv2 \
 	frcnn:frcnn-mobilenet-robust:detector-frcnn-mobilenetv2-robust dino:dino:classifier-dino-vits14
 train: install-test
@@ -65,6 +66,7 @@ train: install-test
 	  recipe=$${rest%%:*}; name=$${rest#*:}; \
 	  $(BIN)/python -m training $$family --config training/configs/$$recipe.yaml --report-test; \
 	  $(BIN)/python -m training promote runs/$$name/export; done
+	$(BIN)/python -m training calibrate --split val --write-card
 
 # README pictures, taken by the browser tests (a real chromium on the real pages).
 screenshots: install-test system-deps

@@ -36,6 +36,10 @@ FAMILIES = {
     "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
     "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),
     "orienter": ("training.families.orienter", "quarter-turn classifier (which way up a crop is)"),
+    "ensemble": (
+        "training.families.ensemble",
+        "mean-logit ensemble of classifier recipes, one graph",
+    ),
 }
 # Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit and
 # whether the run measures the test split (--report-test).

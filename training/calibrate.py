@@ -69,12 +69,16 @@ def calibrate(
 ) -> tuple[SiteCalibration, dict[str, Any]]:
     """Fit on `records`; (the site calibration, a summary with its effect). The classifier card's
     fusion with this detector, if any, is refitted at its weight; `fuse` chooses the weight here
-    (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins).
+    (FUSION_WEIGHTS, the highest AUROC on these images; none when the classifier alone wins); a
+    card with neither a fusion nor `fuse` is fitted at its recipe's `fusion_weight`, if it has one.
     With `fuse_shifts` (training/shifts.py) the weight is the one with the highest mean AUROC
     over these images and the same images under each shift: a best box that degrades on other
     sources' images must not pull the score down there."""
     crp, clf, det = served_models(models_dir, classifier, detector)
     shipped = image_score_fusion(clf, det)
+    # a classifier shipped without its fit yet may name the weight it is served at (an ensemble
+    # keeps the weight its ship rule was measured at)
+    asked = clf.card.recipe.get("fusion_weight") if det.card.task == "detection" else None
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
     orienter = served_orienter(models_dir)
@@ -86,8 +90,13 @@ def calibrate(
     probs = np.asarray(run.probs, dtype=float)
     max_box = np.array(best_box_scores(run.preds))
     fusion, fusion_summary, aurocs = None, None, {}
-    if fuse or shipped:
+    if fuse or shipped or asked is not None:
         weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
+        if not shipped and asked is not None:
+            weight, chosen_on = (
+                float(asked),
+                f"the recipe's fusion_weight ({clf.card.recipe['config']})",
+            )
         if fuse:
             runs = [(probs, max_box)]
             for shift in fuse_shifts:

@@ -187,3 +187,47 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value)}")
+
+
+def average_logit_graph(paths: Sequence[Path], out: Path) -> Path:
+    """One classifier graph from several that share an input: each network's logit (the input of
+    its final Sigmoid), their mean, then the Sigmoid. The service runs it as any classifier, and
+    its probability is exactly the mean-logit ensemble of the members."""
+    import onnx
+    from onnx import compose, helper
+
+    members = [onnx.load(str(p)) for p in paths]
+    first = members[0].graph
+    image, probability = first.input[0].name, first.output[0].name
+    nodes, initializers, logits = [], [], []
+    for i, model in enumerate(members):
+        g = model.graph
+        if [x.name for x in g.input] != [image] or [o.name for o in g.output] != [probability]:
+            raise ValueError(
+                f"{paths[i]}: not a classifier graph with {image!r} -> {probability!r}"
+            )
+        if model.opset_import != members[0].opset_import:
+            raise ValueError(f"{paths[i]}: another opset than {paths[0]}")
+        last = g.node[-1]
+        if last.op_type != "Sigmoid" or list(last.output) != [probability]:
+            raise ValueError(f"{paths[i]}: its probability is not a final Sigmoid")
+        body = helper.make_graph(list(g.node[:-1]), g.name, g.input, [], g.initializer)
+        prefix = f"member{i}_"
+        body = compose.add_prefix_graph(body, prefix, inplace=False)
+        for node in body.node:  # every member reads the one shared image
+            node.input[:] = [image if x == prefix + image else x for x in node.input]
+        nodes += body.node
+        initializers += body.initializer
+        logits.append(prefix + last.input[0])
+    nodes += [
+        helper.make_node("Sum", logits, ["logit_sum"]),
+        helper.make_node("Constant", [], ["member_count"], value_float=float(len(logits))),
+        helper.make_node("Div", ["logit_sum", "member_count"], ["mean_logit"]),
+        helper.make_node("Sigmoid", ["mean_logit"], [probability]),
+    ]
+    graph = helper.make_graph(nodes, "mean_logit", first.input, first.output, initializers)
+    merged = helper.make_model(graph, opset_imports=members[0].opset_import)
+    merged.ir_version = members[0].ir_version
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(out))
+    return out

@@ -81,3 +81,25 @@ def test_site_calibration_is_served_over_the_cards(tmp_path):
         r = client.get("/readyz")
         assert r.status_code == 503 and "another file" in r.json()["detail"]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_card_without_its_fit_is_fused_at_its_recipes_weight(tmp_path):
+    """A classifier shipped before its calibration (an ensemble's export) is fitted at the
+    fusion weight its recipe names, not at the classifier alone."""
+    need(FRACATLAS)
+    from training.calibrate import calibrate
+    from training.data import load_records
+
+    models = tmp_path / "models"
+    shutil.copytree(Settings().models_dir, models)
+    card_path = models / "classifier-mobilenetv2.json"
+    card = json.loads(card_path.read_text())
+    card.pop("fusion")
+    card["recipe"]["fusion_weight"] = 0.5
+    card_path.write_text(json.dumps(card))
+    records = [r for r in load_records(FRACATLAS) if r.split == "val"]
+    picked = [r for r in records if r.fractured][:6] + [r for r in records if not r.fractured][:10]
+    site, _ = calibrate(picked, models, None, None, "recipe-weight")
+    assert site.classifier.fusion is not None
+    assert site.classifier.fusion.classifier_weight == 0.5
+    assert "fusion_weight" in site.classifier.fusion.chosen_on

@@ -570,3 +570,45 @@ def test_the_cropper_turns_masks_with_the_pixels():
     centre = flat[:, :, 30:34, 10:14]  # background inside the frame, off the bar
     assert (centre > black + 0.4).all()  # above 0.1 grey
     assert flat.min() == pytest.approx(black, abs=1e-4)
+
+
+def test_ensemble_merges_its_members_into_one_measured_graph(tiny_cache, run_dirs):
+    """The ensemble family takes each member's export (training none that exists), merges them
+    into one graph whose probability is the members' mean logit, and writes a complete card
+    that names every member by sha256."""
+    from tests.training.test_pretrained import need_pretrained
+
+    need_pretrained()
+    import onnxruntime as ort
+
+    from training.families import ensemble, mobilenet
+
+    runs, models = run_dirs
+    tiny = {
+        "cache": str(tiny_cache),
+        "finetune.input_size": 64,
+        "finetune.batch_size": 8,
+        "finetune.linear_epochs": 1,
+        "finetune.full_epochs": 1,
+    }
+    recipe = load_recipe(CONFIGS / "mobilenet-ensemble.yaml", {"cache": str(tiny_cache)})
+    member_paths = []
+    for config in recipe["members"]:
+        member = load_recipe(common.REPO / config, tiny)
+        out = runs / member["name"] / "export"
+        mobilenet.train(member, out)
+        member_paths.append(out / f"{member['name']}.onnx")
+    card = ensemble.train(recipe, out_dir=models)
+    c = check_card(models, recipe["model_name"])
+    assert [m["sha256"] for m in c["members"]] == [sha256_of(p) for p in member_paths]
+    assert c["input"]["size"] == [64, 64] and c["input"]["tta"] == "rot4"
+    assert set(card["metrics"]["ci95"]["val"]) >= {"auroc", "sensitivity", "specificity"}
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+
+    def run(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": x})[0][:, 0].astype(np.float64)
+
+    logits = [np.log(p / (1 - p)) for p in map(run, member_paths)]
+    expected = 1 / (1 + np.exp(-np.mean(logits, axis=0)))
+    assert np.allclose(run(models / c["file"]), expected, atol=1e-5)

@@ -20,6 +20,15 @@ Adding the light arm lowers every shifted figure (all-rotate -0.031 [-0.052, -0.
 alone +0.002 to +0.004; default + bam the best on all-rotate@3 (+0.014 [0.000, 0.027]) but
 -0.005 on all-rotate@0. Two MobileNetV2s of one data set and similar recipes make the same
 mistakes under a shift: averaging them returns little.
+
+Second round (training/configs/mobilenet-member.yaml, rule in its header, fixed before training):
+a member trained for other sites (every orientation, another vendor's processing, every robust
+change at once) beside 2.1.0's classifier: none +0.001 [-0.005, 0.006], processing +0.019 [0.006,
+0.032], all-rotate-512@8 +0.003 [-0.006, 0.011], all-rotate@8 +0.012 [0.003, 0.022]; mean +0.011,
+hand and shoulder +0.012: shipped as classifier-mobilenetv2 2.2.0 (mobilenet-ensemble.yaml). A
+member that errs differently returns what similar ones did not. `default` in these figures is
+2.1.0; `default-d4` now reads the served 2.2.0 graph, and the member's graph comes from
+runs/classifier-mobilenetv2-member/export.
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""A mean-logit ensemble of trained classifiers, shipped as one ONNX graph.
+
+Each member is a recipe of its own (`members`: config paths); a member whose export is not in
+runs/<name>/export yet is trained there first (resumable, as any run), so one command retrains
+the whole ensemble. The graphs are merged by training.export.average_logit_graph: the service
+runs the result as any classifier (one session, the card's test-time views), and its probability
+is the sigmoid of the members' mean logit. The card is measured like every classifier's (val
+weak-mask crops, Youden threshold; test with `report_test`) and names each member by sha256.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.inference.model_card import read_card
+from training import classifier, common, export, metrics
+from training.common import REPO, load_recipe
+
+
+def member_export(config: str | Path, run_keys: dict[str, Any]) -> Path:
+    """The ONNX file of one member recipe, trained first when its export is missing."""
+    from training.__main__ import FAMILIES
+
+    recipe = load_recipe(REPO / config, run_keys)
+    out = common.RUNS_DIR / recipe["name"] / "export"
+    onnx_path = out / f"{recipe['name']}.onnx"
+    if not onnx_path.exists():
+        importlib.import_module(FAMILIES[recipe["family"]][0]).train(recipe, out)
+    return onnx_path
+
+
+def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
+    run_keys = {k: recipe[k] for k in ("cache", "limit") if k in recipe}
+    paths = [member_export(config, run_keys) for config in recipe["members"]]
+    cards = [read_card(p.with_suffix(".json")) for p in paths]
+    spec = cards[0].input.model_dump(exclude_none=True)
+    for path, card in zip(paths, cards, strict=True):
+        if card.input.model_dump(exclude_none=True) != spec:
+            raise SystemExit(f"{path.name}: another input spec than {paths[0].name}")
+    run = common.start_run(recipe)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = export.average_logit_graph(paths, out_dir / f"{recipe['model_name']}.onnx")
+
+    import torch
+
+    measured, ci95, by_region = {}, {}, {}
+    scores: dict[str, np.ndarray] = {}
+    for split in ("val", "test"):
+        items = run.items[split]
+        if not items:
+            continue
+        size = spec["size"][0]
+        crops = torch.from_numpy(classifier.crops_as_array(items, size, use_boxes=False))
+        scores[split] = classifier._onnx_scores(onnx_path, crops, spec)
+    labels = {s: np.array([int(it.fractured) for it in run.items[s]]) for s in scores}
+    threshold = metrics.youden_threshold(labels["val"], scores["val"])
+    for split, s in scores.items():
+        y, regions = labels[split], [it.region for it in run.items[split]]
+        measured[split] = metrics.classification_metrics(y, s, threshold)
+        ci95[split] = metrics.bootstrap_classification(y, s, threshold)
+        by_region[split] = metrics.auroc_by_group(y, s, regions)
+    members = [
+        {
+            "name": card.name,
+            "version": card.version,
+            "file": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
+            "sha256": card.sha256,
+            "config": config,
+            "val_auroc": card.metrics.get("val", {}).get("auroc"),
+        }
+        for config, path, card in zip(recipe["members"], paths, cards, strict=True)
+    ]
+    card = {
+        "name": recipe["model_name"],
+        "version": recipe["version"],
+        "task": "classification",
+        "input": spec,
+        "output": {"probability": "N x 1 fracture probability: sigmoid of the members' mean logit"},
+        "decision_threshold": threshold,
+        "threshold_rule": "Youden's J (sensitivity + specificity - 1) maximised on the val split",
+        "data": cards[0].data,
+        "recipe": {**recipe, "member_recipes": [c.recipe for c in cards]},
+        "licence": cards[0].licence,
+        "architecture": f"mean logit of {len(cards)} networks in one graph: "
+        + "; ".join(
+            f"{c.name} ({getattr(c, 'architecture', None) or 'see its card'})" for c in cards
+        ),
+        "pretraining": getattr(cards[0], "pretraining", None),
+        "members": members,
+        "metrics": {
+            **measured,
+            "ci95": {**ci95, "method": "percentile bootstrap over images, 1000 resamples"},
+            "by_region": by_region,
+            "note": "inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",
+        },
+        "trained_on": common.hardware(),
+        "train_time_s": float(sum(getattr(c, "train_time_s", None) or 0.0 for c in cards)),
+    }
+    export.write_card(onnx_path, card)
+    run.log.write(event="done", metrics=card["metrics"])
+    return card
