@@ -203,7 +203,7 @@ def _scores(model: Any, x_u8: Any, spec: dict[str, Any], batch: int = 64) -> np.
         return torch.sigmoid(torch.stack(logits).mean(dim=0)).numpy()
 
 
-def _onnx_scores(onnx_path: Path, x_u8: Any, spec: dict[str, Any]) -> np.ndarray:
+def onnx_scores(onnx_path: Path, x_u8: Any, spec: dict[str, Any]) -> np.ndarray:
     """_scores of the exported graph itself (e.g. quantised)."""
     from app.inference.pipeline import mean_logit
 
@@ -481,8 +481,8 @@ def export_with_card(
         # int8 weights (dynamic quantisation): a ViT-S file shrinks about 4x; the metrics below
         # are measured on the quantised graph itself.
         parity["int8"] = export.quantize_int8(model, onnx_path, parity_batch, tolerance=0.1)
-        test_scores = _onnx_scores(onnx_path, data.x_test, spec) if with_test else None
-        val_scores = _onnx_scores(onnx_path, data.x_val, spec)
+        test_scores = onnx_scores(onnx_path, data.x_test, spec) if with_test else None
+        val_scores = onnx_scores(onnx_path, data.x_val, spec)
     threshold = metrics.youden_threshold(data.y_val, val_scores)
     from training import plots
 

@@ -55,7 +55,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             continue
         size = spec["size"][0]
         crops = torch.from_numpy(classifier.crops_as_array(items, size, use_boxes=False))
-        scores[split] = classifier._onnx_scores(onnx_path, crops, spec)
+        scores[split] = classifier.onnx_scores(onnx_path, crops, spec)
     labels = {s: np.array([int(it.fractured) for it in run.items[s]]) for s in scores}
     threshold = metrics.youden_threshold(labels["val"], scores["val"])
     for split, s in scores.items():
