@@ -78,7 +78,8 @@ def calibrate(
     shipped = image_score_fusion(clf, det)
     # a classifier shipped without its fit yet may name the weight it is served at (an ensemble
     # keeps the weight its ship rule was measured at)
-    asked = clf.card.recipe.get("fusion_weight") if det.card.task == "detection" else None
+    unfitted = clf.card.fusion is None and det.card.task == "detection"
+    asked = clf.card.recipe.get("fusion_weight") if unfitted else None
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
     orienter = served_orienter(models_dir)
