@@ -92,12 +92,13 @@ def calibrate(
     max_box = np.array(best_box_scores(run.preds))
     fusion, fusion_summary, aurocs = None, None, {}
     if fuse or shipped or asked is not None:
-        weight, chosen_on = (shipped.classifier_weight, shipped.chosen_on) if shipped else (1.0, "")
-        if not shipped and asked is not None:
-            weight, chosen_on = (
-                float(asked),
-                f"the recipe's fusion_weight ({clf.card.recipe['config']})",
-            )
+        if shipped:
+            weight, chosen_on = shipped.classifier_weight, shipped.chosen_on
+        elif asked is not None:
+            weight = float(asked)
+            chosen_on = f"the recipe's fusion_weight ({clf.card.recipe['config']})"
+        else:
+            weight, chosen_on = 1.0, ""
         if fuse:
             runs = [(probs, max_box)]
             for shift in fuse_shifts:

@@ -453,6 +453,23 @@ def calibrate(model: Any, data: CropData, cfg: dict[str, Any]) -> dict[str, Any]
     return choose_fusion(model, data.x_val, data.y_val, data.x_test, data.y_test, data.spec, cfg)
 
 
+CI95_METHOD = "percentile bootstrap over images, 1000 resamples"
+
+
+def split_metrics(
+    scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], regions: dict[str, list[str]]
+) -> tuple[float, dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A classifier card's numbers: the Youden threshold on val, then per split (`scores` keys)
+    the metrics at it, their bootstrap CIs and the AUROC per body region."""
+    threshold = metrics.youden_threshold(labels["val"], scores["val"])
+    measured, ci95, by_region = {}, {}, {}
+    for split, p in scores.items():
+        measured[split] = metrics.classification_metrics(labels[split], p, threshold)
+        ci95[split] = metrics.bootstrap_classification(labels[split], p, threshold)
+        by_region[split] = metrics.auroc_by_group(labels[split], p, regions[split])
+    return threshold, measured, ci95, by_region
+
+
 def export_with_card(
     model: Any,
     data: CropData,
@@ -483,19 +500,14 @@ def export_with_card(
         parity["int8"] = export.quantize_int8(model, onnx_path, parity_batch, tolerance=0.1)
         test_scores = onnx_scores(onnx_path, data.x_test, spec) if with_test else None
         val_scores = onnx_scores(onnx_path, data.x_val, spec)
-    threshold = metrics.youden_threshold(data.y_val, val_scores)
-    from training import plots
-
-    y_val, y_test = data.y_val, data.y_test
-    measured = {"val": metrics.classification_metrics(y_val, val_scores, threshold)}
-    ci95 = {"val": metrics.bootstrap_classification(y_val, val_scores, threshold)}
-    by_region = {"val": metrics.auroc_by_group(y_val, val_scores, data.regions["val"])}
+    scores = {"val": val_scores} | ({"test": test_scores} if with_test else {})
+    labels = {"val": data.y_val, "test": data.y_test}
+    threshold, measured, ci95, by_region = split_metrics(scores, labels, data.regions)
     if with_test:
-        plots.roc_pr_plots(y_test, test_scores, log.run_dir, "test")
-        measured["test"] = metrics.classification_metrics(y_test, test_scores, threshold)
+        from training import plots
+
+        plots.roc_pr_plots(data.y_test, test_scores, log.run_dir, "test")
         plots.confusion_plot(measured["test"]["confusion_matrix"], log.run_dir, "test")
-        ci95["test"] = metrics.bootstrap_classification(y_test, test_scores, threshold)
-        by_region["test"] = metrics.auroc_by_group(y_test, test_scores, data.regions["test"])
     card = {
         "name": recipe["name"],
         "version": recipe["version"],
@@ -511,7 +523,7 @@ def export_with_card(
         **card_fields,
         "metrics": {
             **measured,
-            "ci95": {**ci95, "method": "percentile bootstrap over images, 1000 resamples"},
+            "ci95": {**ci95, "method": CI95_METHOD},
             "by_region": by_region,
             **extra_metrics,
             "onnx_parity_max_abs_diff": parity,

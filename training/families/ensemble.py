@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.inference.model_card import read_card
-from training import classifier, common, export, metrics
+from training import classifier, common, export
 from training.common import REPO, load_recipe
 
 
@@ -47,22 +47,16 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
 
     import torch
 
-    measured, ci95, by_region = {}, {}, {}
-    scores: dict[str, np.ndarray] = {}
+    scores, labels, regions = {}, {}, {}
     for split in ("val", "test"):
         items = run.items[split]
         if not items:
             continue
-        size = spec["size"][0]
-        crops = torch.from_numpy(classifier.crops_as_array(items, size, use_boxes=False))
-        scores[split] = classifier.onnx_scores(onnx_path, crops, spec)
-    labels = {s: np.array([int(it.fractured) for it in run.items[s]]) for s in scores}
-    threshold = metrics.youden_threshold(labels["val"], scores["val"])
-    for split, s in scores.items():
-        y, regions = labels[split], [it.region for it in run.items[split]]
-        measured[split] = metrics.classification_metrics(y, s, threshold)
-        ci95[split] = metrics.bootstrap_classification(y, s, threshold)
-        by_region[split] = metrics.auroc_by_group(y, s, regions)
+        crops = classifier.crops_as_array(items, spec["size"][0], use_boxes=False)
+        scores[split] = classifier.onnx_scores(onnx_path, torch.from_numpy(crops), spec)
+        labels[split] = np.array([int(it.fractured) for it in items])
+        regions[split] = [it.region for it in items]
+    threshold, measured, ci95, by_region = classifier.split_metrics(scores, labels, regions)
     members = [
         {
             "name": card.name,
@@ -93,7 +87,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         "members": members,
         "metrics": {
             **measured,
-            "ci95": {**ci95, "method": "percentile bootstrap over images, 1000 resamples"},
+            "ci95": {**ci95, "method": classifier.CI95_METHOD},
             "by_region": by_region,
             "note": "inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",
         },
