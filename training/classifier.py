@@ -262,17 +262,30 @@ def choose_fusion(
     return table
 
 
-def epoch_indices(y: Any, negatives_per_positive: float | None) -> Any:
+def epoch_indices(
+    y: Any, negatives_per_positive: float | None, groups: np.ndarray | None = None
+) -> Any:
     """Shuffled training indices of one epoch: every image, or (class-balanced) every fractured
-    image plus a fresh random draw of `negatives_per_positive` unfractured ones per fractured."""
+    image plus a fresh random draw of `negatives_per_positive` unfractured ones per fractured.
+    With `groups` (a body region per image) the draw is made within each group, so every group
+    has the same share of fractures and which group an image is from says nothing about its
+    label."""
     import torch
 
     if not negatives_per_positive:
         return torch.randperm(len(y))
-    pos = torch.nonzero(y > 0.5)[:, 0]
-    neg = torch.nonzero(y <= 0.5)[:, 0]
-    k = min(len(neg), round(len(pos) * negatives_per_positive))
-    picked = torch.cat([pos, neg[torch.randperm(len(neg))[:k]]])
+    labels = y > 0.5
+    if groups is None:
+        masks = [torch.ones_like(labels)]
+    else:
+        masks = [torch.from_numpy(groups == g) for g in np.unique(groups)]
+    parts = []
+    for inside in masks:
+        pos = torch.nonzero(labels & inside)[:, 0]
+        neg = torch.nonzero(~labels & inside)[:, 0]
+        k = min(len(neg), round(len(pos) * negatives_per_positive))
+        parts += [pos, neg[torch.randperm(len(neg))[:k]]]
+    picked = torch.cat(parts)
     return picked[torch.randperm(len(picked))]
 
 
@@ -310,7 +323,7 @@ def crop_data(items: dict[str, list[CachedImage]], cfg: dict[str, Any]) -> CropD
         y_val=labels("val"),
         x_test=torch.from_numpy(crops_as_array(items["test"], size, use_boxes=False)),
         y_test=labels("test"),
-        regions={s: [it.region for it in items[s]] for s in ("val", "test")},
+        regions={s: [it.region for it in items[s]] for s in ("train", "val", "test")},
     )
 
 
@@ -331,6 +344,8 @@ def fit(
     spec, x_train, m_train, y_train = data.spec, data.x_train, data.m_train, data.y_train
     localising = bool(cfg.get("localisation"))
     balance = cfg.get("negatives_per_positive")
+    # balance_by_region: the class balance drawn within each body region (epoch_indices)
+    groups = np.array(data.regions["train"]) if cfg.get("balance_by_region") else None
     pos = float(y_train.sum())
     negatives = (len(y_train) - pos) if not balance else pos * balance
     pos_weight = torch.tensor(negatives / max(pos, 1.0))
@@ -386,7 +401,7 @@ def fit(
             p.requires_grad = stage == "full"
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
-        per_epoch = len(epoch_indices(y_train, balance))
+        per_epoch = len(epoch_indices(y_train, balance, groups))
         steps = epochs * -(-per_epoch // cfg["batch_size"])
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=steps, pct_start=0.15
@@ -401,7 +416,7 @@ def fit(
             model.train(stage == "full")
             model.head.train()
             t0, losses = time.time(), []
-            for idx in epoch_indices(y_train, balance).split(cfg["batch_size"]):
+            for idx in epoch_indices(y_train, balance, groups).split(cfg["batch_size"]):
                 loss = batch_loss(idx)
                 opt.zero_grad()
                 loss.backward()
