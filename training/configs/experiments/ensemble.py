@@ -1,11 +1,11 @@
 """Would an ensemble of the classifiers we already trained rank better under a source shift?
 
     python training/configs/experiments/ensemble.py score --shift all-rotate@3 [--limit N]
-    python training/configs/experiments/ensemble.py summary
+    python training/configs/experiments/ensemble.py summary [--served 2.1.0]
 
 `score` runs the served pipeline (default models, crop, upright turn, detector) on val under one
 shift and scores the same classifier input with every member below (rot4 views; `default-d4`
-with d4 views), writing one CSV per shift to runs/ensemble/. `summary` combines them: a
+with d4 views), writing one CSV per shift to runs/ensemble/<served classifier version>/. `summary` combines them: a
 candidate's probability is the sigmoid of its members' mean logit, fused with the best box at the
 served weight, and each is paired against the default on the same images. The rule that says
 which candidate is chosen and when it ships is in runs/ensemble/RULE.txt (written before any
@@ -77,12 +77,25 @@ MEMBERS = {
         REPO / "runs/classifier-mobilenetv2-member/export/classifier-mobilenetv2-member.onnx",
         "rot4",
     ),
+    "balanced": (  # experiments/mobilenet-region.yaml
+        REPO / "runs/classifier-mobilenetv2-region/export/classifier-mobilenetv2-region.onnx",
+        "rot4",
+    ),
 }
 CHOOSE_ON = ("none", "all", "all-rotate")
 # experiments/mobilenet-member.yaml's rule: its candidate, and the shifts it is judged on
 MEMBER_CANDIDATE = "default+member"
 MEMBER_SHIFTS = ("processing", "all-rotate-512@8", "all-rotate@8")
 HAND_SHOULDER = ("hand", "shoulder")
+# experiments/mobilenet-region.yaml's rule (judged against 2.2.0): candidates, preferred first
+REGION_CANDIDATES = ("ref+balanced", "ref+member+balanced")
+REGION_SHIFTS = ("none", "processing", "all-rotate-512@9", "all-rotate@9")
+
+
+def scores_dir(served_version: str) -> Path:
+    """Where one round's scores go: `default` is the classifier served then (2.1.0: the member
+    round; 2.2.0: the region round)."""
+    return OUT / served_version
 
 
 def score(shift: str, limit: int | None) -> Path:
@@ -111,8 +124,8 @@ def score(shift: str, limit: int | None) -> Path:
             row |= {"max_box": w.max_box_score, "default": w.classifier_probability}
             row |= {name: float(p[i]) for name, p in extra.items()}
             rows.append(row)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"scores-{shift}.csv"
+    path = scores_dir(clf.card.version) / f"scores-{shift}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -129,6 +142,7 @@ def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:
             out["+".join(("default", *subset))] = ("default", *subset)
     out["default-d4+ref"] = ("default-d4", "ref")
     out["member"] = ("member",)
+    out |= {name: tuple(name.split("+")) for name in (*REGION_CANDIDATES, "balanced")}
     return {name: members for name, members in out.items() if set(members) <= scored}
 
 
@@ -137,11 +151,11 @@ def ensemble_scores(rows: list[dict], members: tuple[str, ...], weight: float) -
     return fused_score(mean_logit(probs), np.array([float(r["max_box"]) for r in rows]), weight)
 
 
-def summary() -> dict:
+def summary(served_version: str) -> dict:
     _, clf, det = served_models(MODELS_DIR, None, None)
     weight = image_score_fusion(clf, det).classifier_weight
     tables = {}
-    for path in sorted(OUT.glob("scores-*.csv")):
+    for path in sorted(scores_dir(served_version).glob("scores-*.csv")):
         with path.open() as f:
             tables[path.stem.removeprefix("scores-")] = list(csv.DictReader(f))
     out: dict = {"weight": weight, "shifts": {}}
@@ -171,6 +185,8 @@ def summary() -> dict:
         out["choice"] = {"mean_auroc_on_draw_0": means, "chosen": max(means, key=means.get)}
     if all(MEMBER_CANDIDATE in out["shifts"].get(s, {}) for s in ("none", *MEMBER_SHIFTS)):
         out["member_rule"] = member_rule(out["shifts"])
+    if all(c in out["shifts"].get(s, {}) for c in REGION_CANDIDATES for s in REGION_SHIFTS):
+        out["region_rule"] = {c: region_rule(out["shifts"], c) for c in REGION_CANDIDATES}
     return out
 
 
@@ -194,18 +210,46 @@ def member_rule(shifts: dict) -> dict:
     }
 
 
+def region_rule(shifts: dict, candidate: str) -> dict:
+    """experiments/mobilenet-region.yaml's rule for one candidate, condition by condition (the
+    latency condition of candidate B is bench/latency.py's, checked apart)."""
+
+    def mean(name: str, key: str, names: tuple[str, ...]) -> float:
+        return float(np.mean([shifts[s][name][key] for s in names]))
+
+    shifted = REGION_SHIFTS[1:]
+    none = shifts["none"][candidate]["vs_default"]
+    hs = mean(candidate, "hand_shoulder", REGION_SHIFTS) - mean(
+        "default", "hand_shoulder", REGION_SHIFTS
+    )
+    overall = mean(candidate, "auroc", shifted) - mean("default", "auroc", shifted)
+    checks = {
+        "none >= -0.005": none >= -0.005,
+        "hand-and-shoulder mean gain >= 0.010": hs >= 0.010,
+        "shifted all-region mean not lower": overall >= 0.0,
+    }
+    return {
+        "none": none,
+        "hand_shoulder_gain": hs,
+        "shifted_gain": overall,
+        "checks": checks,
+        "passes": all(checks.values()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     sc = sub.add_parser("score")
     sc.add_argument("--shift", type=shift_name, required=True)
     sc.add_argument("--limit", type=int, default=None)
-    sub.add_parser("summary")
+    sm = sub.add_parser("summary")
+    sm.add_argument("--served", default="2.2.0", help="the round: classifier version served then")
     args = ap.parse_args()
     if args.command == "score":
         print(score(args.shift, args.limit))
     else:
-        print(json.dumps(summary(), indent=1))
+        print(json.dumps(summary(args.served), indent=1))
 
 
 if __name__ == "__main__":
