@@ -58,6 +58,18 @@ def crops_and_box_masks(
     return out, masks
 
 
+def int8_calibration_inputs(
+    items: list[CachedImage], spec: dict[str, Any], count: int = 128, seed: int = 0
+) -> np.ndarray:
+    """Model inputs that set an int8 graph's activation ranges (export.quantize_static_int8):
+    a seeded draw of `count` train crops, normalised as the service feeds them."""
+    import torch
+
+    picked = np.random.default_rng(seed).permutation(len(items))[:count]
+    crops = crops_as_array([items[i] for i in sorted(picked)], spec["size"][0], use_boxes=False)
+    return to_input(torch.from_numpy(crops), spec).numpy()
+
+
 def to_input(batch_u8: Any, spec: dict[str, Any]) -> Any:
     """uint8 (n, h, w) torch tensor -> normalised (n, 3, h, w) float, as the service feeds it."""
     x = batch_u8.float().div(255.0).unsqueeze(1).expand(-1, spec["channels"], -1, -1)

@@ -120,6 +120,59 @@ def quantize_int8(model: Any, path: Path, batch: np.ndarray, tolerance: float) -
     return check_parity(model, path, batch, tolerance)
 
 
+def quantize_static_int8(source: Path, out: Path, calibration: np.ndarray) -> Path:
+    """A convolutional graph with int8 weights (per channel) and uint8 activations whose ranges
+    are read from `calibration` (model inputs, n x c x h x w): QDQ format, which onnxruntime runs
+    as integer kernels on the CPU (VNNI) and the GPU providers. Everything after the last Conv
+    (pooling, head, logit, Sigmoid) stays float: an 8-bit logit would tie scores that the float
+    graph ranks apart, and the graph still ends in its Sigmoid (average_logit_graph merges such
+    graphs)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    model = onnx.load(str(source))
+    name = model.graph.input[0].name
+    nodes = list(model.graph.node)
+    last_conv = max(i for i, n in enumerate(nodes) if n.op_type == "Conv")
+    keep_float = [n.name for n in nodes[last_conv + 1 :]]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.start >= len(calibration):
+                return None
+            batch = calibration[self.start : self.start + 16].astype(np.float32)
+            self.start += 16
+            return {name: batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = Path(tmp) / "folded.onnx"
+        # constant folding and shapes first; onnxruntime's symbolic shape pass cannot read
+        # the exported Constant nodes, and every input size here is fixed anyway
+        quant_pre_process(str(source), str(folded), skip_symbolic_shape=True)
+        quantize_static(
+            str(folded),
+            str(out),
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep_float,
+        )
+    return out
+
+
 INTENDED_USE = (
     "Research and engineering evaluation of fracture detection on musculoskeletal radiographs "
     "(CR/DX/RG, one view per image, adult and paediatric limbs, hip, shoulder as in FracAtlas): "
