@@ -120,13 +120,39 @@ def quantize_int8(model: Any, path: Path, batch: np.ndarray, tolerance: float) -
     return check_parity(model, path, batch, tolerance)
 
 
+def _head_nodes(model: Any) -> list[str]:
+    """Names of the nodes after a classifier's backbone: everything after the last Conv (or its
+    activation) whose output is, at that point, the only tensor still to be read (the feature
+    map that the pooled head and the per-cell head both read)."""
+    nodes = list(model.graph.node)
+    remaining: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            remaining[name] = remaining.get(name, 0) + 1
+    live = {x.name for x in model.graph.input}
+    cut = -1
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            if name in live:
+                remaining[name] -= 1
+                if remaining[name] == 0:
+                    live.discard(name)
+        if node.op_type != "Constant":
+            live |= {name for name in node.output if remaining.get(name, 0) > 0}
+        if node.op_type in ("Conv", "Clip", "Relu") and live == set(node.output):
+            cut = i
+    if cut < 0:
+        raise ValueError("no Conv feature map that every path to the output passes through")
+    return [node.name for node in nodes[cut + 1 :]]
+
+
 def quantize_static_int8(source: Path, out: Path, calibration: np.ndarray) -> Path:
-    """A convolutional graph with int8 weights (per channel) and uint8 activations whose ranges
-    are read from `calibration` (model inputs, n x c x h x w): QDQ format, which onnxruntime runs
-    as integer kernels on the CPU (VNNI) and the GPU providers. Everything after the last Conv
-    (pooling, head, logit, Sigmoid) stays float: an 8-bit logit would tie scores that the float
-    graph ranks apart, and the graph still ends in its Sigmoid (average_logit_graph merges such
-    graphs)."""
+    """A convolutional classifier with int8 weights (per channel) and uint8 activations whose
+    ranges are read from `calibration` (model inputs, n x c x h x w): QDQ format, which
+    onnxruntime runs as integer kernels on the CPU (VNNI) and the GPU providers. The backbone's
+    feature map is the last quantised tensor: the heads, the logit and the Sigmoid stay float
+    (an 8-bit logit would tie scores that the float graph ranks apart), and the graph still ends
+    in its Sigmoid (average_logit_graph merges such graphs)."""
     import tempfile
 
     import onnx
@@ -138,37 +164,35 @@ def quantize_static_int8(source: Path, out: Path, calibration: np.ndarray) -> Pa
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model = onnx.load(str(source))
-    name = model.graph.input[0].name
-    nodes = list(model.graph.node)
-    last_conv = max(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    keep_float = [n.name for n in nodes[last_conv + 1 :]]
-
     class Batches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.start = 0
+        def __init__(self, name: str) -> None:
+            self.name, self.start = name, 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             if self.start >= len(calibration):
                 return None
             batch = calibration[self.start : self.start + 16].astype(np.float32)
             self.start += 16
-            return {name: batch}
+            return {self.name: batch}
 
     with tempfile.TemporaryDirectory() as tmp:
         folded = Path(tmp) / "folded.onnx"
         # constant folding and shapes first; onnxruntime's symbolic shape pass cannot read
         # the exported Constant nodes, and every input size here is fixed anyway
         quant_pre_process(str(source), str(folded), skip_symbolic_shape=True)
+        model = onnx.load(str(folded))
+        for i, node in enumerate(model.graph.node):  # exclusion goes by node name
+            node.name = node.name or f"{node.op_type}_{i}"
+        onnx.save(model, str(folded))
         quantize_static(
             str(folded),
             str(out),
-            Batches(),
+            Batches(model.graph.input[0].name),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep_float,
+            nodes_to_exclude=_head_nodes(model),
         )
     return out
 

@@ -579,6 +579,7 @@ def test_ensemble_merges_its_members_into_one_measured_graph(tiny_cache, run_dir
     from tests.training.test_pretrained import need_pretrained
 
     need_pretrained()
+    import onnx
     import onnxruntime as ort
 
     from training.families import ensemble, mobilenet
@@ -612,3 +613,11 @@ def test_ensemble_merges_its_members_into_one_measured_graph(tiny_cache, run_dir
     logits = [np.log(p / (1 - p)) for p in map(run, member_paths)]
     expected = 1 / (1 + np.exp(-np.mean(logits, axis=0)))
     assert np.allclose(run(models / c["file"]), expected, atol=1e-5)
+    # int8: the same members quantised (ranges from train crops) before the merge
+    quantised = ensemble.train({**recipe, "int8": True}, out_dir=models / "int8")
+    assert quantised["quantization"]["weights"].startswith("int8")
+    q_path = models / "int8" / f"{recipe['model_name']}.onnx"
+    ops = {n.op_type for n in onnx.load(str(q_path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Sigmoid"} <= ops
+    assert q_path.stat().st_size < 0.5 * (models / c["file"]).stat().st_size
+    assert set(quantised["metrics"]["ci95"]["val"]) >= {"auroc", "sensitivity", "specificity"}

@@ -82,6 +82,9 @@ MEMBERS = {
         "rot4",
     ),
 }
+# int8 twins of the float members (`quantise`; mobilenet-ensemble.yaml's int8 rule)
+QUANTISED = ("ref", "member", "balanced")
+MEMBERS |= {f"{name}-int8": (OUT / "int8" / f"{name}.onnx", "rot4") for name in QUANTISED}
 CHOOSE_ON = ("none", "all", "all-rotate")
 # experiments/mobilenet-member.yaml's rule: its candidate, and the shifts it is judged on
 MEMBER_CANDIDATE = "default+member"
@@ -98,16 +101,37 @@ def scores_dir(served_version: str) -> Path:
     return OUT / served_version
 
 
-def score(shift: str, limit: int | None) -> Path:
+def quantise() -> list[Path]:
+    """The int8 twin of every float member in QUANTISED whose graph exists here, quantised as
+    the ensemble family does (the same 128 seeded train crops)."""
+    from training.classifier import int8_calibration_inputs
+    from training.data import load_cache
+    from training.export import quantize_static_int8
+
+    _, clf, _ = served_models(MODELS_DIR, None, None)
+    inputs = int8_calibration_inputs(load_cache(splits=["train"]), clf.card.input.model_dump())
+    written = []
+    for name in QUANTISED:
+        if MEMBERS[name][0].exists():
+            out = MEMBERS[f"{name}-int8"][0]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            written.append(quantize_static_int8(MEMBERS[name][0], out, inputs))
+    return written
+
+
+def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
     crp, clf, det = served_models(MODELS_DIR, None, None)
     fusion = image_score_fusion(clf, det)
     assert fusion is not None, "the served classifier fuses with the default detector"
     members = {
         name: OnnxModel.unshipped(path, {**clf.card.input.model_dump(), "tta": tta})
         for name, (path, tta) in MEMBERS.items()
-        if path.exists()  # runs/ of another machine: its members are scored where they exist
+        if path.exists()
+        and (
+            only is None or name in only
+        )  # runs/ of another machine: its members are scored where they exist
     }
-    if missing := sorted(set(MEMBERS) - set(members)):
+    if missing := sorted((only or set(MEMBERS)) - set(members)):
         print(f"not scored (no graph here): {', '.join(missing)}", file=sys.stderr)
     for m in members.values():
         m.load(["CPUExecutionProvider"], 0)
@@ -143,6 +167,9 @@ def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:
     out["default-d4+ref"] = ("default-d4", "ref")
     out["member"] = ("member",)
     out |= {name: tuple(name.split("+")) for name in (*REGION_CANDIDATES, "balanced")}
+    for name in ("ref+member", *REGION_CANDIDATES):
+        out[name] = tuple(name.split("+"))
+        out[int8_twin(name)] = tuple(int8_twin(name).split("+"))
     return {name: members for name, members in out.items() if set(members) <= scored}
 
 
@@ -187,7 +214,42 @@ def summary(served_version: str) -> dict:
         out["member_rule"] = member_rule(out["shifts"])
     if all(c in out["shifts"].get(s, {}) for c in REGION_CANDIDATES for s in REGION_SHIFTS):
         out["region_rule"] = {c: region_rule(out["shifts"], c) for c in REGION_CANDIDATES}
+    out["int8_rule"] = {
+        name: int8_rule(tables, name, weight)
+        for name in ("ref+member", *REGION_CANDIDATES)
+        if all(int8_twin(name) in out["shifts"].get(s, {}) for s in REGION_SHIFTS)
+    }
     return out
+
+
+def int8_twin(candidate: str) -> str:
+    return "+".join(f"{m}-int8" for m in candidate.split("+"))
+
+
+def int8_rule(tables: dict[str, list[dict]], candidate: str, weight: float) -> dict:
+    """mobilenet-ensemble.yaml's int8 rule for one candidate: its int8 twin paired against it in
+    float on the same images (the latency condition is bench/latency.py's, checked apart)."""
+    members, twins = tuple(candidate.split("+")), tuple(int8_twin(candidate).split("+"))
+    per, hs = {}, {}
+    for shift in REGION_SHIFTS:
+        rows = tables[shift]
+        y = np.array([int(r["fractured"]) for r in rows])
+        a, b = ensemble_scores(rows, members, weight), ensemble_scores(rows, twins, weight)
+        per[shift] = metrics.paired_auroc_difference(y, a, b)
+        upper = np.array([r["region"] in HAND_SHOULDER for r in rows])
+        hs[shift] = metrics.paired_auroc_difference(y[upper], a[upper], b[upper])["delta"]
+    shifted = float(np.mean([per[s]["delta"] for s in REGION_SHIFTS[1:]]))
+    checks = {
+        "none >= -0.005": per["none"]["delta"] >= -0.005,
+        "shifted all-region mean >= -0.005": shifted >= -0.005,
+        "hand-and-shoulder mean >= -0.005": float(np.mean(list(hs.values()))) >= -0.005,
+    }
+    return {
+        "per_shift": {s: {"delta": d["delta"], "ci95": d["delta_ci95"]} for s, d in per.items()},
+        "hand_shoulder": hs,
+        "checks": checks,
+        "passes": all(checks.values()),
+    }
 
 
 def member_rule(shifts: dict) -> dict:
@@ -243,11 +305,16 @@ def main() -> None:
     sc = sub.add_parser("score")
     sc.add_argument("--shift", type=shift_name, required=True)
     sc.add_argument("--limit", type=int, default=None)
+    sc.add_argument("--members", default=None, help="comma-separated: score only these")
+    sub.add_parser("quantise")
     sm = sub.add_parser("summary")
     sm.add_argument("--served", default="2.2.0", help="the round: classifier version served then")
     args = ap.parse_args()
     if args.command == "score":
-        print(score(args.shift, args.limit))
+        only = set(args.members.split(",")) if args.members else None
+        print(score(args.shift, args.limit, only))
+    elif args.command == "quantise":
+        print("\n".join(str(p) for p in quantise()))
     else:
         print(json.dumps(summary(args.served), indent=1))
 
