@@ -13,6 +13,20 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from training.export import average_logit_graph  # noqa: E402
 
 
+def _save(path, nodes: list, inits: list, side: int) -> None:
+    """A classifier graph image (n, 3, side, side) -> probability (n, 1), as ours are."""
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, side, side])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def _classifier(path, weight: float, bias: float, last: str = "Sigmoid") -> None:
     """image (n, 3, 4, 4) -> sigmoid(weight * mean pixel + bias), shaped (n, 1) as ours are."""
     nodes = [
@@ -27,16 +41,7 @@ def _classifier(path, weight: float, bias: float, last: str = "Sigmoid") -> None
         numpy_helper.from_array(np.array(bias, np.float32), "b"),
         numpy_helper.from_array(np.array([1], np.int64), "axis"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "classifier",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save(path, nodes, inits, side=4)
 
 
 def _run(path, x: np.ndarray) -> np.ndarray:
@@ -90,16 +95,7 @@ def _conv_classifier(path, seed: int) -> None:
         numpy_helper.from_array(np.array(0.1, np.float32), "b"),
         numpy_helper.from_array(np.array([1], np.int64), "axis"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "classifier",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 16, 16])],
-        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    _save(path, nodes, inits, side=16)
 
 
 def test_an_int8_classifier_keeps_its_head_float_and_merges(tmp_path):
