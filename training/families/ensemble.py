@@ -5,8 +5,8 @@ runs/<name>/export yet is trained there first (resumable, as any run), so one co
 the whole ensemble. The graphs are merged by training.export.average_logit_graph: the service
 runs the result as any classifier (one session, the card's test-time views), and its probability
 is the sigmoid of the members' mean logit (`int8: true`: each member quantised first, for speed
-on the CPU). The card is measured like every classifier's (val
-weak-mask crops, Youden threshold; test with `report_test`) and names each member by sha256.
+on the CPU). The card is measured like every classifier's (val weak-mask crops, Youden
+threshold; test with `report_test`) and names each member by sha256.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from training.common import REPO, load_recipe
 INT8 = {
     "weights": "int8, per output channel (QDQ)",
     "activations": "uint8, ranges (min-max) from 128 seeded train crops",
-    "float": "everything after each member's last Conv: pooling, head, logit, sigmoid",
+    "float": "everything after each backbone's feature map: pooling, heads, logit, sigmoid",
     "function": "training.export.quantize_static_int8",
 }
 
