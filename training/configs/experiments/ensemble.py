@@ -5,11 +5,11 @@
 
 `score` runs the served pipeline (default models, crop, upright turn, detector) on val under one
 shift and scores the same classifier input with every member below (rot4 views; `default-d4`
-with d4 views), writing one CSV per shift to runs/ensemble/<served classifier version>/. `summary` combines them: a
-candidate's probability is the sigmoid of its members' mean logit, fused with the best box at the
-served weight, and each is paired against the default on the same images. The rule that says
-which candidate is chosen and when it ships is in runs/ensemble/RULE.txt (written before any
-score). A measurement, not shipped.
+with d4 views), writing one CSV per shift to runs/ensemble/<served classifier version>/.
+`summary` combines them: a candidate's probability is the sigmoid of its members' mean logit,
+fused with the best box at the served weight, and each is paired against the default on the
+same images. The rule that says which candidate is chosen and when it ships is in
+runs/ensemble/RULE.txt (written before any score). A measurement, not shipped.
 
 Measured (val, 523 images; paired against the served default on the same images, 95% CI):
 chosen on the draw-0 shifts (highest mean AUROC over none, all, all-rotate): default-d4 + ref,
@@ -128,15 +128,14 @@ def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
     crp, clf, det = served_models(MODELS_DIR, None, None)
     fusion = image_score_fusion(clf, det)
     assert fusion is not None, "the served classifier fuses with the default detector"
+    wanted = only or set(MEMBERS)
     members = {
         name: OnnxModel.unshipped(path, {**clf.card.input.model_dump(), "tta": tta})
         for name, (path, tta) in MEMBERS.items()
-        if path.exists()
-        and (
-            only is None or name in only
-        )  # runs/ of another machine: its members are scored where they exist
+        # runs/ of another machine: its members are scored where they exist
+        if name in wanted and path.exists()
     }
-    if missing := sorted((only or set(MEMBERS)) - set(members)):
+    if missing := sorted(wanted - set(members)):
         print(f"not scored (no graph here): {', '.join(missing)}", file=sys.stderr)
     for m in members.values():
         m.load(["CPUExecutionProvider"], 0)
@@ -171,7 +170,7 @@ def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:
             out["+".join(("default", *subset))] = ("default", *subset)
     out["default-d4+ref"] = ("default-d4", "ref")
     out["member"] = ("member",)
-    out |= {name: tuple(name.split("+")) for name in (*REGION_CANDIDATES, "balanced")}
+    out["balanced"] = ("balanced",)
     for name in ("ref+member", *REGION_CANDIDATES):
         out[name] = tuple(name.split("+"))
         out[int8_twin(name)] = tuple(int8_twin(name).split("+"))
