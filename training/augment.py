@@ -170,12 +170,14 @@ def detection_pair(
     photometric: bool,
     tilt_p: float = 0.0,
     tilt_degrees: float = 45.0,
+    compound_p: float = 0.0,
+    processing_p: float = 0.0,
 ) -> tuple[Any, Any]:
     """One detector training pair, a square uint8 (s, s) torch image and its xyxy pixel boxes
     (k, 4): a quarter turn with probability rot90_p, then with probability tilt_p any angle
     within +-tilt_degrees (together: any orientation; the box becomes the upright box around
-    the turned one), mirrors, and the robust photometric changes when asked. Quarter turns and
-    mirrors move boxes exactly."""
+    the turned one), mirrors, and the robust photometric changes when asked (with compound_p and
+    processing_p as in robust_photometric). Quarter turns and mirrors move boxes exactly."""
     import torch
 
     s = img.shape[-1]
@@ -193,7 +195,9 @@ def detection_pair(
         boxes = torch.stack([boxes[:, 0], s - boxes[:, 3], boxes[:, 2], s - boxes[:, 1]], dim=1)
     img = img.contiguous()
     if photometric:
-        img = torch.from_numpy(robust_photometric(img.numpy(), rng))
+        img = torch.from_numpy(
+            robust_photometric(img.numpy(), rng, compound_p=compound_p, processing_p=processing_p)
+        )
     return img, boxes.contiguous()
 
 

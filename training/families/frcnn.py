@@ -163,6 +163,36 @@ def warm_start(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str | 
     return f"{parent['name']} after its {parent['epochs']} epochs ({parent['config']})"
 
 
+def warm_start_from_file(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str | None:
+    """Start from a shipped detector graph (`warm_start_onnx`, a path in the repository, whose
+    sha256 must be `warm_start_sha256`): the export keeps every trained weight under its
+    state-dict name, and the BatchNorms it folded are the frozen ones of the same pretrained file
+    that build_model loads. So no parent run is needed on a new machine; the caller checks that
+    the rebuilt model answers as the graph does before training."""
+    from onnx import load, numpy_helper
+
+    from app.inference.runtime import sha256_of
+
+    rel = recipe.get("warm_start_onnx")
+    if not rel:
+        return None
+    path = common.REPO / rel
+    if sha256_of(path) != recipe["warm_start_sha256"]:
+        raise ValueError(f"{rel} is not the file the recipe names (sha256 differs)")
+    import torch
+
+    weights = {i.name: numpy_helper.to_array(i) for i in load(str(path)).graph.initializer}
+    state = model.state_dict()
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    if missing := [name for name in trained if name not in weights]:
+        raise ValueError(f"{rel} lacks trained weights {missing[:5]} (another architecture)")
+    for name in trained:
+        state[name] = torch.from_numpy(weights[name].copy())
+    model.load_state_dict(state)
+    log.write(event="init", warm_start_onnx=rel, weights=len(trained))
+    return f"{rel} (sha256 {recipe['warm_start_sha256'][:12]})"
+
+
 def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
     import torch
 
@@ -202,12 +232,21 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     )
     ckpt_path = run_dir / "last.pt"
     continued = warm_start(model, recipe, log)
+    if from_file := warm_start_from_file(model, recipe, log):
+        model.eval()
+        probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
+        log.write(
+            event="warm_start_parity",
+            max_abs_diff=_parity(model, common.REPO / recipe["warm_start_onnx"], probes, spec),
+        )
+        continued = from_file
     if continued:
         init = f"{init}; continued from {continued}"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     strength = recipe.get("augment")
     # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
     tilt = {k: float(recipe[k]) for k in ("tilt_p", "tilt_degrees") if k in recipe}
+    shifts = {k: float(recipe[k]) for k in ("compound_p", "processing_p") if k in recipe}
     for epoch in common.progress(range(start, recipe["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
@@ -225,7 +264,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
                     photometric = strength == "robust"
                     rot90_p = float(recipe.get("rot90_p", 0.0))
                     img, boxes = augment.detection_pair(
-                        img, boxes, rng, rot90_p, photometric, **tilt
+                        img, boxes, rng, rot90_p, photometric, **tilt, **shifts
                     )
                 img = img.float().div(255).expand(3, -1, -1)
                 images.append(img)
