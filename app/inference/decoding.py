@@ -541,6 +541,10 @@ def _grey_j2k_codestream(ds: Dataset) -> tuple[bytes, int] | None:
     precision, signed = (frame[42] & 0x7F) + 1, frame[42] >> 7
     if signed or precision > 16:
         return None
+    # DICOM pads an odd-length fragment with one NULL after the EOC marker; Pillow's OpenJPEG
+    # then calls the stream broken and the frame was decoded in full (248 ms instead of 85)
+    if frame.endswith(b"\xff\xd9\x00"):
+        frame = frame[:-1]
     return frame, precision
 
 

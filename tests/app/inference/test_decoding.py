@@ -241,3 +241,22 @@ def test_unknown_type_is_415_and_garbage_image_is_422_and_empty_is_400():
     with pytest.raises(ApiError) as err:
         dec(b"\x00" * 300, "application/dicom")
     assert err.value.status == 422
+
+
+def test_padded_jpeg2000_fragment_is_decoded_at_the_working_size(dicom_dir, monkeypatch):
+    """JPEG2KLossless_1s_1f_u_16_16's fragment ends with DICOM's NULL pad after the EOC marker:
+    it is still decoded by skipping wavelet levels (not in full), close to the full frame's box
+    reduce (within 1% of the range on average)."""
+    import pydicom
+
+    path = dicom_dir / "JPEG2KLossless_1s_1f_u_16_16.dcm"
+    ds = pydicom.dcmread(path)
+    codestream = decoding._grey_j2k_codestream(ds)
+    assert codestream is not None and codestream[0].endswith(b"\xff\xd9")
+    assert decoding._j2k_reduced(codestream, 2) is not None
+    working = dec(path.read_bytes()).pixels
+    full = dec_full(path.read_bytes(), monkeypatch)
+    boxed = decoding.reduce_pixels(full.astype(np.float32), 2)
+    assert working.shape == boxed.shape
+    span = float(boxed.max() - boxed.min())
+    assert np.abs(working.astype(np.float32) - boxed).mean() <= 0.01 * span
