@@ -105,6 +105,8 @@ def build_model(recipe: dict[str, Any]) -> Any:
         box_head=TwoMLPHead(channels * 7 * 7, head_dim),
         box_predictor=torchvision.models.detection.faster_rcnn.FastRCNNPredictor(head_dim, 2),
         rpn_post_nms_top_n_train=recipe.get("rpn_post_nms_top_n_train", 2000),
+        # proposals the box head scores per image when served (torchvision's default 1000)
+        rpn_post_nms_top_n_test=recipe.get("rpn_post_nms_top_n_test", 1000),
         box_batch_size_per_image=recipe.get("box_batch_size_per_image", 512),
         box_score_thresh=detection.COLLECT_THRESHOLD,
         box_detections_per_img=100,
