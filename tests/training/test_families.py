@@ -435,6 +435,40 @@ def test_frcnn_warm_start_trains_its_missing_parent_first(tiny_cache, run_dirs, 
     assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
 
 
+def test_frcnn_warm_start_from_a_shipped_graph(tiny_cache, run_dirs):
+    """`warm_start_onnx`: a detector continues from an exported graph (no parent run needed): the
+    rebuilt model answers as the graph does before training (logged parity), the sha256 must be the
+    recipe's, and the shift recipe's changes (every orientation, processing, compound) train."""
+    from tests.training.test_pretrained import need_pretrained
+
+    need_pretrained()
+
+    from app.inference.runtime import sha256_of
+    from training.families import frcnn
+
+    runs, models = run_dirs
+    tiny = {"cache": str(tiny_cache), "input_size": 96, "negatives_per_positive": 1.0}
+    parent = load_recipe(CONFIGS / "frcnn-mobilenet.yaml", {**tiny, "name": "t-shipped"})
+    parent["epochs"] = 2  # one epoch may leave no box to compare for parity
+    frcnn.train(parent, out_dir=models)
+    shipped = models / "t-shipped.onnx"
+    child = load_recipe(
+        CONFIGS / "experiments" / "frcnn-mobilenet-shift.yaml",
+        {**tiny, "name": "t-shift", "epochs": 1, "warm_start_onnx": str(shipped)},
+    )
+    with pytest.raises(ValueError, match="sha256"):
+        frcnn.train(child, out_dir=models)
+    child["warm_start_sha256"] = sha256_of(shipped)
+    frcnn.train(child, out_dir=models)
+    events = [
+        json.loads(line) for line in (runs / "t-shift" / "log.jsonl").read_text().splitlines()
+    ]
+    parity = [e["max_abs_diff"] for e in events if e["event"] == "warm_start_parity"]
+    assert parity and parity[-1] < 1e-2
+    assert str(shipped) in check_card(models, "t-shift")["backbone_init"]
+    assert len(epoch_losses(runs / "t-shift" / "log.jsonl")) == 1
+
+
 def test_detection_pairs_move_boxes_with_the_pixels():
     """Every quarter turn and mirror of a detector training pair keeps the box on its pixels."""
     import random
