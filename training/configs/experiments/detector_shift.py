@@ -2,10 +2,13 @@
 
     python training/configs/experiments/detector_shift.py score --shift all-rotate@10 [--limit N]
     python training/configs/experiments/detector_shift.py summary
+    python training/configs/experiments/detector_shift.py score --shift none \
+        --candidate runs/detector-proposals/proposals-100.onnx   # detector_proposals.py's rule
 
 `score` runs the served pipeline (default models: crop, upright turn, classifier, detector) on val
-under one shift, then the candidate detector (experiments/frcnn-mobilenet-shift.yaml, from its
-run's export) on the very same crops, and writes one CSV per shift to runs/detector-shift/: the
+under one shift, then the candidate detector (by default experiments/frcnn-mobilenet-shift.yaml's,
+from its run's export; `--candidate` another graph with the served detector's input and output)
+on the very same crops, and writes one CSV per shift to runs/detector-shift/<candidate>/: the
 classifier's raw probability and each detector's best box (boxes down to the service's fusion
 floor, as served). `summary` fuses each with the classifier at the served weight and pairs the
 candidate's fused score against the served one's on the same images, condition by condition as
@@ -34,7 +37,7 @@ from app.inference.pipeline import (  # noqa: E402
     image_score_fusion,
     run_study,
 )
-from app.inference.runtime import ModelRegistry  # noqa: E402
+from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
 from training.common import MODELS_DIR, REPO, progress  # noqa: E402
 from training.data import load_records  # noqa: E402
@@ -44,6 +47,7 @@ from training.shifts import shift_name  # noqa: E402
 
 CANDIDATE = "detector-frcnn-mobilenetv2-shift"
 CANDIDATE_DIR = REPO / "runs" / CANDIDATE / "export"
+CANDIDATE_FILE = CANDIDATE_DIR / f"{CANDIDATE}.onnx"
 OUT = REPO / "runs" / "detector-shift"
 # frcnn-mobilenet-shift.yaml's rule: the shifts it is judged on (fresh draws) and the regions
 SHIFTED = ("processing", "all-rotate-512@10", "all-rotate@10")
@@ -52,16 +56,18 @@ HAND_SHOULDER = ("hand", "shoulder")
 MIN_FROC_CPM, MIN_RECALL_AT_04 = 0.620, 0.534
 
 
-def candidate_detector():
-    registry = ModelRegistry(CANDIDATE_DIR)
-    registry.load_all("cpu", 0)
-    return registry.get("detector", CANDIDATE, CANDIDATE)
+def candidate_detector(path: Path, served: OnnxModel) -> OnnxModel:
+    """The candidate graph, with the served detector's input and output spec."""
+    card = served.card
+    model = OnnxModel.unshipped(path, card.input.model_dump(), dict(card.output))
+    model.load(["CPUExecutionProvider"], 0)
+    return model
 
 
-def score(shift: str, limit: int | None, out: Path = OUT) -> Path:
+def score(shift: str, limit: int | None, candidate: Path = CANDIDATE_FILE, out: Path = OUT) -> Path:
     crp, clf, det = served_models(MODELS_DIR, None, None)
     assert image_score_fusion(clf, det) is not None, "the served classifier fuses with its detector"
-    cand = candidate_detector()
+    cand = candidate_detector(candidate, det)
     records = [r for r in load_records() if r.split == "val"][:limit]
     rows, upright = [], Settings().upright
     for start in progress(range(0, len(records), 8), f"detector ({shift})"):
@@ -82,7 +88,7 @@ def score(shift: str, limit: int | None, out: Path = OUT) -> Path:
                     "candidate_box": float(scores.max()) if len(scores) else 0.0,
                 }
             )
-    path = out / f"scores-{shift}.csv"
+    path = out / candidate.stem / f"scores-{shift}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -113,18 +119,18 @@ def paired(rows: list[dict], weight: float, keep: np.ndarray | None = None) -> d
     }
 
 
-def summary() -> dict:
+def summary(candidate: Path = CANDIDATE_FILE) -> dict:
     _, clf, det = served_models(MODELS_DIR, None, None)
     weight = image_score_fusion(clf, det).classifier_weight
     out: dict = {"weight": weight, "shifts": {}, "hand_shoulder": {}}
-    for path in sorted(OUT.glob("scores-*.csv")):
+    for path in sorted((OUT / candidate.stem).glob("scores-*.csv")):
         with path.open() as f:
             rows = list(csv.DictReader(f))
         shift = path.stem.removeprefix("scores-")
         upper = np.array([r["region"] in HAND_SHOULDER for r in rows])
         out["shifts"][shift] = paired(rows, weight)
         out["hand_shoulder"][shift] = paired(rows, weight, upper)
-    if all(s in out["shifts"] for s in ("none", *SHIFTED)):
+    if candidate == CANDIDATE_FILE and all(s in out["shifts"] for s in ("none", *SHIFTED)):
         out["rule"] = rule(out)
     return out
 
@@ -159,13 +165,17 @@ def main() -> None:
     sc = sub.add_parser("score")
     sc.add_argument("--shift", type=shift_name, required=True)
     sc.add_argument("--limit", type=int, default=None)
-    sub.add_parser("summary")
+    sm = sub.add_parser("summary")
+    for p in (sc, sm):
+        p.add_argument("--candidate", type=Path, default=CANDIDATE_FILE, help="a detector graph")
     args = ap.parse_args()
+    candidate = args.candidate.resolve()
     if args.command == "score":
         # a smoke run must not overwrite a shift's real scores
-        print(score(args.shift, args.limit, OUT if args.limit is None else OUT / "smoke"))
+        out = OUT if args.limit is None else OUT / "smoke"
+        print(score(args.shift, args.limit, candidate, out))
     else:
-        print(json.dumps(summary(), indent=1))
+        print(json.dumps(summary(candidate), indent=1))
 
 
 if __name__ == "__main__":
