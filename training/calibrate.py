@@ -76,9 +76,10 @@ def calibrate(
     sources' images must not pull the score down there."""
     crp, clf, det = served_models(models_dir, classifier, detector)
     shipped = image_score_fusion(clf, det)
-    # a classifier shipped without its fit yet may name the weight it is served at (an ensemble
-    # keeps the weight its ship rule was measured at)
-    unfitted = clf.card.fusion is None and det.card.task == "detection"
+    # a classifier without a fit for this detector file (not shipped with one yet, or the
+    # detector re-exported) may name the weight it is served at (an ensemble keeps the weight
+    # its ship rule was measured at)
+    unfitted = shipped is None and det.card.task == "detection"
     asked = clf.card.recipe.get("fusion_weight") if unfitted else None
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})

@@ -83,9 +83,11 @@ def test_site_calibration_is_served_over_the_cards(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_a_card_without_its_fit_is_fused_at_its_recipes_weight(tmp_path):
-    """A classifier shipped before its calibration (an ensemble's export) is fitted at the
-    fusion weight its recipe names, not at the classifier alone."""
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_card_without_its_fit_is_fused_at_its_recipes_weight(tmp_path, stale):
+    """A classifier shipped before its calibration (an ensemble's export), or whose fusion was
+    fitted for another file of the detector (a re-export), is fitted at the fusion weight its
+    recipe names, not at the classifier alone."""
     need(FRACATLAS)
     from training.calibrate import calibrate
     from training.data import load_records
@@ -94,7 +96,10 @@ def test_a_card_without_its_fit_is_fused_at_its_recipes_weight(tmp_path):
     shutil.copytree(Settings().models_dir, models)
     card_path = models / "classifier-mobilenetv2.json"
     card = json.loads(card_path.read_text())
-    card.pop("fusion")
+    if stale:
+        card["fusion"]["detector_sha256"] = "1" * 64
+    else:
+        card.pop("fusion")
     card["recipe"]["fusion_weight"] = 0.5
     card_path.write_text(json.dumps(card))
     records = [r for r in load_records(FRACATLAS) if r.split == "val"]

@@ -228,7 +228,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     opt = torch.optim.SGD(
         params, lr=recipe["lr"], momentum=0.9, weight_decay=recipe["weight_decay"]
     )
-    steps = recipe["epochs"] * -(-len(data) // recipe["batch_size"])
+    # 0 epochs re-exports a warm start with this recipe's inference settings (never stepped)
+    steps = max(1, recipe["epochs"] * -(-len(data) // recipe["batch_size"]))
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.1
     )
