@@ -236,11 +236,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     ckpt_path = run_dir / "last.pt"
     continued = warm_start(model, recipe, log)
     if from_file := warm_start_from_file(model, recipe, log):
-        model.eval()
-        probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
         log.write(
-            event="warm_start_parity",
-            max_abs_diff=_parity(model, common.REPO / recipe["warm_start_onnx"], probes, spec),
+            event="warm_start_parity", max_abs_diff=_parity_with_file(model, recipe, items, spec)
         )
         continued = from_file
     if continued:
@@ -321,6 +318,21 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         licence="Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
         metrics={"onnx_parity_max_abs_diff": parity},
     )
+
+
+def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: dict) -> float:
+    """_parity of a model warm-started from a graph against that graph, at the graph's proposal
+    count (`warm_start_proposals`, torchvision's 1000 unless said): the recipe's own count may
+    differ, and then so would the boxes."""
+    model.eval()
+    proposals = model.rpn._post_nms_top_n  # torchvision keeps both counts in this dict
+    served = proposals["testing"]
+    proposals["testing"] = int(recipe.get("warm_start_proposals", 1000))
+    try:
+        probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
+        return _parity(model, common.REPO / recipe["warm_start_onnx"], probes, spec)
+    finally:
+        proposals["testing"] = served
 
 
 def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
