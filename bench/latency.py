@@ -67,6 +67,44 @@ def deflate_bomb(inflated_mb: int = 300) -> bytes:
     return buf.getvalue()
 
 
+def bench_files(images: int) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(the first `images` FracAtlas test JPEGs, every shared DICOM the service takes), each with
+    its content type."""
+    test_names = (SHARED / "fracatlas" / "splits" / "test.txt").read_text().split()[:images]
+    jpegs = []
+    for name in test_names:
+        for folder in ("Fractured", "Non_fractured"):
+            p = SHARED / "fracatlas" / "images" / folder / name
+            if p.exists():
+                jpegs.append((p, "image/jpeg"))
+    manifest = (SHARED / "dicom" / "MANIFEST.tsv").read_text().splitlines()[1:]
+    dicoms = [
+        (SHARED / "dicom" / row.split("\t")[0], "application/dicom")
+        for row in manifest
+        if row.split("\t")[-1] == "ok" and row.split("\t")[2] != "MG"
+    ]
+    return jpegs, dicoms
+
+
+def start_service(port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The service as deployed (uvicorn, one process) on loopback; `env` adds settings."""
+    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def wait_ready(client: httpx.Client, proc: subprocess.Popen) -> None:
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit("the service exited before it was ready")
+        time.sleep(0.05)
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
     return {
@@ -245,52 +283,17 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args()
-    test_names = (SHARED / "fracatlas" / "splits" / "test.txt").read_text().split()[: args.images]
-    jpegs = []
-    for name in test_names:
-        for folder in ("Fractured", "Non_fractured"):
-            p = SHARED / "fracatlas" / "images" / folder / name
-            if p.exists():
-                jpegs.append((p, "image/jpeg"))
-    manifest = (SHARED / "dicom" / "MANIFEST.tsv").read_text().splitlines()[1:]
-    dicoms = [
-        (SHARED / "dicom" / row.split("\t")[0], "application/dicom")
-        for row in manifest
-        if row.split("\t")[-1] == "ok" and row.split("\t")[2] != "MG"
-    ]
+    jpegs, dicoms = bench_files(args.images)
 
     bound = model_only([p for p, _ in jpegs])  # before the service starts: the CPU to itself
     real, noise = bound["real_inputs_of_the_bench_jpegs"], bound["card_size_random_inputs"]
     print("model-only", bound, flush=True)
 
     t_start = time.perf_counter()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=REPO,
-    )
+    proc = start_service(args.port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=120) as client:
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None:
-                    raise SystemExit("the service exited before it was ready")
-                time.sleep(0.05)
+            wait_ready(client, proc)
             ready_s = time.perf_counter() - t_start
             rss_ready = rss_mib(proc.pid)
             post_each(client, jpegs[:3])  # first requests: allocator and caches
