@@ -425,7 +425,15 @@ def test_frcnn_warm_start_trains_its_missing_parent_first(tiny_cache, run_dirs, 
     parent_yaml.write_text(yaml.safe_dump(parent))
     child = load_recipe(
         CONFIGS / "frcnn-mobilenet-robust.yaml",
-        {**tiny, "name": "t-robust", "epochs": 2, "lr": 0.01, "warm_start": str(parent_yaml)},
+        {
+            **tiny,
+            "name": "t-robust",
+            "epochs": 2,
+            "lr": 0.01,
+            "warm_start": str(parent_yaml),
+            # the recipe serves 100 proposals, which can leave a tiny model no box for parity
+            "rpn_post_nms_top_n_test": 1000,
+        },
     )
     card = frcnn.train(child, out_dir=models)
     assert len(epoch_losses(runs / "t-parent" / "log.jsonl")) == 2
@@ -454,7 +462,9 @@ def test_frcnn_warm_start_from_a_shipped_graph(tiny_cache, run_dirs):
     shipped = models / "t-shipped.onnx"
     child = load_recipe(
         CONFIGS / "experiments" / "frcnn-mobilenet-shift.yaml",
-        {**tiny, "name": "t-shift", "epochs": 1, "warm_start_onnx": str(shipped)},
+        # the tiny graph keeps torchvision's 1000 proposals (the recipe's file: 100)
+        {**tiny, "name": "t-shift", "epochs": 1, "warm_start_onnx": str(shipped)}
+        | {"warm_start_proposals": 1000},
     )
     with pytest.raises(ValueError, match="sha256"):
         frcnn.train(child, out_dir=models)

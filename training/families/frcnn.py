@@ -285,20 +285,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         )
         common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
-    example = torch.rand(3, recipe["input_size"], recipe["input_size"])
-    # torchvision detection graphs take a list of CHW images: one image, no batch axis
-    onnx_path = export.export_onnx(
-        model,
-        ([example],),
-        out_dir / f"{recipe['name']}.onnx",
-        input_names=["image"],
-        output_names=["boxes", "labels", "scores"],
-        dynamic_batch=False,
-    )
-    # graph parity needs boxes to compare: val images, then fractured training images (which
-    # even a barely trained model scores above the collection threshold)
-    probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
-    parity = _parity(model, onnx_path, probes, spec)
+    onnx_path = export_graph(model, recipe, out_dir / f"{recipe['name']}.onnx")
+    parity = _parity(model, onnx_path, _probes(items), spec)
     output = {
         "boxes": "k x 4 xyxy input pixels",
         "labels": "k",
@@ -320,6 +308,28 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     )
 
 
+def export_graph(model: Any, recipe: dict[str, Any], path: Path) -> Path:
+    """The detector as one ONNX graph: torchvision detection graphs take a list of CHW images,
+    so one image, no batch axis."""
+    import torch
+
+    example = torch.rand(3, recipe["input_size"], recipe["input_size"])
+    return export.export_onnx(
+        model,
+        ([example],),
+        path,
+        input_names=["image"],
+        output_names=["boxes", "labels", "scores"],
+        dynamic_batch=False,
+    )
+
+
+def _probes(items: dict) -> list:
+    """Crops for graph parity, which needs boxes to compare: val images, then fractured training
+    images (which even a barely trained model scores above the collection threshold)."""
+    return items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
+
+
 def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: dict) -> float:
     """_parity of a model warm-started from a graph against that graph, at the graph's proposal
     count (`warm_start_proposals`, torchvision's 1000 unless said): the recipe's own count may
@@ -329,8 +339,7 @@ def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: dic
     served = proposals["testing"]
     proposals["testing"] = int(recipe.get("warm_start_proposals", 1000))
     try:
-        probes = items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
-        return _parity(model, common.REPO / recipe["warm_start_onnx"], probes, spec)
+        return _parity(model, common.REPO / recipe["warm_start_onnx"], _probes(items), spec)
     finally:
         proposals["testing"] = served
 

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from app.inference.preprocessing import stretch_grey  # noqa: E402
-from training import common, detection, export  # noqa: E402
+from training import common, detection  # noqa: E402
 from training.data import crop_item, load_cache  # noqa: E402
 from training.families import frcnn  # noqa: E402
 
@@ -56,7 +56,6 @@ class _Log:
 
 
 def export_with(count: int) -> Path:
-    import torch
 
     card = json.loads((common.MODELS_DIR / "detector-frcnn-mobilenetv2-robust.json").read_text())
     recipe = common.load_recipe(SERVED) | {
@@ -66,15 +65,7 @@ def export_with(count: int) -> Path:
     }
     model = frcnn.build_model(recipe)
     frcnn.warm_start_from_file(model, recipe, _Log())
-    example = torch.rand(3, recipe["input_size"], recipe["input_size"])
-    return export.export_onnx(
-        model,
-        ([example],),
-        OUT / f"proposals-{count}.onnx",
-        input_names=["image"],
-        output_names=["boxes", "labels", "scores"],
-        dynamic_batch=False,
-    )
+    return frcnn.export_graph(model, recipe, OUT / f"proposals-{count}.onnx")
 
 
 def main() -> None:
