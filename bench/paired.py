@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency import REPO, bench_files, percentiles, start_service, wait_ready  # noqa: E402
+from latency import REPO, bench_files, percentiles, post_bodies, start_service, wait_ready  # noqa: E402
 
 
 def main() -> int:
@@ -65,9 +65,7 @@ def main() -> int:
             for i, (data, ctype) in enumerate(bodies):
                 order = list(clients) if i % 2 == 0 else list(clients)[::-1]
                 for side in order:
-                    r, took = timed_post(clients[side], data, ctype)
-                    r.raise_for_status()
-                    ms[side].append(took)
+                    ms[side].append(post_bodies(clients[side], [(data, ctype)])[0][0])
             ratio = np.asarray(ms["candidate"]) / np.asarray(ms["baseline"])
             result[kind] = {side: percentiles(v) for side, v in ms.items()}
             result[kind]["median_ratio_candidate_over_baseline"] = round(float(np.median(ratio)), 3)
@@ -80,14 +78,6 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def timed_post(client: httpx.Client, data: bytes, ctype: str) -> tuple[httpx.Response, float]:
-    import time
-
-    t0 = time.perf_counter()
-    r = client.post("/v1/predict", content=data, headers={"content-type": ctype})
-    return r, 1000 * (time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -143,9 +143,11 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
 
 
 def warm_start(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str | None:
-    """Start from the finished run of another recipe (`warm_start`: its YAML): its last
-    checkpoint's weights. A missing parent run is trained first, so one command still
+    """Start from a shipped graph (`warm_start_onnx`: warm_start_from_file) or from the finished
+    run of another recipe (`warm_start`: its YAML): its last checkpoint's weights. A missing parent run is trained first, so one command still
     reproduces the model on a new machine."""
+    if recipe.get("warm_start_onnx"):
+        return warm_start_from_file(model, recipe, log)
     parent_path = recipe.get("warm_start")
     if not parent_path:
         return None
@@ -235,11 +237,10 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     )
     ckpt_path = run_dir / "last.pt"
     continued = warm_start(model, recipe, log)
-    if from_file := warm_start_from_file(model, recipe, log):
+    if recipe.get("warm_start_onnx"):
         log.write(
             event="warm_start_parity", max_abs_diff=_parity_with_file(model, recipe, items, spec)
         )
-        continued = from_file
     if continued:
         init = f"{init}; continued from {continued}"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
