@@ -12,7 +12,8 @@ on the very same crops, and writes one CSV per shift to runs/detector-shift/<can
 classifier's raw probability and each detector's best box (boxes down to the service's fusion
 floor, as served). `summary` fuses each with the classifier at the served weight and pairs the
 candidate's fused score against the served one's on the same images, condition by condition as
-the rule in frcnn-mobilenet-shift.yaml's header asks. A measurement, not shipped.
+the rule in the candidate recipe's header asks (frcnn-mobilenet-shift.yaml, -shift-mild.yaml).
+A measurement, not shipped.
 """
 
 from __future__ import annotations
@@ -49,8 +50,15 @@ CANDIDATE = "detector-frcnn-mobilenetv2-shift"
 CANDIDATE_DIR = REPO / "runs" / CANDIDATE / "export"
 CANDIDATE_FILE = CANDIDATE_DIR / f"{CANDIDATE}.onnx"
 OUT = REPO / "runs" / "detector-shift"
-# frcnn-mobilenet-shift.yaml's rule: the shifts it is judged on (fresh draws) and the regions
-SHIFTED = ("processing", "all-rotate-512@10", "all-rotate@10")
+# Each candidate's rule (its recipe's header): the shifts it is judged on, draws no choice had seen
+SHIFTED = {
+    "detector-frcnn-mobilenetv2-shift": ("processing", "all-rotate-512@10", "all-rotate@10"),
+    "detector-frcnn-mobilenetv2-shift-mild": (
+        "processing@11",
+        "all-rotate-512@11",
+        "all-rotate@11",
+    ),
+}
 HAND_SHOULDER = ("hand", "shoulder")
 # the candidate's own val metrics unshifted (training's detector evaluation), as the rule asks
 MIN_FROC_CPM, MIN_RECALL_AT_04 = 0.620, 0.534
@@ -130,16 +138,17 @@ def summary(candidate: Path = CANDIDATE_FILE) -> dict:
         upper = np.array([r["region"] in HAND_SHOULDER for r in rows])
         out["shifts"][shift] = paired(rows, weight)
         out["hand_shoulder"][shift] = paired(rows, weight, upper)
-    if candidate == CANDIDATE_FILE and all(s in out["shifts"] for s in ("none", *SHIFTED)):
-        out["rule"] = rule(out)
+    shifted = SHIFTED.get(candidate.stem, ())
+    if shifted and all(s in out["shifts"] for s in ("none", *shifted)):
+        out["rule"] = rule(out, candidate, shifted)
     return out
 
 
-def rule(out: dict) -> dict:
-    """frcnn-mobilenet-shift.yaml's rule, condition by condition."""
-    card = json.loads((CANDIDATE_DIR / f"{CANDIDATE}.json").read_text())["metrics"]["val"]
-    gain = float(np.mean([out["shifts"][s]["delta"] for s in SHIFTED]))
-    hs = float(np.mean([out["hand_shoulder"][s]["delta"] for s in SHIFTED]))
+def rule(out: dict, candidate: Path, shifted: tuple[str, ...]) -> dict:
+    """The candidate recipe's rule, condition by condition."""
+    card = json.loads(candidate.with_suffix(".json").read_text())["metrics"]["val"]
+    gain = float(np.mean([out["shifts"][s]["delta"] for s in shifted]))
+    hs = float(np.mean([out["hand_shoulder"][s]["delta"] for s in shifted]))
     checks = {
         "none >= -0.005": out["shifts"]["none"]["delta"] >= -0.005,
         "shifted mean gain >= 0.010": gain >= 0.010,
