@@ -106,8 +106,8 @@ def score(shift: str, limit: int | None, candidate: Path = CANDIDATE_FILE, out: 
 
 
 def paired(rows: list[dict], weight: float, keep: np.ndarray | None = None) -> dict:
-    """The candidate's fused score against the served one's on the same images (and each best
-    box alone)."""
+    """The candidate's fused score against the served one's on the same images (and the
+    classifier and each best box alone)."""
     y = np.array([int(r["fractured"]) for r in rows])
     p = np.array([float(r["classifier"]) for r in rows])
     served, cand = (np.array([float(r[k]) for r in rows]) for k in ("served_box", "candidate_box"))
@@ -118,6 +118,7 @@ def paired(rows: list[dict], weight: float, keep: np.ndarray | None = None) -> d
     )
     boxes = metrics.paired_auroc_difference(y, served, cand)
     return {
+        "classifier_alone": metrics.classification_metrics(y, p, 0.5)["auroc"],
         "served": d["auroc_a"],
         "candidate": d["auroc_b"],
         "delta": d["delta"],
