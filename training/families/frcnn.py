@@ -29,6 +29,8 @@ def input_spec(size: int) -> dict[str, Any]:
 IMAGENET_MOBILENET_V2 = "mobilenet_v2_imagenet"
 MOBILENET_STAGES = (("3", "0"), ("6", "1"), ("13", "2"), ("18", "3"))
 MOBILENET_STAGE_CHANNELS = [24, 32, 96, 1280]
+# ONNX parity: scores this close are a tie whose boxes either runtime may list first
+SCORE_TIE = 1e-4
 
 
 def imagenet_mobilenet_body(recipe: dict[str, Any]) -> Any:
@@ -345,6 +347,18 @@ def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: dic
         proposals["testing"] = served
 
 
+def box_mismatch(
+    boxes: np.ndarray, scores: np.ndarray, ref_boxes: np.ndarray, ref_scores: np.ndarray
+) -> float:
+    """Max abs difference between two score-sorted detection lists of the same length, each box
+    against the closest reference box of (almost) the same score: two boxes whose scores differ in
+    the 7th digit may come out in either order from two runtimes, and are the same answer."""
+    tied = np.abs(scores[:, None] - ref_scores[None, :]) <= SCORE_TIE
+    apart = np.abs(boxes[:, None, :] - ref_boxes[None, :, :]).max(axis=2)
+    nearest = np.where(tied, apart, np.inf).min(axis=1)
+    return float(max(nearest.max(), np.abs(scores - ref_scores).max()))
+
+
 def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
     """Max abs difference of boxes and scores, torch against onnxruntime, on real crops; the
     same number of boxes is required, and at least one box must have been compared."""
@@ -372,8 +386,9 @@ def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
             compared += len(outs["boxes"])
             worst = max(
                 worst,
-                float(np.abs(outs["boxes"] - ref["boxes"].numpy()).max()),
-                float(np.abs(outs["scores"] - ref["scores"].numpy()).max()),
+                box_mismatch(
+                    outs["boxes"], outs["scores"], ref["boxes"].numpy(), ref["scores"].numpy()
+                ),
             )
     if compared == 0 or worst > 1e-2:
         raise RuntimeError(
