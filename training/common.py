@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -24,6 +25,16 @@ FRACATLAS_ATTRIBUTION = (
     "FracAtlas (Abedeen et al., Scientific Data 10:521, 2023; figshare 10.6084/m9.figshare.22363012),"
     " CC BY 4.0; fixed train/val/test splits of the 3,471-image copy"
 )
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Per-image scores of a measurement as a CSV (its folder made), columns from the first row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:

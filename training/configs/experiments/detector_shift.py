@@ -40,7 +40,7 @@ from app.inference.pipeline import (  # noqa: E402
 )
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
@@ -97,12 +97,7 @@ def score(shift: str, limit: int | None, candidate: Path = CANDIDATE_FILE, out: 
                 }
             )
     path = out / candidate.stem / f"scores-{shift}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows(path, rows)
 
 
 def paired(rows: list[dict], weight: float, keep: np.ndarray | None = None) -> dict:

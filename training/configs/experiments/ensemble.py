@@ -62,7 +62,7 @@ from app.inference.pipeline import (  # noqa: E402
 from app.inference.preprocessing import model_input  # noqa: E402
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
@@ -153,12 +153,7 @@ def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
             row |= {name: float(p[i]) for name, p in extra.items()}
             rows.append(row)
     path = scores_dir(clf.card.version) / f"scores-{shift}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows(path, rows)
 
 
 def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:

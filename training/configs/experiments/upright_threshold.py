@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 
 from app.inference import upright  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.evaluate import collect, served_models, served_orienter  # noqa: E402
 from training.shifts import shift_name  # noqa: E402
@@ -74,12 +74,7 @@ def score(degrees: float, shift: str) -> Path:
             }
         )
     path = OUT / f"{degrees:g}" / f"scores-{shift}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_rows(path, rows)
 
 
 def _read(degrees: float, shift: str) -> dict[str, np.ndarray] | None:
