@@ -40,11 +40,11 @@ def main() -> int:
         side: start_service(args.port + i, {"FRACTURE_MODELS_DIR": str(folder)})
         for i, (side, folder) in enumerate(folders.items())
     }
+    clients = {
+        side: httpx.Client(base_url=f"http://127.0.0.1:{args.port + i}", timeout=120)
+        for i, side in enumerate(procs)
+    }
     try:
-        clients = {
-            side: httpx.Client(base_url=f"http://127.0.0.1:{args.port + i}", timeout=120)
-            for i, side in enumerate(procs)
-        }
         for side, client in clients.items():
             wait_ready(client, procs[side])
         models = {
@@ -58,9 +58,8 @@ def main() -> int:
         result: dict = {"folders": {k: str(v) for k, v in folders.items()}, "models": models}
         for kind, files in (("fracatlas_jpeg", jpegs), ("shared_dicom", dicoms)):
             bodies = [(p.read_bytes(), ctype) for p, ctype in files]
-            for data, ctype in bodies[:2]:  # first requests: allocator and caches
-                for client in clients.values():
-                    client.post("/v1/predict", content=data, headers={"content-type": ctype})
+            for client in clients.values():
+                post_bodies(client, bodies[:2])  # first requests: allocator and caches
             ms: dict[str, list[float]] = {side: [] for side in clients}
             for i, (data, ctype) in enumerate(bodies):
                 order = list(clients) if i % 2 == 0 else list(clients)[::-1]
@@ -69,9 +68,9 @@ def main() -> int:
             ratio = np.asarray(ms["candidate"]) / np.asarray(ms["baseline"])
             result[kind] = {side: percentiles(v) for side, v in ms.items()}
             result[kind]["median_ratio_candidate_over_baseline"] = round(float(np.median(ratio)), 3)
+    finally:
         for client in clients.values():
             client.close()
-    finally:
         for proc in procs.values():
             proc.terminate()
             proc.wait(timeout=30)

@@ -37,6 +37,12 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV written by write_rows, one dict per row."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
     """A tqdm progress bar on a terminal; nothing when the output is a log file (nohup runs
     log one JSON line per epoch instead)."""

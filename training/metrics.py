@@ -302,6 +302,26 @@ def auroc_by_group(labels: Sequence[int], scores: Sequence[float], groups: Seque
     return out
 
 
+def detection_counts(
+    predictions: Sequence[tuple[np.ndarray, np.ndarray]],
+    ground_truth: Sequence[np.ndarray],
+    threshold: float,
+    iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: (lesions found, lesions, false boxes) by the boxes scoring >= threshold, a
+    lesion found by a box overlapping it at iou_threshold (FROC's definitions)."""
+    hits, lesions, fps = [], [], []
+    for (boxes, scores), gt in zip(predictions, ground_truth, strict=True):
+        keep = np.asarray(scores, dtype=float).reshape(-1) >= threshold
+        boxes = np.asarray(boxes).reshape(-1, 4)[keep]
+        gt = np.asarray(gt).reshape(-1, 4)
+        iou = box_iou(boxes, gt) >= iou_threshold if len(gt) and len(boxes) else None
+        hits.append(int(iou.any(axis=0).sum()) if iou is not None else 0)
+        lesions.append(len(gt))
+        fps.append(int((~iou.any(axis=1)).sum()) if iou is not None else len(boxes))
+    return tuple(np.asarray(v, dtype=float) for v in (hits, lesions, fps))  # type: ignore[return-value]
+
+
 def bootstrap_detection_at(
     predictions: Sequence[tuple[np.ndarray, np.ndarray]],
     ground_truth: Sequence[np.ndarray],
@@ -312,16 +332,7 @@ def bootstrap_detection_at(
 ) -> dict:
     """Lesion recall and mean FP/image of the boxes scoring >= threshold (FROC's definitions),
     with 95% percentile-bootstrap intervals over images."""
-    hits, lesions, fps = [], [], []
-    for (boxes, scores), gt in zip(predictions, ground_truth, strict=True):
-        keep = np.asarray(scores, dtype=float).reshape(-1) >= threshold
-        boxes = np.asarray(boxes).reshape(-1, 4)[keep]
-        gt = np.asarray(gt).reshape(-1, 4)
-        iou = box_iou(boxes, gt) >= iou_threshold if len(gt) and len(boxes) else None
-        hits.append(int(iou.any(axis=0).sum()) if iou is not None else 0)
-        lesions.append(len(gt))
-        fps.append(int((~iou.any(axis=1)).sum()) if iou is not None else len(boxes))
-    h, n, f = (np.asarray(v, dtype=float) for v in (hits, lesions, fps))
+    h, n, f = detection_counts(predictions, ground_truth, threshold, iou_threshold)
     rng = np.random.default_rng(seed)
     recalls, rates = [], []
     for _ in range(n_boot):

@@ -146,8 +146,8 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
 
 def warm_start(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str | None:
     """Start from a shipped graph (`warm_start_onnx`: warm_start_from_file) or from the finished
-    run of another recipe (`warm_start`: its YAML): its last checkpoint's weights. A missing parent run is trained first, so one command still
-    reproduces the model on a new machine."""
+    run of another recipe (`warm_start`: its YAML): its last checkpoint's weights. A missing
+    parent run is trained first, so one command still reproduces the model on a new machine."""
     if recipe.get("warm_start_onnx"):
         return warm_start_from_file(model, recipe, log)
     parent_path = recipe.get("warm_start")

@@ -56,7 +56,6 @@ class _Log:
 
 
 def export_with(count: int) -> Path:
-
     card = json.loads((common.MODELS_DIR / "detector-frcnn-mobilenetv2-robust.json").read_text())
     recipe = common.load_recipe(SERVED) | {
         "rpn_post_nms_top_n_test": count,

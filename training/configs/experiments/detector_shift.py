@@ -19,7 +19,6 @@ A measurement, not shipped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ from app.inference.pipeline import (  # noqa: E402
 )
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress, read_rows, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
@@ -128,8 +127,7 @@ def summary(candidate: Path = CANDIDATE_FILE) -> dict:
     weight = image_score_fusion(clf, det).classifier_weight
     out: dict = {"weight": weight, "shifts": {}, "hand_shoulder": {}}
     for path in sorted((OUT / candidate.stem).glob("scores-*.csv")):
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
+        rows = read_rows(path)
         shift = path.stem.removeprefix("scores-")
         upper = np.array([r["region"] in HAND_SHOULDER for r in rows])
         out["shifts"][shift] = paired(rows, weight)

@@ -39,7 +39,6 @@ int8 (`quantise`, mobilenet-ensemble.yaml's int8 rule) stay within 0.003 of floa
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import sys
@@ -62,7 +61,7 @@ from app.inference.pipeline import (  # noqa: E402
 from app.inference.preprocessing import model_input  # noqa: E402
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
+from training.common import MODELS_DIR, REPO, progress, read_rows, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
@@ -182,8 +181,7 @@ def summary(served_version: str) -> dict:
     weight = image_score_fusion(clf, det).classifier_weight
     tables = {}
     for path in sorted(scores_dir(served_version).glob("scores-*.csv")):
-        with path.open() as f:
-            tables[path.stem.removeprefix("scores-")] = list(csv.DictReader(f))
+        tables[path.stem.removeprefix("scores-")] = read_rows(path)
     out: dict = {"weight": weight, "shifts": {}}
     for shift, rows in tables.items():
         y = [int(r["fractured"]) for r in rows]

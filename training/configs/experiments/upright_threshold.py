@@ -32,7 +32,6 @@ most of which lie within 20 degrees of an axis. (6 scorings, ~20 min beside the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -42,8 +41,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from app.inference import upright  # noqa: E402
+from app.inference.operating_point import from_fp_rate  # noqa: E402
 from training import metrics  # noqa: E402
-from training.common import MODELS_DIR, REPO, progress, write_rows  # noqa: E402
+from training.common import MODELS_DIR, REPO, read_rows, write_rows  # noqa: E402
 from training.data import load_records  # noqa: E402
 from training.evaluate import collect, served_models, served_orienter  # noqa: E402
 from training.shifts import shift_name  # noqa: E402
@@ -51,36 +51,28 @@ from training.shifts import shift_name  # noqa: E402
 OUT = REPO / "runs" / "upright-threshold"
 SERVED_DEGREES = 20.0
 SHIFTED = ("rotate@12", "all-rotate-512@12")
-IOU = 0.5  # a lesion is found by a box overlapping it this much (training.metrics.froc)
-
-
-def row_threshold(det, fp_per_image: float = 0.4) -> float:
-    return next(r.threshold for r in det.card.operating_points if r.fp_per_image == fp_per_image)
 
 
 def score(degrees: float, shift: str) -> Path:
     models = served_models(MODELS_DIR, None, None)
-    threshold = row_threshold(models[2])
+    threshold = from_fp_rate(models[2].card, 0.4).detector_threshold  # as the service sets it
     records = [r for r in load_records() if r.split == "val"]
     upright.MIN_TURN_DEGREES = degrees  # read at each call of upright_turn
     c = collect(records, models, shift, orienter=served_orienter(MODELS_DIR))
-    rows = []
-    for rec, prob, (boxes, scores), gt in zip(records, c.probs, c.preds, c.gts, strict=True):
-        kept = boxes[scores >= threshold]
-        iou = metrics.box_iou(kept, gt) if len(kept) and len(gt) else np.zeros((len(kept), len(gt)))
-        hits = iou >= IOU
-        rows.append(
-            {
-                "image_id": rec.image_id,
-                "region": rec.region,
-                "fractured": int(rec.fractured),
-                "probability": prob,
-                "best_box": float(scores.max()) if len(scores) else 0.0,
-                "lesions": len(gt),
-                "found": int(hits.any(axis=0).sum()) if len(gt) else 0,
-                "false_boxes": int((~hits.any(axis=1)).sum()) if len(gt) else len(kept),
-            }
-        )
+    found, lesions, false_boxes = metrics.detection_counts(c.preds, c.gts, threshold)
+    rows = [
+        {
+            "image_id": rec.image_id,
+            "region": rec.region,
+            "fractured": int(rec.fractured),
+            "probability": prob,
+            "best_box": float(scores.max()) if len(scores) else 0.0,
+            "lesions": int(lesions[i]),
+            "found": int(found[i]),
+            "false_boxes": int(false_boxes[i]),
+        }
+        for i, (rec, prob, (_, scores)) in enumerate(zip(records, c.probs, c.preds, strict=True))
+    ]
     path = OUT / f"{degrees:g}" / f"scores-{shift}.csv"
     return write_rows(path, rows)
 
@@ -89,8 +81,7 @@ def _read(degrees: float, shift: str) -> dict[str, np.ndarray] | None:
     path = OUT / f"{degrees:g}" / f"scores-{shift}.csv"
     if not path.is_file():
         return None
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(path)
     keys = ("fractured", "probability", "best_box", "lesions", "found", "false_boxes")
     return {k: np.array([float(r[k]) for r in rows]) for k in keys}
 
@@ -101,7 +92,7 @@ def recall_difference(a: dict, b: dict, n: int = 2000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     idx = np.arange(len(a["lesions"]))
     deltas = []
-    for _ in progress(range(n), "bootstrap", total=n):
+    for _ in range(n):
         s = rng.choice(idx, len(idx))
         lesions = a["lesions"][s].sum()
         if lesions:
@@ -127,6 +118,7 @@ def summary(degrees: float) -> dict:
             "delta": d["delta"],
             "ci95": d["delta_ci95"],
             "recall_at_0.4_row": recall_difference(a, b),
+            "lesions_found_at_0.4_row": [int(a["found"].sum()), int(b["found"].sum())],
             "fp_per_image_at_0.4_row": [
                 float(a["false_boxes"].mean()),
                 float(b["false_boxes"].mean()),
@@ -141,9 +133,8 @@ def rule(degrees: float, shifts: dict) -> dict:
     """The rule in this file's docstring, condition by condition."""
     none = shifts["none"]
     gain = float(np.mean([shifts[s]["delta"] for s in SHIFTED]))
-    found = {
-        d: int(sum(_read(d, s)["found"].sum() for s in SHIFTED)) for d in (SERVED_DEGREES, degrees)
-    }
+    served, candidate = np.sum([shifts[s]["lesions_found_at_0.4_row"] for s in SHIFTED], axis=0)
+    found = {SERVED_DEGREES: int(served), degrees: int(candidate)}
     recall_none = none["recall_at_0.4_row"]
     checks = {
         "none AUROC >= -0.005": none["delta"] >= -0.005,
