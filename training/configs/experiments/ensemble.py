@@ -158,8 +158,22 @@ def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
             row |= {"max_box": w.max_box_score, "default": w.classifier_probability}
             row |= {name: float(p[i]) for name, p in extra.items()}
             rows.append(row)
-    path = scores_dir(clf.card.version) / f"scores-{shift}.csv"
-    return write_rows(path, rows)
+    # a run on the first images only (--limit) is a smoke test: kept apart from the round's files
+    folder = scores_dir(clf.card.version) / ("smoke" if limit else "")
+    path = folder / f"scores-{shift}.csv"
+    return write_rows(path, with_earlier_members(path, rows))
+
+
+def with_earlier_members(path: Path, rows: list[dict]) -> list[dict]:
+    """`rows` with the columns of members an earlier score of the same images wrote to `path`
+    and this one did not score (a round adds members to the files of the shifts it shares with
+    another, e.g. `none`); a file of other images is replaced."""
+    if not path.exists():
+        return rows
+    earlier = read_rows(path)
+    if [r["image_id"] for r in earlier] != [r["image_id"] for r in rows]:
+        return rows
+    return [old | new for old, new in zip(earlier, rows, strict=True)]
 
 
 def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:
