@@ -1,7 +1,7 @@
 """Would an ensemble of the classifiers we already trained rank better under a source shift?
 
     python training/configs/experiments/ensemble.py score --shift all-rotate@3 [--limit N]
-    python training/configs/experiments/ensemble.py summary [--served 2.1.0]
+    python training/configs/experiments/ensemble.py summary [--round 2.1.0]
 
 `score` runs the served pipeline (default models, crop, upright turn, detector) on val under one
 shift and scores the same classifier input with every member below (rot4 views; `default-d4`
@@ -106,10 +106,11 @@ SITE_CANDIDATES = ("ref+site", "ref+member+site")
 SITE_SHIFTS = ("none", "processing@13", "all-rotate-512@13", "all-rotate@13")
 
 
-def scores_dir(served_version: str) -> Path:
-    """Where one round's scores go: `default` is the classifier served then (2.1.0: the member
-    round; 2.2.0: the region round)."""
-    return OUT / served_version
+def scores_dir(round_name: str) -> Path:
+    """Where one round's scores go: named by the classifier served then (`default`; 2.1.0: the
+    member round, 2.2.0: the region round) unless a round names itself (the site round: 2.2.0
+    with detector 1.2.0, whose best box differs from the region round's 1.1.0)."""
+    return OUT / round_name
 
 
 def quantise() -> list[Path]:
@@ -130,7 +131,9 @@ def quantise() -> list[Path]:
     return written
 
 
-def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
+def score(
+    shift: str, limit: int | None, only: set[str] | None = None, round_name: str | None = None
+) -> Path:
     crp, clf, det = served_models(MODELS_DIR, None, None)
     fusion = image_score_fusion(clf, det)
     assert fusion is not None, "the served classifier fuses with the default detector"
@@ -159,7 +162,7 @@ def score(shift: str, limit: int | None, only: set[str] | None = None) -> Path:
             row |= {name: float(p[i]) for name, p in extra.items()}
             rows.append(row)
     # a run on the first images only (--limit) is a smoke test: kept apart from the round's files
-    folder = scores_dir(clf.card.version) / ("smoke" if limit else "")
+    folder = scores_dir(round_name or clf.card.version) / ("smoke" if limit else "")
     path = folder / f"scores-{shift}.csv"
     return write_rows(path, with_earlier_members(path, rows))
 
@@ -198,11 +201,11 @@ def ensemble_scores(rows: list[dict], members: tuple[str, ...], weight: float) -
     return fused_score(mean_logit(probs), np.array([float(r["max_box"]) for r in rows]), weight)
 
 
-def summary(served_version: str) -> dict:
+def summary(round_name: str) -> dict:
     _, clf, det = served_models(MODELS_DIR, None, None)
     weight = image_score_fusion(clf, det).classifier_weight
     tables = {}
-    for path in sorted(scores_dir(served_version).glob("scores-*.csv")):
+    for path in sorted(scores_dir(round_name).glob("scores-*.csv")):
         tables[path.stem.removeprefix("scores-")] = read_rows(path)
     out: dict = {"weight": weight, "shifts": {}}
     for shift, rows in tables.items():
@@ -332,6 +335,9 @@ def against_served(
     }
 
 
+ROUND_HELP = "the round's folder under runs/ensemble/"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -339,17 +345,18 @@ def main() -> None:
     sc.add_argument("--shift", type=shift_name, required=True)
     sc.add_argument("--limit", type=int, default=None)
     sc.add_argument("--members", default=None, help="comma-separated: score only these")
+    sc.add_argument("--round", default=None, help=ROUND_HELP + " (default: served version)")
     sub.add_parser("quantise")
     sm = sub.add_parser("summary")
-    sm.add_argument("--served", default="2.2.0", help="the round: classifier version served then")
+    sm.add_argument("--round", "--served", dest="round", default="2.2.0", help=ROUND_HELP)
     args = ap.parse_args()
     if args.command == "score":
         only = set(args.members.split(",")) if args.members else None
-        print(score(args.shift, args.limit, only))
+        print(score(args.shift, args.limit, only, args.round))
     elif args.command == "quantise":
         print("\n".join(str(p) for p in quantise()))
     else:
-        print(json.dumps(summary(args.served), indent=1))
+        print(json.dumps(summary(args.round), indent=1))
 
 
 if __name__ == "__main__":
