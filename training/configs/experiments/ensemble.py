@@ -34,6 +34,13 @@ Third round (served 2.2.0; scores in runs/ensemble/2.2.0/, summary --served 2.2.
 balanced within each body region (experiments/mobilenet-region.yaml, rule in its header) fails
 its rule (ref + balanced: none -0.006, hand and shoulder +0.005); 2.2.0's networks quantised to
 int8 (`quantise`, mobilenet-ensemble.yaml's int8 rule) stay within 0.003 of float on every shift.
+
+Fourth round (served 2.2.0 with detector 1.2.0; scores in runs/ensemble/site/, summary --round
+site): a third member from other ImageNet weights, every robust change at once on half its crops
+(experiments/mobilenet-site.yaml, rule in its header) fails its rule: in place of 2.2.0's member
+the shifted mean is +0.004 (all-rotate@13 +0.008 [-0.006, 0.021]), all three networks +0.003;
++0.010 was asked. Draws alone move the served figure under all-rotate by up to 0.04 (@9 0.840
+with detector 1.1.0, @11 0.804, @13 0.814), more than any member has added.
 """
 
 from __future__ import annotations
