@@ -48,6 +48,9 @@ COMBINED = {
 }
 # `lowres512`: the long side brought down to this many pixels (a smaller image is kept)
 LONG_SIDE = 512
+# The `rotate` shift's turn, looked up per call: an experiment that measures another fill of the
+# corners (configs/experiments/rotation_fill.py) sets its own here.
+rotate_any: Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 # The `markers` shift's painter, looked up per call: an experiment that measures another marker
 # style (configs/experiments/marker_styles.py) sets its own here.
 paint_marker: Callable[[np.ndarray, random.Random], None] = burn_marker
@@ -124,10 +127,10 @@ def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 def _rotate_any(
-    grey: np.ndarray, boxes: np.ndarray, degrees: float
+    grey: np.ndarray, boxes: np.ndarray, degrees: float, fill: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate counter-clockwise by any angle on a canvas grown to keep every pixel (black
-    corners, as a tilted film scanned square); each box becomes the upright box around its
+    """Rotate counter-clockwise by any angle on a canvas grown to keep every pixel (corners at
+    `fill`: black, as a tilted film scanned square); each box becomes the upright box around its
     rotated corners."""
     import cv2
 
@@ -137,9 +140,12 @@ def _rotate_any(
     nw, nh = int(np.ceil(h * sin + w * cos)), int(np.ceil(h * cos + w * sin))
     m[0, 2] += nw / 2 - w / 2
     m[1, 2] += nh / 2 - h / 2
-    out = cv2.warpAffine(grey, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=0)
+    out = cv2.warpAffine(grey, m, (nw, nh), flags=cv2.INTER_LINEAR, borderValue=fill)
     upright = enclosing_boxes(boxes * [w, h, w, h], m) / [nw, nh, nw, nh]
     return out, np.clip(upright, 0, 1).astype(np.float32)
+
+
+rotate_any = _rotate_any
 
 
 def _monochrome1_dicom(grey: np.ndarray) -> bytes:
@@ -192,7 +198,7 @@ def shift_image(
     if "rot90" in steps:
         out, boxes = _rot90(out, boxes, rng.randrange(1, 4))
     if "rotate" in steps:  # any angle, not only quarter turns
-        out, boxes = _rotate_any(out, boxes, rng.uniform(0.0, 360.0))
+        out, boxes = rotate_any(out, boxes, rng.uniform(0.0, 360.0))
     if "stretch512" in steps:  # both sides to LONG_SIDE: the anatomy's aspect changes
         out = _resize(out, LONG_SIDE, LONG_SIDE)
     if "letterbox512" in steps:  # long side to LONG_SIDE, centred on a square of grey 114

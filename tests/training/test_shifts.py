@@ -73,6 +73,18 @@ def test_any_angle_keeps_every_pixel_and_boxes_the_rotated_lesion():
     ys, xs = np.nonzero(out > 200)
     assert x1 - 2 <= xs.min() and xs.max() <= x2 + 2 and y1 - 2 <= ys.min() and ys.max() <= y2 + 2
 
+    assert out[0, 0] == 0 and out[-1, -1] == 0  # the corners the turn added are black
+
+
+def test_the_turn_can_fill_its_corners_with_another_level():
+    from training.shifts import _rotate_any
+
+    img, boxes = bright_box_image()
+    black, moved = _rotate_any(img, boxes, 30.0)
+    grey, moved_too = _rotate_any(img, boxes, 30.0, fill=40)
+    assert black[0, 0] == 0 and grey[0, 0] == 40  # the background's own level
+    assert np.array_equal(moved, moved_too)  # the boxes do not depend on the fill
+
 
 def test_lowres512_brings_the_long_side_to_512_and_keeps_smaller_images():
     big = np.full((1536, 1229), 90, np.uint8)
