@@ -48,9 +48,6 @@ COMBINED = {
 }
 # `lowres512`: the long side brought down to this many pixels (a smaller image is kept)
 LONG_SIDE = 512
-# The `rotate` shift's turn, looked up per call: an experiment that measures another fill of the
-# corners (configs/experiments/rotation_fill.py) sets its own here.
-rotate_any: Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 # The `markers` shift's painter, looked up per call: an experiment that measures another marker
 # style (configs/experiments/marker_styles.py) sets its own here.
 paint_marker: Callable[[np.ndarray, random.Random], None] = burn_marker
@@ -126,7 +123,7 @@ def _rot90(grey: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return out, b
 
 
-def _rotate_any(
+def rotate_grown(
     grey: np.ndarray, boxes: np.ndarray, degrees: float, fill: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rotate counter-clockwise by any angle on a canvas grown to keep every pixel (corners at
@@ -145,7 +142,9 @@ def _rotate_any(
     return out, np.clip(upright, 0, 1).astype(np.float32)
 
 
-rotate_any = _rotate_any
+# The `rotate` shift's turn, looked up per call: an experiment that fills the corners otherwise
+# or leaves the turn out (configs/experiments/combined_shift_parts.py) sets its own here.
+rotate_any: Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]] = rotate_grown
 
 
 def _monochrome1_dicom(grey: np.ndarray) -> bytes:

@@ -77,11 +77,11 @@ def test_any_angle_keeps_every_pixel_and_boxes_the_rotated_lesion():
 
 
 def test_the_turn_can_fill_its_corners_with_another_level():
-    from training.shifts import _rotate_any
+    from training.shifts import rotate_grown
 
     img, boxes = bright_box_image()
-    black, moved = _rotate_any(img, boxes, 30.0)
-    grey, moved_too = _rotate_any(img, boxes, 30.0, fill=40)
+    black, moved = rotate_grown(img, boxes, 30.0)
+    grey, moved_too = rotate_grown(img, boxes, 30.0, fill=40)
     assert black[0, 0] == 0 and grey[0, 0] == 40  # the background's own level
     assert np.array_equal(moved, moved_too)  # the boxes do not depend on the fill
 

@@ -54,7 +54,7 @@ def background_fill() -> None:
 
     def onto_background(grey: np.ndarray, boxes: np.ndarray, degrees: float):
         border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-        return shifts._rotate_any(grey, boxes, degrees, fill=int(np.median(border)))
+        return shifts.rotate_grown(grey, boxes, degrees, fill=int(np.median(border)))
 
     shifts.rotate_any = onto_background
 

@@ -42,7 +42,7 @@ from training.data import load_records, read_grey  # noqa: E402
 def shifted_with_turn(rec, shift: str) -> tuple[bytes, str, float]:  # noqa: ANN001
     """The shifted image and the counter-clockwise degrees the shift turned it by."""
     turned = [0.0]
-    rot90, rotate_any = shifts._rot90, shifts._rotate_any
+    rot90, rotate_any = shifts._rot90, shifts.rotate_any
 
     def record_rot90(grey, boxes, k):  # noqa: ANN001, ANN202
         turned[0] += 90.0 * k
@@ -52,13 +52,13 @@ def shifted_with_turn(rec, shift: str) -> tuple[bytes, str, float]:  # noqa: ANN
         turned[0] += degrees
         return rotate_any(grey, boxes, degrees)
 
-    shifts._rot90, shifts._rotate_any = record_rot90, record_any
+    shifts._rot90, shifts.rotate_any = record_rot90, record_any
     try:
         data, ctype, _ = shifts.shift_image(
             read_grey(rec.path), np.zeros((0, 4)), shift, rec.image_id
         )
     finally:
-        shifts._rot90, shifts._rotate_any = rot90, rotate_any
+        shifts._rot90, shifts.rotate_any = rot90, rotate_any
     return data, ctype, turned[0]
 
 
