@@ -187,16 +187,15 @@ def with_earlier_members(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def candidates(scored: set[str]) -> dict[str, tuple[str, ...]]:
-    """Every candidate whose members were all scored: the default with any subset of the others."""
-    out: dict[str, tuple[str, ...]] = {"default": ("default",), "default-d4": ("default-d4",)}
+    """Every candidate whose members were all scored: each member alone, the default with any
+    subset of the first round's others, and the later rounds' own candidates."""
+    out: dict[str, tuple[str, ...]] = {"default": ("default",)}
+    out |= {name: (name,) for name in MEMBERS}
     others = [m for m in ("ref", "light", "bam", "member") if m in scored]
     for k in range(1, len(others) + 1):
         for subset in itertools.combinations(others, k):
             out["+".join(("default", *subset))] = ("default", *subset)
     out["default-d4+ref"] = ("default-d4", "ref")
-    out["member"] = ("member",)
-    out["balanced"] = ("balanced",)
-    out["site"] = ("site",)
     for name in ("ref+member", *REGION_CANDIDATES, *SITE_CANDIDATES):
         out[name] = tuple(name.split("+"))
         out[int8_twin(name)] = tuple(int8_twin(name).split("+"))
@@ -233,7 +232,9 @@ def summary(round_name: str) -> dict:
             }
         out["shifts"][shift] = per
     if all(s in out["shifts"] for s in CHOOSE_ON):
+        # the first round chose among the default's own combinations
         names = set.intersection(*(set(out["shifts"][s]) for s in CHOOSE_ON)) - {"default"}
+        names = {name for name in names if name.startswith("default")}
         means = {
             name: float(np.mean([out["shifts"][s][name]["auroc"] for s in CHOOSE_ON]))
             for name in sorted(names)
