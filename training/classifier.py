@@ -301,6 +301,18 @@ def epoch_indices(
     return picked[torch.randperm(len(picked))]
 
 
+def train_subset(items: list[CachedImage], fraction: float, seed: int) -> list[CachedImage]:
+    """A seeded `fraction` of the train images, drawn within fractured and unfractured apart so
+    the share of fractures stays; order kept."""
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    for label in (True, False):
+        idx = [i for i, it in enumerate(items) if bool(it.fractured) == label]
+        k = max(1, round(len(idx) * fraction))
+        keep.update(int(i) for i in rng.choice(idx, size=k, replace=False))
+    return [it for i, it in enumerate(items) if i in keep]
+
+
 @dataclass
 class CropData:
     """Letterboxed uint8 crops of every split as torch tensors, with labels (and, for train, the
@@ -580,6 +592,10 @@ def finetune(
     import torch
 
     cfg = recipe["finetune"]
+    fraction = float(cfg.get("train_fraction", 1.0))
+    if fraction < 1.0:  # a learning-curve point: fewer labelled train images, val untouched
+        items = {**items, "train": train_subset(items["train"], fraction, recipe.get("seed", 0))}
+        log.write(event="train_fraction", fraction=fraction, train_images=len(items["train"]))
     data = crop_data(items, cfg)
     if cfg.get("localisation"):
         model = build_localising_model(backbone, feature_dim, feature_map)

@@ -1,11 +1,15 @@
-"""Which crops one training epoch draws (training/classifier.py epoch_indices)."""
+"""Which crops one training epoch draws (training/classifier.py epoch_indices), and which train
+images a learning-curve run keeps (train_subset)."""
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.classifier import epoch_indices  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from training.classifier import epoch_indices, train_subset  # noqa: E402
+from training.data import CachedImage  # noqa: E402
 
 
 def _labels_and_regions() -> tuple[object, np.ndarray]:
@@ -33,3 +37,28 @@ def test_balancing_by_region_gives_each_region_the_same_share_of_fractures():
     unbalanced = epoch_indices(y, 1).numpy()
     leg_negatives = (regions[unbalanced] == "leg") & (y[unbalanced].numpy() == 0)
     assert leg_negatives.sum() > 20
+
+
+def _images(fractured: int, unfractured: int) -> list[CachedImage]:
+    flags = [True] * fractured + [False] * unfractured
+    return [
+        CachedImage(
+            f"IMG{i:04d}", "train", f, "hand", np.zeros((0, 4)), (0, 0, 1, 1), Path("x"), Path("y")
+        )
+        for i, f in enumerate(flags)
+    ]
+
+
+def test_a_train_fraction_keeps_the_share_of_fractures_and_the_same_images_for_a_seed():
+    images = _images(40, 160)
+    half = train_subset(images, 0.5, seed=17)
+    assert len(half) == 100 and sum(it.fractured for it in half) == 20
+    assert [it.image_id for it in half] == [
+        it.image_id for it in train_subset(images, 0.5, seed=17)
+    ]
+    assert [it.image_id for it in half] != [
+        it.image_id for it in train_subset(images, 0.5, seed=18)
+    ]
+    # order kept, nothing repeated
+    ids = [it.image_id for it in half]
+    assert ids == sorted(set(ids))
