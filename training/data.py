@@ -25,6 +25,8 @@ from training.common import progress
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas"
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"
+# FracAtlas's regions nearest an upper-limb-only source (elbow, wrist, forearm, fingers, shoulder)
+HAND_SHOULDER = ("hand", "shoulder")
 SPLITS = ("train", "val", "test")
 BODY_REGIONS = ("hand", "leg", "hip", "shoulder", "mixed")
 # The cropper card's margin (the service reads it from there): training crops follow the same rule.

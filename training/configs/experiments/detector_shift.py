@@ -40,7 +40,7 @@ from app.inference.pipeline import (  # noqa: E402
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
 from training.common import MODELS_DIR, REPO, progress, read_rows, write_rows  # noqa: E402
-from training.data import load_records  # noqa: E402
+from training.data import HAND_SHOULDER, load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
 from training.shifts import shift_name  # noqa: E402
@@ -58,7 +58,6 @@ SHIFTED = {
         "all-rotate@11",
     ),
 }
-HAND_SHOULDER = ("hand", "shoulder")
 # the candidate's own val metrics unshifted (training's detector evaluation), as the rule asks
 MIN_FROC_CPM, MIN_RECALL_AT_04 = 0.620, 0.534
 

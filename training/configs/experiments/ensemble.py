@@ -69,7 +69,7 @@ from app.inference.preprocessing import model_input  # noqa: E402
 from app.inference.runtime import OnnxModel  # noqa: E402
 from training import metrics  # noqa: E402
 from training.common import MODELS_DIR, REPO, progress, read_rows, write_rows  # noqa: E402
-from training.data import load_records  # noqa: E402
+from training.data import HAND_SHOULDER, load_records  # noqa: E402
 from training.detection import COLLECT_THRESHOLD  # noqa: E402
 from training.evaluate import decode_record, served_models  # noqa: E402
 from training.shifts import shift_name  # noqa: E402
@@ -104,7 +104,6 @@ CHOOSE_ON = ("none", "all", "all-rotate")
 # experiments/mobilenet-member.yaml's rule: its candidate, and the shifts it is judged on
 MEMBER_CANDIDATE = "default+member"
 MEMBER_SHIFTS = ("processing", "all-rotate-512@8", "all-rotate@8")
-HAND_SHOULDER = ("hand", "shoulder")
 # experiments/mobilenet-region.yaml's rule (judged against 2.2.0): candidates, preferred first
 REGION_CANDIDATES = ("ref+balanced", "ref+member+balanced")
 REGION_SHIFTS = ("none", "processing", "all-rotate-512@9", "all-rotate@9")

@@ -26,11 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from training.classifier import crops_as_array, input_spec, onnx_scores  # noqa: E402
-from training.data import DEFAULT_CACHE, load_cache  # noqa: E402
+from training.data import DEFAULT_CACHE, HAND_SHOULDER, load_cache  # noqa: E402
 from training.metrics import paired_auroc_difference  # noqa: E402
 
 SHIPPED = Path("models/classifier-mobilenetv2.onnx")
-UPPER_LIMB = {"hand", "shoulder"}
 
 
 def first_network(ensemble: Path, out: Path) -> Path:
@@ -61,7 +60,7 @@ def main() -> None:
     x = torch.from_numpy(crops_as_array(items, 288, use_boxes=False))
     spec = input_spec(288, 0.5, 0.5, "rot4")
     y = np.array([int(it.fractured) for it in items])
-    upper = np.array([it.region in UPPER_LIMB for it in items])
+    upper = np.array([it.region in HAND_SHOULDER for it in items])
     with tempfile.TemporaryDirectory() as tmp:
         full = onnx_scores(first_network(SHIPPED, Path(tmp) / "first.onnx"), x, spec)
     for run in args.runs:

@@ -32,9 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
+from training.data import HAND_SHOULDER  # noqa: E402
 from training.metrics import bootstrap_classification  # noqa: E402
-
-UPPER_LIMB = {"hand", "shoulder"}
 
 
 def auroc_with_interval(labels: list[int], scores: list[float]) -> tuple[float, list[float]]:
@@ -52,7 +51,7 @@ def summarise(report: Path) -> dict[str, tuple[int, int, float, list[float]]]:
     out = {}
     for name, keep in (
         ("all", rows),
-        ("hand and shoulder", [r for r in rows if r["region"] in UPPER_LIMB]),
+        ("hand and shoulder", [r for r in rows if r["region"] in HAND_SHOULDER]),
     ):
         labels = [int(r["fractured"]) for r in keep]
         scores = [float(r["probability"]) for r in keep]
