@@ -8,23 +8,47 @@ ORT ?= cpu
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: serve install install-test system-deps test lint format train bench screenshots clean
+.PHONY: serve install install-test lock system-deps test lint format train bench screenshots clean
+
+# Installs come from the locks in requirements/ (exact versions with hashes, made from the ranges in
+# pyproject.toml by `make lock`), so a fresh clone gets what was tested. A stamp per lock keeps an
+# unchanged tree from re-running pip at every `make serve`.
+PIP_VERSION := 25.3
+SERVE_LOCK := requirements/serve$(if $(filter gpu,$(ORT)),-gpu).txt
+TEST_LOCK := requirements/test.txt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet pip==$(PIP_VERSION)
 
 # The service install: torch-free.
-install: $(BIN)/python
-	$(PIP) install --quiet -e ".[$(ORT)]"
+$(VENV)/.installed-serve-$(ORT): $(SERVE_LOCK) pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet --require-hashes -r $(SERVE_LOCK)
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+install: $(VENV)/.installed-serve-$(ORT)
 
+# Blocks in the foreground; Ctrl-C stops it. Binds $(HOST):$(PORT) (all interfaces by default).
 serve: install
 	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
 
 # Tests also train tiny models of every family, so they need the training extra (torch 2.14.1
 # and torchvision 0.29.1 come from this machine's disk).
-install-test: $(BIN)/python
-	$(PIP) install --quiet -e ".[cpu,train,test]"
+$(VENV)/.installed-test: $(TEST_LOCK) pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet --require-hashes -r $(TEST_LOCK)
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+install-test: $(VENV)/.installed-test
+
+# Re-resolve the locks from pyproject.toml's ranges (newest versions allowed today), then
+# `make test` before committing them. The service locks are constrained by the test lock, so a
+# package has one version everywhere.
+LOCK_FLAGS := --python-version 3.11 --universal --generate-hashes --quiet
+lock: $(BIN)/python
+	$(PIP) install --quiet uv==0.13.10
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra train --extra test $(LOCK_FLAGS) $(UPGRADE) -c requirements/constraints.txt -o $(TEST_LOCK)
+	$(BIN)/uv pip compile pyproject.toml --extra cpu $(LOCK_FLAGS) -c $(TEST_LOCK) -o requirements/serve.txt
+	$(BIN)/uv pip compile pyproject.toml --extra gpu $(LOCK_FLAGS) -c $(TEST_LOCK) -o requirements/serve-gpu.txt
 
 # Debian packages the tests run for real: prometheus (promtool and a server for the scrape test),
 # orthanc and orthanc-dicomweb (a PACS for the DICOMweb tests), dcmtk (storescu for C-STORE),

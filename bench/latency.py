@@ -132,21 +132,23 @@ def post_each(client: httpx.Client, files: list[tuple[Path, str]]) -> list[float
 
 
 def tilted(jpegs: list[Path]) -> list[tuple[bytes, str]]:
-    """The bench JPEGs set down at any angle (training/shifts.py `rotate`: canvas grown, seeded
-    by the image), re-encoded as JPEG (quality 95) so that decode costs what a JPEG costs: the
-    images on which the upright turn works."""
+    """The bench JPEGs set down at any angle, re-encoded as JPEG (quality 95) so that decode
+    costs what a JPEG costs: the images on which the upright turn works. The angle is the
+    `rotate` shift's (training/shifts.py: seeded by the image, canvas grown, black corners);
+    Pillow turns the image here, so the bench needs only the service's install."""
     import io
+    import random
+    import zlib
 
     from PIL import Image
 
-    from training.shifts import shift_image
-
     out = []
     for path in jpegs:
-        grey = np.asarray(Image.open(path).convert("L"))
-        png, _, _ = shift_image(grey, np.zeros((0, 4), np.float32), "rotate", path.stem)
+        degrees = random.Random(zlib.crc32(f"rotate:{path.stem}".encode())).uniform(0.0, 360.0)
+        grey = Image.open(path).convert("L")
+        turned = grey.rotate(degrees, resample=Image.BILINEAR, expand=True, fillcolor=0)
         buf = io.BytesIO()
-        Image.open(io.BytesIO(png)).save(buf, format="JPEG", quality=95)
+        turned.save(buf, format="JPEG", quality=95)
         out.append((buf.getvalue(), "image/jpeg"))
     return out
 

@@ -32,6 +32,10 @@ FAMILIES = {
     "simclr": ("training.families.simclr", "SimCLR ResNet-18 classifier (Thorat et al.)"),
     "dino": ("training.families.dino", "DINO ViT-S/14 classifier (FractuVision)"),
     "mobilenet": ("training.families.mobilenet", "ImageNet MobileNetV2 classifier, box-supervised"),
+    "efficientnet": (
+        "training.families.efficientnet",
+        "ImageNet EfficientNet-Lite classifier, box-supervised",
+    ),
     "bam": ("training.families.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
     "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
     "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),

@@ -117,7 +117,16 @@ def mobilenet_feature_map(net: Any, x: Any) -> Any:
     return net.features(x)
 
 
-FEATURE_MAPS = {"resnet": resnet_feature_map, "mobilenet": mobilenet_feature_map}
+def timm_feature_map(net: Any, x: Any) -> Any:
+    """Last feature map (stride 32) of a timm CNN (EfficientNet-Lite: after conv_head)."""
+    return net.forward_features(x)
+
+
+FEATURE_MAPS = {
+    "resnet": resnet_feature_map,
+    "mobilenet": mobilenet_feature_map,
+    "timm": timm_feature_map,
+}
 
 
 def build_localising_model(backbone: Any, feature_dim: int, feature_map: str = "resnet") -> Any:

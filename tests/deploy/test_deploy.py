@@ -164,7 +164,9 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises():
     assert installs and not re.search(
         r"torch|ultralytics|\[train|\[test", installs
     )  # the service only
-    assert re.search(r"cudnn-runtime", text) and "onnxruntime-gpu==" in text
+    assert re.search(r"cudnn-runtime", text) and "--require-hashes" in installs
+    assert "ARG LOCK=requirements/serve-gpu.txt" in text
+    assert "onnxruntime-gpu==" in (REPO / "requirements" / "serve-gpu.txt").read_text()
 
 
 def test_prometheus_config_and_alert_rules_pass_promtool():

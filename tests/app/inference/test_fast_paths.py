@@ -47,6 +47,7 @@ from app.inference.preprocessing import (
 from tests.conftest import bone_phantom
 
 MODALITIES = ["CR", "DX", "RG", "OT"]
+LOSSY_J2K = "1.2.840.10008.1.2.4.91"  # JPEG 2000 that may use the irreversible wavelet
 
 
 def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
@@ -258,8 +259,9 @@ def test_a_truncated_jpeg_leaves_pillow_strict_for_everyone_else(fracatlas_dir: 
 
 def test_fast_decoders_give_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
     """Every full-size decode by a faster codec (threaded OpenJPEG for JPEG 2000, CharLS for
-    JPEG-LS, imagecodecs' lossless JPEG) of a shared file gives exactly pylibjpeg's samples; the
-    broken files it leaves to pylibjpeg (and a 422)."""
+    JPEG-LS, imagecodecs' lossless JPEG) of a shared file gives pylibjpeg's samples: exactly
+    where the codec is integer arithmetic, within one level for lossy JPEG 2000; the broken
+    files it leaves to pylibjpeg (and a 422)."""
     import pydicom
     from pydicom.pixels import pixel_array
 
@@ -275,7 +277,15 @@ def test_fast_decoders_give_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
         if fast is None:
             continue
         reference = pixel_array(ds, decoding_plugin="pylibjpeg")
-        assert fast.dtype == reference.dtype and np.array_equal(fast, reference), row["file"]
+        assert fast.dtype == reference.dtype, row["file"]
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        if ts in LOSSY_J2K:
+            # the irreversible 9/7 wavelet runs in floating point, and two builds of OpenJPEG
+            # (another compiler, SIMD or processor) may round a sample to the next level
+            diff = np.abs(fast.astype(np.int64) - reference.astype(np.int64))
+            assert diff.max() <= 1 and diff.mean() < 0.01, (row["file"], diff.max())
+        else:  # integer arithmetic only: the same samples on any processor
+            assert np.array_equal(fast, reference), row["file"]
         taken.add(str(ds.file_meta.TransferSyntaxUID))
     expected = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.70"}
     if decoding.J2K_THREADS > 1:
