@@ -8,7 +8,7 @@ ORT ?= cpu
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: serve install install-test lock system-deps test lint format train bench screenshots clean
+.PHONY: serve install install-test lock system-deps test lint format train docs bench screenshots clean
 
 # Installs come from the locks in requirements/ (exact versions with hashes, made from the ranges in
 # pyproject.toml by `make lock`), so a fresh clone gets what was tested. A stamp per lock keeps an
@@ -66,15 +66,15 @@ system-deps:
 	else echo "not root or no apt: $(DEBIAN_PACKAGES) not installed, their tests will skip"; fi
 
 lint: install-test
-	$(BIN)/ruff check app training tests bench
-	$(BIN)/ruff format --check app training tests bench
+	$(BIN)/ruff check app training research tests bench
+	$(BIN)/ruff format --check app training research tests bench
 
 test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 format: install-test
-	$(BIN)/ruff check --fix app training tests bench
-	$(BIN)/ruff format app training tests bench
+	$(BIN)/ruff check --fix app training research tests bench
+	$(BIN)/ruff format app training research tests bench
 
 # Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
 # see README). Each run writes runs/<name>/export first (with test figures: the shipped model is
@@ -96,6 +96,10 @@ train: install-test
 screenshots: install-test system-deps
 	$(BIN)/python -m pytest -q tests/app/test_viewer.py tests/training/test_report.py
 	mkdir -p docs && cp reports/viewer.png reports/report.png docs/
+
+# The README's numbers (models table from the cards, the sample answer from the service).
+docs: install-test
+	$(BIN)/python -m training readme
 
 bench: install
 	$(BIN)/python bench/latency.py

@@ -66,6 +66,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if not settings.api_keys:
+            log.warning(
+                "no API key set (FRACTURE_API_KEYS): every endpoint is open to whoever reaches "
+                "this service"
+            )
         state.admission = Admission(
             settings.inference_workers, settings.queue_limit, state.metrics.overloaded.inc
         )

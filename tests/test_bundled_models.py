@@ -89,3 +89,24 @@ def test_make_train_retrains_every_shipped_model_from_its_cards_recipe():
             )
         else:
             assert card["recipe"]["config"] == config, card["name"]
+
+
+def test_top_level_recipes_are_the_ones_shipped_cards_name():
+    """training/configs/ holds the recipes of shipped models (their cards' and `make train`'s),
+    their ensemble members and the runs they warm-start from; every other recipe is a candidate
+    (training/configs/candidates/)."""
+    import re
+
+    configs = REPO / "training" / "configs"
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    runs = re.search(r"^TRAIN_RUNS := (.*)$", text, re.MULTILINE).group(1).split()
+    todo = {card["recipe"]["config"] for card in cards()}
+    todo |= {f"training/configs/{r.split(':')[1]}.yaml" for r in runs}
+    named: set[str] = set()
+    while todo:
+        config = todo.pop()
+        named.add(config)
+        recipe = yaml.safe_load((REPO / config).read_text())
+        todo |= set(recipe.get("members", [])) | {recipe.get("warm_start")} - {None} - named
+    top = {p.relative_to(REPO).as_posix() for p in configs.glob("*.yaml")}
+    assert top - named == set(), "not named by a shipped card: move to training/configs/candidates/"

@@ -111,8 +111,23 @@ def promote(
 def train_main(family: str, argv: list[str]) -> int:
     module, about = FAMILIES[family]
     parser = argparse.ArgumentParser(prog=f"python -m training {family}", description=about)
-    default = REPO / "training" / "configs" / f"{family}.yaml"
-    parser.add_argument("--config", type=Path, default=default, help=f"default: {default.name}")
+    configs = REPO / "training" / "configs"
+    # the family's own recipe: a shipped one, else a candidate; none means --config is needed
+    default = next(
+        (
+            p
+            for p in (configs / f"{family}.yaml", configs / "candidates" / f"{family}.yaml")
+            if p.is_file()
+        ),
+        None,
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        required=default is None,
+        help=f"default: {default.relative_to(REPO)}" if default else "the recipe (YAML)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -157,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "calibrate", help="a site's calibration and operating points", add_help=False
     )
+    commands.add_parser("readme", help="regenerate the README's numbers", add_help=False)
     promote_parser = commands.add_parser("promote", help="copy a run's export into models/")
     promote_parser.add_argument("export_dir", type=Path)
     promote_parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
@@ -178,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.calibrate import main as calibrate_main
 
         return calibrate_main(rest)
+    if command == "readme":
+        from training.readme import main as readme_main
+
+        return readme_main(rest)
     if command == "promote":
         args = parser.parse_args(argv)
         for path in promote(args.export_dir, args.models_dir, args.name, args.version):

@@ -49,7 +49,7 @@ COMBINED = {
 # `lowres512`: the long side brought down to this many pixels (a smaller image is kept)
 LONG_SIDE = 512
 # The `markers` shift's painter, looked up per call: an experiment that measures another marker
-# style (configs/experiments/marker_styles.py) sets its own here.
+# style (research/marker_styles.py) sets its own here.
 paint_marker: Callable[[np.ndarray, random.Random], None] = burn_marker
 
 
@@ -143,7 +143,7 @@ def rotate_grown(
 
 
 # The `rotate` shift's turn, looked up per call: an experiment that fills the corners otherwise
-# or leaves the turn out (configs/experiments/combined_shift_parts.py) sets its own here.
+# or leaves the turn out (research/combined_shift_parts.py) sets its own here.
 rotate_any: Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]] = rotate_grown
 
 

@@ -13,7 +13,7 @@ see: the answer's boxes refer to the image as sent.
 
 Off by default (FRACTURE_PAINT_OUT_MARKERS): on val it brings scores nearer the unmarked image's
 but not AUROC, and the shipped detector boxes painted patches over bone (README, "Site
-calibration"; training/configs/experiments/marker_boxes.py).
+calibration"; research/marker_boxes.py).
 """
 
 from __future__ import annotations

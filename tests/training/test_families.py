@@ -20,6 +20,7 @@ from training.export import CARD_FIELDS
 
 pytestmark = pytest.mark.slow
 CONFIGS = common.REPO / "training" / "configs"
+CANDIDATES = CONFIGS / "candidates"  # recipes no shipped card names
 
 
 def make_synthetic_release(root: Path, per_split: int = 8) -> Path:
@@ -287,7 +288,7 @@ def test_frcnn_tiny_run(tiny_cache, run_dirs):
 
     runs, models = run_dirs
     recipe = load_recipe(
-        CONFIGS / "frcnn.yaml",
+        CANDIDATES / "frcnn.yaml",
         {
             "cache": str(tiny_cache),
             "name": "t-frcnn",
@@ -310,8 +311,8 @@ def test_frcnn_tiny_run(tiny_cache, run_dirs):
     [
         ("mobilenet", "mobilenet"),
         ("bam", "bam"),
-        ("mobilenet", "mobilenet-rot"),
-        ("efficientnet", "efficientnet-lite0"),
+        ("mobilenet", "candidates/mobilenet-rot"),
+        ("efficientnet", "candidates/efficientnet-lite0"),
     ],
 )
 def test_imagenet_classifier_tiny_run_and_resume(family, config, tiny_cache, run_dirs):
@@ -359,7 +360,7 @@ def test_orienter_tiny_run_and_its_turn_table(tiny_cache, run_dirs):
 
     runs, models = run_dirs
     recipe = load_recipe(
-        CONFIGS / "orienter.yaml",
+        CANDIDATES / "orienter.yaml",
         {"cache": str(tiny_cache), "name": "t-orienter", "input_size": 64, "epochs": 2},
     )
     card = orienter.train(recipe, out_dir=models)
@@ -468,7 +469,7 @@ def test_frcnn_warm_start_from_a_shipped_graph(tiny_cache, run_dirs):
     frcnn.train(parent, out_dir=models)
     shipped = models / "t-shipped.onnx"
     child = load_recipe(
-        CONFIGS / "experiments" / "frcnn-mobilenet-shift.yaml",
+        CANDIDATES / "frcnn-mobilenet-shift.yaml",
         # the tiny graph keeps torchvision's 1000 proposals (the recipe's file: 100)
         {**tiny, "name": "t-shift", "epochs": 1, "warm_start_onnx": str(shipped)}
         | {"warm_start_proposals": 1000},
@@ -611,7 +612,7 @@ def test_a_region_hold_out_is_never_trained_on_nor_chosen_with(tiny_cache, run_d
     """`exclude_regions` removes a body region from train and val (what the run learns and
     chooses with); test keeps it, to be measured on."""
     recipe = load_recipe(
-        CONFIGS / "mobilenet-holdout-hand.yaml", {"cache": str(tiny_cache), "name": "t-hold"}
+        CANDIDATES / "mobilenet-holdout-hand.yaml", {"cache": str(tiny_cache), "name": "t-hold"}
     )
     recipe["report_test"] = True
     every = common.start_run({**recipe, "exclude_regions": []}).items

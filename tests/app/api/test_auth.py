@@ -81,3 +81,16 @@ def test_each_study_leaves_an_audit_line_naming_the_key_not_the_patient(secured,
     text = json.dumps(line)
     assert str(ds.StudyInstanceUID) not in text and str(ds.PatientID) not in text
     assert KEYS[1] not in text
+
+
+def test_starting_without_a_key_warns_and_with_keys_does_not(capsys, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    for keys, warned in (([], True), (KEYS, False)):
+        capsys.readouterr()
+        with TestClient(create_app(Settings(api_keys=keys, models_dir=tmp_path))):
+            pass
+        assert ("no API key set" in capsys.readouterr().err) is warned
