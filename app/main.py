@@ -19,10 +19,10 @@ from app.api.routes import dicomweb, health, metrics, models, predict, viewer
 from app.core.config import Settings, get_settings
 from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
-from app.dicom.delivery import CStoreSender, Deliverer, Sender, StowSender
-from app.dicom.dimse import StoreReceiver
-from app.dicom.ingest import recover_intake
-from app.dicom.store import ResultStore, database_url, open_database
+from app.pacs.dimse import StoreReceiver
+from app.pacs.ingest import recover_intake
+from app.results.delivery import CStoreSender, Deliverer, Sender, StowSender
+from app.results.store import ResultStore, database_url, open_database
 from app.state import AppState, load_models, start_batcher
 
 log = logging.getLogger("app")

@@ -12,9 +12,9 @@ from app.admission import Admission
 from app.batching import StudyBatcher
 from app.core.config import Settings
 from app.core.metrics import Metrics
-from app.dicom.delivery import Deliverer
-from app.dicom.store import ResultStore
 from app.inference.runtime import ModelLoadError, ModelRegistry, OnnxModel
+from app.results.delivery import Deliverer
+from app.results.store import ResultStore
 
 log = logging.getLogger("app")
 

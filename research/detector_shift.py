@@ -36,10 +36,11 @@ from app.inference.pipeline import (
 )
 from app.inference.runtime import OnnxModel
 from training import metrics
-from training.common import MODELS_DIR, REPO, progress, read_rows, write_rows
+from training.common import MODELS_DIR, REPO, read_rows, write_rows
 from training.data import HAND_SHOULDER, load_records
 from training.detection import COLLECT_THRESHOLD
 from training.evaluate import decode_record, served_models
+from training.progress import progress
 from training.shifts import shift_name
 
 CANDIDATE = "detector-frcnn-mobilenetv2-shift"

@@ -8,15 +8,12 @@ import os
 import platform
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import yaml
-
-T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "models"
@@ -41,14 +38,6 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     """A CSV written by write_rows, one dict per row."""
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-    """A tqdm progress bar on a terminal; nothing when the output is a log file (nohup runs
-    log one JSON line per epoch instead)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, disable=None, dynamic_ncols=True)
 
 
 def go_offline() -> None:

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from app.inference.decoding import lenient_pillow
 from app.inference.model_card import DEFAULT_CROP_MARGIN
 from app.inference.preprocessing import mask_crop_box, model_input, stretch_grey
-from training.common import progress
+from training.progress import progress
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fracatlas"
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / ".cache" / "fracatlas"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.model_card import DEFAULT_FP_PER_IMAGE
+from app.core.config import DEFAULT_FP_PER_IMAGE
 from app.inference.preprocessing import stretch_grey
 from training import metrics, plots
 from training.data import CachedImage, crop_item

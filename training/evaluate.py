@@ -21,16 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from app.core.config import Settings
+from app.core.config import DEFAULT_FP_PER_IMAGE, Settings
 from app.inference.decoding import DecodedImage, decode
-from app.inference.model_card import DEFAULT_FP_PER_IMAGE, fused_score
+from app.inference.model_card import fused_score
 from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, decision_threshold, run_study
 from app.inference.runtime import ModelRegistry, OnnxModel, choose_providers
 from training import metrics, plots, report
-from training.common import MODELS_DIR, REPO, progress
+from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey
 from training.detection import COLLECT_THRESHOLD
+from training.progress import progress
 from training.shifts import SHIFTS, shift_image, shift_name, shift_names
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.inference.model_card import DEFAULT_FP_PER_IMAGE
+from app.core.config import DEFAULT_FP_PER_IMAGE
 
 
 def pyplot():

@@ -9,9 +9,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.inference.model_card import DEFAULT_FP_PER_IMAGE
-
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+# The operating point when a request gives none: one of the FROC rows every detector card carries
+# (app.inference.model_card.FP_RATES), the one Xie et al. chose.
+DEFAULT_FP_PER_IMAGE = 0.4
 
 
 class Settings(BaseSettings):

@@ -1,5 +1,5 @@
 """The one domain error every layer raises for what a client caused; app/api/errors.py turns it
-into HTTP, app/dicom/ingest.py into DICOM statuses. No web framework here."""
+into HTTP, app/pacs/ingest.py into DICOM statuses. No web framework here."""
 
 from __future__ import annotations
 

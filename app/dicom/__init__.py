@@ -1,2 +1,2 @@
-"""DICOM in and out: STOW-RS multipart, the C-STORE receiver, ingest of instances, the SR and
-secondary capture we write, the result store and its delivery to a PACS."""
+"""DICOM formats the service reads and writes: STOW-RS multipart/related bodies, and the SR and
+secondary capture it makes of a study's answer."""

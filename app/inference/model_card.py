@@ -27,9 +27,8 @@ ROLES: dict[str, str] = {
 REQUIRED_ROLES: tuple[str, ...] = ("cropper", "classifier", "detector")
 # Detector output decoders the service implements (app.inference.postprocess), by card `output.postprocess`.
 Postprocess = Literal["yolo", "rcnn"]
-# The FROC rows every detector card carries, and the service's default operating point.
+# The FROC rows every detector card carries (the service's default is one of them).
 FP_RATES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
-DEFAULT_FP_PER_IMAGE = 0.4
 DEFAULT_CROP_MARGIN = 0.05
 
 

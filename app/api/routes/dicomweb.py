@@ -6,7 +6,7 @@ unsupported SOP class or modality, undecodable), 400 bad multipart syntax, 415 w
 FailureReason per instance: 0xA900 study UID mismatch, 0x0122 SOP class (or modality) not
 supported, 0xC000 cannot understand (not DICOM, undecodable pixels), 0xA700 out of resources
 (over the pixel limit). Results are stored for retrieval here and pushed to the configured
-DICOMweb destination (see app/dicom/store.py).
+DICOMweb destination (see app/results/store.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,6 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import StateDep, request_id_of
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
-from app.dicom.ingest import (
-    CANNOT_UNDERSTAND,
-    Accepted,
-    Refused,
-    analyse_instances,
-    read_instance,
-)
 from app.dicom.multipart import (
     MultipartError,
     RelatedParser,
@@ -37,7 +30,14 @@ from app.dicom.multipart import (
     build_related,
     media_params,
 )
-from app.dicom.store import StudyResult
+from app.pacs.ingest import (
+    CANNOT_UNDERSTAND,
+    Accepted,
+    Refused,
+    analyse_instances,
+    read_instance,
+)
+from app.results.store import StudyResult
 from app.state import AppState
 from app.study import resolve_models
 

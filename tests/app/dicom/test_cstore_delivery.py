@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.dicom.delivery import parse_dimse_destination
 from app.dicom.multipart import build_related
+from app.results.delivery import parse_dimse_destination
 from tests.conftest import bone_phantom
 from tests.dicom_factory import make_dataset, to_bytes
 from tests.live import ServiceProcess, free_port, wait_for

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from app.dicom.store import ResultStore, database_url, open_database
 from app.inference.answers import StoredStudyAnswer
+from app.results.store import ResultStore, database_url, open_database
 from tests.live import free_port, wait_for
 
 

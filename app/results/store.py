@@ -1,5 +1,5 @@
 """Results of analysed studies in a database, kept until the PACS has them (bounded by a
-retention time); their delivery is `app.dicom.delivery`.
+retention time); their delivery is `app.results.delivery`.
 
 SQLite under `FRACTURE_STATE_DIR` by default (one file, nothing to install), any SQLAlchemy URL
 (PostgreSQL: several replicas share results) with `FRACTURE_DATABASE_URL`. Each analysis is its

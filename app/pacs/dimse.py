@@ -16,7 +16,7 @@ from collections import OrderedDict
 from typing import Any
 
 from app.core.logs import caller
-from app.dicom.ingest import Accepted, analyse_instances, read_instance
+from app.pacs.ingest import Accepted, analyse_instances, read_instance
 from app.state import AppState
 from app.study import resolve_models
 

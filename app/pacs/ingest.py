@@ -28,11 +28,11 @@ from app.dicom.results import (
     encode,
     source_header,
 )
-from app.dicom.store import IntakeJob
 from app.inference.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.inference.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.inference.operating_point import OperatingPoint
 from app.inference.pipeline import ImageWork
+from app.results.store import IntakeJob
 from app.state import AppState
 from app.study import Models, analyse_study, resolve_models
 

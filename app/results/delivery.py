@@ -21,7 +21,7 @@ import httpx
 
 from app.core.metrics import Metrics
 from app.dicom.multipart import build_related
-from app.dicom.store import ResultStore, StudyResult
+from app.results.store import ResultStore, StudyResult
 
 log = logging.getLogger("app.dicomweb.delivery")
 
