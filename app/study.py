@@ -19,6 +19,7 @@ from app.inference.answers import (
     StudyAnswer,
     StudyVerdict,
 )
+from app.inference.decoding import DecodedImage
 from app.inference.pipeline import ImageWork, decision_threshold, image_answer, image_score
 from app.inference.runtime import OnnxModel
 from app.state import AppState
@@ -141,3 +142,24 @@ async def analyse_study(
             images=len(images),
         ),
     )
+
+
+def refuse_mixed_studies(images: list[DecodedImage]) -> None:
+    """A request is one study of one patient: DICOM files whose PatientID or StudyInstanceUID
+    differ are refused (422 mixed_studies) before any model runs, naming the files (never the
+    identifiers). PNG and JPEG carry neither and are taken as sent."""
+    for attribute, what in (("patient_key", "patients"), ("study_instance_uid", "studies")):
+        groups: dict[str, list[str]] = {}
+        for i, image in enumerate(images):
+            value = getattr(image, attribute)
+            if value:
+                label = f"file {i}" + (f" ({image.filename})" if image.filename else "")
+                groups.setdefault(value, []).append(label)
+        if len(groups) > 1:
+            listed = "; ".join(", ".join(labels) for labels in groups.values())
+            raise ApiError(
+                422,
+                "mixed_studies",
+                f"the files belong to {len(groups)} different {what} ({listed}): "
+                "send each study in a request of its own",
+            )

@@ -56,4 +56,10 @@ def configure(level: str, json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # uvicorn's loggers come with plain-text handlers of their own: through the root instead, so
+    # start-up, shutdown and server errors are JSON lines like every other
+    for name in ("uvicorn", "uvicorn.error"):
+        server = logging.getLogger(name)
+        server.handlers.clear()
+        server.propagate = True
     logging.getLogger("uvicorn.access").disabled = True

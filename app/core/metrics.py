@@ -10,7 +10,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
 )
+
+# No `*_created` series: a timestamp per counter and histogram that no dashboard reads (process-wide)
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGES = ("decode", "crop", "classify", "detect")

@@ -9,6 +9,7 @@ Patient identifiers are never read into the result, so they cannot reach a log o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -70,6 +71,8 @@ class DecodedImage:
     sop_instance_uid: str | None = None
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
+    # a digest of PatientID (never the ID itself): tells two patients apart in one request
+    patient_key: str | None = None
     pixel_spacing: list[float] | None = None
     modality: str | None = None
     transfer_syntax: str | None = None
@@ -463,12 +466,18 @@ def decode_dicom_dataset(
         sop_instance_uid=_uid(ds, "SOPInstanceUID"),
         study_instance_uid=_uid(ds, "StudyInstanceUID"),
         series_instance_uid=_uid(ds, "SeriesInstanceUID"),
+        patient_key=_patient_key(ds),
         pixel_spacing=[float(v) for v in spacing] if spacing else None,
         modality=modality,
         transfer_syntax=str(ts),
         notes=notes,
         frame_size=frame_size,
     )
+
+
+def _patient_key(ds: Dataset) -> str | None:
+    patient = str(ds.get("PatientID", "") or "").strip()
+    return hashlib.sha256(patient.encode()).hexdigest()[:16] if patient else None
 
 
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}

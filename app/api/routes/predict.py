@@ -16,7 +16,7 @@ from app.inference.answers import StudyAnswer
 from app.inference.decoding import DecodedImage, decode
 from app.inference.pipeline import ImageWork
 from app.state import AppState
-from app.study import abandon_if_gone, analyse_study, resolve_models
+from app.study import abandon_if_gone, analyse_study, refuse_mixed_studies, resolve_models
 
 log = logging.getLogger("app.predict")
 # Form fields besides the images that a multipart upload may carry (ignored).
@@ -152,6 +152,11 @@ async def predict(
         async with state.inference_slots:
             await abandon_if_gone(request.is_disconnected, state, request_id)
             works = await run_in_threadpool(_decode_all, state, uploads)
+            try:
+                refuse_mixed_studies([w.image for w in works])
+            except ApiError:
+                state.metrics.images.labels("rejected").inc(len(works))
+                raise
         return await analyse_study(
             state, works, point, (crp, clf, det), request_id, request.is_disconnected
         )

@@ -112,6 +112,7 @@ def test_predict_real_fracatlas_jpeg(app_client, test_split_images):
 
 
 def test_multipart_study_is_the_max_over_images(app_client, test_split_images, dicom_dir):
+    # JPEGs carry no patient or study: they join the one DICOM study
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in test_split_images[:3]]
     files.append(
         ("files", ("hip.dcm", (dicom_dir / "RG2_JPLY_fixed.dcm").read_bytes(), "application/dicom"))
@@ -449,3 +450,27 @@ def test_not_ready_without_a_detector(tmp_path):
     with TestClient(create_app(Settings(models_dir=tmp_path))) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and "detector" in error_of(r)["detail"]
+
+
+def test_two_patients_in_one_request_are_refused_naming_the_files(app_client, dicom_dir):
+    """NM_Kakadu44 (PatientID XXXXXXXX) and RG3_UNC (11RG3): one request, two patients."""
+    files = [
+        ("files", (name, (dicom_dir / name).read_bytes(), "application/dicom"))
+        for name in ("NM_Kakadu44_SOTmarkerincons.dcm", "RG3_UNC.dcm")
+    ]
+    r = app_client.post("/v1/predict", files=files)
+    assert r.status_code == 422 and r.json()["error"] == "mixed_studies"
+    detail = r.json()["detail"]
+    assert "NM_Kakadu44_SOTmarkerincons.dcm" in detail and "RG3_UNC.dcm" in detail
+    assert "11RG3" not in detail and "XXXXXXXX" not in detail  # files named, never the patient
+
+
+def test_views_of_one_patient_and_study_stay_one_study(app_client, dicom_dir):
+    """RG3_UNC and RG3_JPLL: the same patient and study in two transfer syntaxes."""
+    files = [
+        ("files", (name, (dicom_dir / name).read_bytes(), "application/dicom"))
+        for name in ("RG3_UNC.dcm", "RG3_JPLL.dcm")
+    ]
+    r = app_client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    assert r.json()["study"]["images"] == 2

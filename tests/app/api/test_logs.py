@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+
+import httpx
 
 from app.core.logs import JsonFormatter, new_request_id, request_id
-from tests.conftest import bone_phantom, png_bytes
+from tests.conftest import REPO, bone_phantom, png_bytes
+from tests.live import free_port, wait_for
 
 
 def test_every_line_is_one_json_object_with_the_request_id():
@@ -54,3 +60,32 @@ def test_metrics_carry_process_and_delivery_series(app_client):
         "fracture_requests_overloaded_total",
     ):
         assert name in text, name
+    assert "_created" not in text  # timestamps no dashboard reads
+
+
+def test_uvicorns_lines_are_json_too(tmp_path):
+    """Everything the running process writes to its log is one JSON object per line, uvicorn's
+    own lines (start-up, shutdown) included: a log pipeline never meets a plain-text line."""
+    port = free_port()
+    log = tmp_path / "stderr.log"
+    env = {**os.environ, "FRACTURE_MODELS_DIR": str(tmp_path), "FRACTURE_STATE_DIR": str(tmp_path)}
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
+            + ["--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
+            wait_for(lambda: client.get("/healthz").status_code == 200, 60, "the service")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # a plain-text line fails here
+    loggers = {r["logger"] for r in records}
+    assert any(name.startswith("uvicorn") for name in loggers), loggers
+    assert any("startup complete" in r["message"] for r in records)

@@ -38,7 +38,9 @@ def test_the_inference_core_imports_no_web_framework():
     loaded = imported_after(CORE)
     web = sorted(m for m in loaded if m.split(".")[0] in ("fastapi", "starlette", "uvicorn"))
     assert not web, web
-    assert not any(m.startswith(("app.api", "app.dicom", "app.pacs", "app.results")) for m in loaded)
+    assert not any(
+        m.startswith(("app.api", "app.dicom", "app.pacs", "app.results")) for m in loaded
+    )
 
 
 def test_training_uses_the_core_not_the_service():
