@@ -25,7 +25,23 @@ from pathlib import Path
 
 import yaml
 
+from app.core.errors import ApiError
+from app.inference.model_card import CardError
+from app.inference.runtime import ModelLoadError
 from training.common import MODELS_DIR, REPO, RUNS_DIR, load_recipe
+from training.weights import WeightsMismatchError
+
+# What a caller's bad path, name or recipe raises: answered in one line with exit status 2.
+USER_ERRORS = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    yaml.YAMLError,
+    ApiError,
+    CardError,
+    ModelLoadError,
+    WeightsMismatchError,
+)
 
 FAMILIES = {
     "cropper": ("training.families.cropper", "U-Net bone cropper (Xie et al.)"),
@@ -182,6 +198,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    try:
+        return run_command(parser, command, rest, argv)
+    except USER_ERRORS as exc:
+        # something the caller gave (a path, a name, a recipe) is wrong: one line, no traceback
+        print(f"python -m training {command}: error: {user_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def user_message(exc: BaseException) -> str:
+    detail = getattr(exc, "detail", None)  # the service's own errors (unknown model names)
+    if detail:
+        return str(detail)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def run_command(parser: argparse.ArgumentParser, command: str, rest: list[str], argv) -> int:
     if command == "evaluate":
         from training.evaluate import main as evaluate_main
 

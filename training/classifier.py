@@ -16,6 +16,7 @@ import numpy as np
 
 from training import augment, common, export, metrics
 from training.data import CachedImage, input_item
+from training.progress import progress
 
 
 def input_spec(
@@ -444,7 +445,7 @@ def fit(
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             start = state["epoch"] + 1
-        for epoch in common.progress(range(start, epochs), "epochs"):
+        for epoch in progress(range(start, epochs), "epochs"):
             # BatchNorm statistics stay frozen while only the head learns.
             model.train(stage == "full")
             model.head.train()

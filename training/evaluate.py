@@ -26,7 +26,7 @@ from app.inference.decoding import DecodedImage, decode
 from app.inference.model_card import fused_score
 from app.inference.operating_point import from_fp_rate, from_score
 from app.inference.pipeline import ImageWork, decision_threshold, run_study
-from app.inference.runtime import ModelRegistry, OnnxModel, choose_providers
+from app.inference.runtime import ModelLoadError, ModelRegistry, OnnxModel, choose_providers
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey
@@ -54,13 +54,23 @@ def served_models(
 ) -> tuple[OnnxModel, OnnxModel, OnnxModel]:
     """Cropper, classifier and detector as the service would load them (defaults from Settings)."""
     registry = ModelRegistry(models_dir)
-    registry.load_all("cpu", 0)
     defaults = Settings()
-    return (
-        registry.get("cropper", None, ""),
-        registry.get("classifier", classifier, defaults.default_classifier),
-        registry.get("detector", detector, defaults.default_detector),
-    )
+    chosen = []
+    for role, name, default in (
+        ("cropper", None, ""),
+        ("classifier", classifier, defaults.default_classifier),
+        ("detector", detector, defaults.default_detector),
+    ):
+        try:
+            chosen.append(registry.get(role, name, default))
+        except KeyError:
+            known = ", ".join(sorted(registry.by_role(role))) or "none"
+            raise ModelLoadError(
+                f"no {role} named {name!r} in {models_dir} (there: {known})"
+            ) from None
+    registry.load_all("cpu", 0)
+    crp, clf, det = chosen
+    return crp, clf, det
 
 
 def served_orienter(models_dir: Path) -> OnnxModel | None:

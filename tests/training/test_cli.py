@@ -92,3 +92,27 @@ def test_promote_as_ships_a_candidate_under_the_served_name(tmp_path):
     assert (models / "cropper-unet.onnx").read_bytes() == (
         MODELS_DIR / "cropper-unet.onnx"
     ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["mobilenet", "--config", "nope.yaml"],
+        ["evaluate", "--folder", "/nonexistent/site"],
+        ["evaluate", "--split", "val", "--classifier", "nope"],
+        ["calibrate", "--folder", "/nonexistent/site", "--out", "site.json"],
+    ],
+    ids=["missing-recipe", "missing-folder", "unknown-classifier", "calibrate-missing-folder"],
+)
+def test_a_bad_path_or_name_is_one_line_and_exit_2(argv, tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "training", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path if argv[0] == "calibrate" else REPO,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0], out.stderr

@@ -15,6 +15,7 @@ import numpy as np
 from app.inference.preprocessing import crop_box_from_logits, model_input, resize, stretch_grey
 from training import common, export, metrics
 from training.data import CROP_MARGIN
+from training.progress import progress
 
 
 def build_unet(base: int = 16, depth: int = 4) -> Any:
@@ -154,7 +155,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     )
     ckpt_path = run_dir / "last.pt"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
-    for epoch in common.progress(range(start, epochs), "epochs"):
+    for epoch in progress(range(start, epochs), "epochs"):
         model.train()
         t0, losses = time.time(), []
         for idx in torch.randperm(len(x_train)).split(recipe["batch_size"]):

@@ -17,6 +17,7 @@ import numpy as np
 
 from training import classifier, common
 from training.augment import ssl_views
+from training.progress import progress
 from training.weights import load_verified_state_dict
 
 EMBED_DIM = 384
@@ -67,7 +68,7 @@ def pretrain(
     total = cfg["epochs"] * steps_per_epoch
     ckpt_path = log.run_dir / "ssl_last.pt"
     start = common.resume(ckpt_path, student=student, teacher=teacher, opt=opt)
-    for epoch in common.progress(range(start, cfg["epochs"]), "epochs"):
+    for epoch in progress(range(start, cfg["epochs"]), "epochs"):
         student.train()
         t0, losses = time.time(), []
         perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]

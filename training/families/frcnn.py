@@ -16,6 +16,7 @@ import numpy as np
 
 from training import augment, common, detection, export
 from training.data import input_item, subsample_negatives
+from training.progress import progress
 from training.weights import load_verified_state_dict
 
 
@@ -250,7 +251,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
     tilt = {k: float(recipe[k]) for k in ("tilt_p", "tilt_degrees") if k in recipe}
     shifts = {k: float(recipe[k]) for k in ("compound_p", "processing_p") if k in recipe}
-    for epoch in common.progress(range(start, recipe["epochs"]), "epochs"):
+    for epoch in progress(range(start, recipe["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
         rng = random.Random(recipe["seed"] * 1000 + epoch)  # the same draws after a resume

@@ -22,6 +22,7 @@ import numpy as np
 
 from app.inference.pipeline import turn_probabilities, turns_to_undo
 from training import classifier, common, export, pretrained
+from training.progress import progress
 
 FEATURE_DIM = 1280
 TURNS = 4
@@ -132,7 +133,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     val_x4, val_labels = all_turns(x_val)
     regions = np.array([it.region for it in val_items] * TURNS)
-    for epoch in common.progress(range(start, epochs), "epochs"):
+    for epoch in progress(range(start, epochs), "epochs"):
         rng = random.Random(recipe["seed"] * 1000 + epoch)  # a resumed epoch draws the same
         model.train()
         t0, losses = time.time(), []

@@ -16,6 +16,7 @@ import numpy as np
 
 from training import classifier, common
 from training.augment import ssl_views
+from training.progress import progress
 from training.weights import load_verified_state_dict
 
 
@@ -74,7 +75,7 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
     mean, std = 0.5, 0.25
     ckpt_path = log.run_dir / "ssl_last.pt"
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
-    for epoch in common.progress(range(start, cfg["epochs"]), "epochs"):
+    for epoch in progress(range(start, cfg["epochs"]), "epochs"):
         model.train()
         t0, losses = time.time(), []
         perm = torch.randperm(len(x_all))[: steps_per_epoch * cfg["batch_size"]]
