@@ -328,7 +328,9 @@ def compare_main(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m training evaluate")
     parser.add_argument(
-        "--split", choices=["train", "val", "test"], help="a fixed split (default: test)"
+        "--split",
+        choices=["train", "val", "test"],
+        help="a fixed split (default: val; test is looked at once per shipped version)",
     )
     parser.add_argument("--folder", type=Path, help="a folder in the FracAtlas release layout")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
@@ -358,7 +360,7 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     records = load_records(args.folder or data_root())
-    split = args.split or (None if args.folder else "test")
+    split = args.split or (None if args.folder else "val")
     if split:
         records = [r for r in records if r.split == split]
     if args.limit:
