@@ -52,13 +52,15 @@ lock: $(BIN)/python
 
 # Debian packages the tests run for real: prometheus (promtool and a server for the scrape test),
 # orthanc and orthanc-dicomweb (a PACS for the DICOMweb tests), dcmtk (storescu for C-STORE),
-# chromium and chromium-driver (a real browser for the report and viewer tests). Tests skip with
+# chromium and chromium-driver (a real browser for the report and viewer tests), dicom3tools
+# (dciodvfy checks the DICOM objects we write). Tests skip with
 # a reason where they cannot be installed (not root, no apt).
-DEBIAN_PACKAGES := prometheus orthanc orthanc-dicomweb dcmtk chromium chromium-driver postgresql
+DEBIAN_PACKAGES := prometheus orthanc orthanc-dicomweb dcmtk chromium chromium-driver postgresql \
+	dicom3tools
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(DEBIAN_PACKAGES)
 system-deps:
 	@if command -v promtool >/dev/null 2>&1 && command -v storescu >/dev/null 2>&1 \
-	  && command -v chromedriver >/dev/null 2>&1 \
+	  && command -v chromedriver >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 \
 	  && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  $(APT_INSTALL) >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && $(APT_INSTALL) >/dev/null 2>&1; } \

@@ -50,3 +50,28 @@ def test_orientation_is_copied_or_left_empty():
         "F",
     ]
     assert not capture(300, 240, [[10, 10, 60, 60]]).get("PatientOrientation")
+
+
+def test_the_capture_is_lossless_rle_with_its_laterality():
+    sc = capture(300, 240, [[10, 10, 60, 60]])
+    assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"  # RLE Lossless
+    assert "Laterality" in sc and not sc.Laterality  # Type 2C: present, empty without a source
+
+
+def test_the_capture_passes_dciodvfy(tmp_path):
+    """dicom3tools' IOD checker (Debian dicom3tools): no error in the secondary capture."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from app.dicom.results import encode
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(encode(capture(300, 240, [[10, 10, 60, 60]])))
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
