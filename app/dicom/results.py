@@ -70,12 +70,14 @@ def _codes() -> dict[str, Any]:
 
     return {
         "fracture": CodedConcept("72704001", "SCT", "Fracture"),
-        "finding": CodedConcept("121071", "DCM", "Finding"),
         "procedure": CodedConcept("363680008", "SCT", "Radiographic imaging procedure"),
         "probability": CodedConcept("FRACPROB", SCHEME, "Fracture probability"),
         "box_score": CodedConcept("FRACSCORE", SCHEME, "Fracture detection score"),
         "fp_rate": CodedConcept("FPPERIMG", SCHEME, "Operating point false positives per image"),
         "threshold": CodedConcept("DETTHR", SCHEME, "Detector score threshold"),
+        "decision": CodedConcept("FRACTHR", SCHEME, "Fracture probability decision threshold"),
+        "present": CodedConcept("52101004", "SCT", "Present"),
+        "absent": CodedConcept("2667000", "SCT", "Absent"),
         "unitless": CodedConcept("1", "UCUM", "no units"),
     }
 
@@ -154,6 +156,15 @@ def build_sr(
                 algorithm_id=detector_id,
             ),
         ]
+        if operating_point.get("decision_threshold") is not None:
+            measurements.append(
+                Measurement(
+                    name=c["decision"],
+                    value=float(operating_point["decision_threshold"]),
+                    unit=c["unitless"],
+                    algorithm_id=classifier_id,
+                )
+            )
         if operating_point.get("fp_per_image") is not None:
             measurements.append(
                 Measurement(
@@ -163,9 +174,13 @@ def build_sr(
                     algorithm_id=detector_id,
                 )
             )
-        evaluations = (
-            [QualitativeEvaluation(name=c["finding"], value=c["fracture"])] if f.fracture else None
-        )
+        # the verdict of every image, negatives included: Fracture = Present / Absent (the
+        # probability judged against the decision threshold above)
+        evaluations = [
+            QualitativeEvaluation(
+                name=c["fracture"], value=c["present"] if f.fracture else c["absent"]
+            )
+        ]
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(

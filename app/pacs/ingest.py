@@ -115,6 +115,7 @@ def build_results(
     exact_point = {
         "detector_threshold": point.detector_threshold,
         "fp_per_image": point.fp_per_image,
+        "decision_threshold": decision_threshold,
     }
     sr = build_sr(findings, exact_point, algorithms, generate_uid())
     sc_series = generate_uid()

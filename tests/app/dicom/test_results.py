@@ -75,3 +75,62 @@ def test_the_capture_passes_dciodvfy(tmp_path):
     out = subprocess.run([tool, str(path)], capture_output=True, text=True)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+
+
+def report(probabilities: list[float], threshold: float):
+    from app.dicom.results import Algorithms, build_sr
+
+    findings = []
+    for i, p in enumerate(probabilities):
+        pixels = bone_phantom(300, 240)
+        ds = make_dataset(pixels.astype(np.uint16) * 8, bits_stored=12)
+        ds.SOPInstanceUID = f"1.2.3.4.5.{i + 1}"
+        findings.append(
+            ImageFindings(
+                source=source_header(ds),
+                pixels=pixels.astype(np.float32),
+                probability=p,
+                fracture=p >= threshold,
+                boxes=np.zeros((0, 4), np.float32),
+                scores=np.zeros(0, np.float32),
+            )
+        )
+    point = {"detector_threshold": 0.667, "fp_per_image": 0.4, "decision_threshold": threshold}
+    algorithms = Algorithms(("cropper-unet", "2"), ("classifier-x", "1"), ("detector-y", "1"))
+    return build_sr(findings, point, algorithms, "1.2.3.9")
+
+
+def test_the_sr_says_present_or_absent_for_every_image_with_its_threshold():
+    """Read back as a reporting tool would (highdicom): one verdict per image, negatives too,
+    and the decision threshold the probability was judged by."""
+    import highdicom as hd
+
+    sr = hd.sr.ComprehensiveSR.from_dataset(report([0.81, 0.12], threshold=0.4))
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 2
+    verdicts = []
+    for group in groups:
+        evaluations = group.get_qualitative_evaluations()
+        assert len(evaluations) == 1 and evaluations[0].name.meaning == "Fracture"
+        verdicts.append(evaluations[0].value.meaning)
+        thresholds = [m.value for m in group.get_measurements() if m.name.value == "FRACTHR"]
+        assert thresholds == [0.4]
+    assert verdicts == ["Present", "Absent"]
+
+
+def test_the_sr_passes_dciodvfy(tmp_path):
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from app.dicom.results import encode
+
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) is not installed")
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(report([0.81, 0.12], threshold=0.4)))
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, errors
