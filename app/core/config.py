@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="JSON list of calling AE titles allowed to send (empty: any)",
     )
+    uid_root: str | None = Field(
+        None,
+        pattern=r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$",
+        max_length=40,
+        description="UID root of the DICOM objects the service writes (an OID registered to the "
+        "site or vendor, ending in '.'); unset: UUID-derived 2.25. UIDs, unique without one",
+    )
     public_url: str | None = Field(
         None,
         description="the service's external base URL (e.g. https://fracture.example.org) for "

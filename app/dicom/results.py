@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,17 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless, generate_uid
 
-DEVICE_UID_ROOT = "1.2.826.0.1.3680043.10.1287."  # the service's UIDs (pydicom's root space)
+# The service as an SR device observer: one UID for every installation, UUID-derived (2.25.)
+# from the product's name, so it needs no registered root and never changes.
+DEVICE_UID = "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "urn:fracture-service:device").int)
+
+
+def new_uid(root: str | None) -> str:
+    """A UID under `root` (Settings.uid_root), else UUID-derived (2.25.): never pydicom's
+    example root."""
+    return generate_uid(prefix=root) if root else generate_uid(prefix=None)
+
+
 MANUFACTURER = "Fracture Service Project"
 MODEL_NAME = "fracture-service"
 SCHEME = "99FRACTURE"  # our local coding scheme for concepts no standard code covers
@@ -96,6 +107,7 @@ def build_sr(
     operating_point: dict[str, Any],
     algorithms: Algorithms,
     series_uid: str,
+    uid_root: str | None = None,
 ) -> Dataset:
     """TID 1500 measurement report over every image of the study. Each measurement names the
     model that made it: the probability the classifier (the crop it saw came from the cropper,
@@ -134,7 +146,7 @@ def build_sr(
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_UID_ROOT + "1",
+            uid=DEVICE_UID,
             name=MODEL_NAME,
             manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME,
@@ -184,7 +196,7 @@ def build_sr(
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(
-                    uid=generate_uid(), identifier=f"image {i + 1}"
+                    uid=new_uid(uid_root), identifier=f"image {i + 1}"
                 ),
                 finding_type=c["fracture"],
                 algorithm_id=classifier_id,
@@ -204,7 +216,7 @@ def build_sr(
             groups.append(
                 PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=TrackingIdentifier(
-                        uid=generate_uid(), identifier=f"image {i + 1} fracture {j + 1}"
+                        uid=new_uid(uid_root), identifier=f"image {i + 1} fracture {j + 1}"
                     ),
                     referenced_region=ImageRegion(
                         graphic_type=GraphicTypeValues.POLYLINE,
@@ -233,7 +245,7 @@ def build_sr(
         content=report,
         series_instance_uid=series_uid,
         series_number=9901,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=new_uid(uid_root),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -253,7 +265,7 @@ def build_sr(
 
 
 def build_secondary_capture(
-    finding: ImageFindings, series_uid: str, instance_number: int
+    finding: ImageFindings, series_uid: str, instance_number: int, uid_root: str | None = None
 ) -> Dataset:
     """The source image (grey stretched to 8 bits) with the boxes and scores burned in."""
     from highdicom.sc import SCImage
@@ -293,7 +305,7 @@ def build_secondary_capture(
         coordinate_system="PATIENT",
         series_instance_uid=series_uid,
         series_number=9902,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=new_uid(uid_root),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         # highdicom insists on a value; an unknown one is emptied below (Type 2: may be empty)

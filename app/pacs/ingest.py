@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from app.core.errors import ApiError
 from app.dicom.results import (
@@ -26,6 +25,7 @@ from app.dicom.results import (
     build_secondary_capture,
     build_sr,
     encode,
+    new_uid,
     source_header,
 )
 from app.inference.answers import StoredStudyAnswer, StoredStudyVerdict
@@ -97,9 +97,10 @@ def build_results(
     accepted: list[Accepted],
     works: list[ImageWork],
     algorithms: Algorithms,
+    uid_root: str | None = None,
 ) -> list[bytes]:
     """The SR and the secondary captures of one study, from the exact values the pipeline
-    computed (not the rounded JSON)."""
+    computed (not the rounded JSON); their UIDs under `uid_root` (Settings.uid_root)."""
     findings = [
         ImageFindings(
             source=a.header,
@@ -117,9 +118,11 @@ def build_results(
         "fp_per_image": point.fp_per_image,
         "decision_threshold": decision_threshold,
     }
-    sr = build_sr(findings, exact_point, algorithms, generate_uid())
-    sc_series = generate_uid()
-    captures = [build_secondary_capture(f, sc_series, i + 1) for i, f in enumerate(findings)]
+    sr = build_sr(findings, exact_point, algorithms, new_uid(uid_root), uid_root)
+    sc_series = new_uid(uid_root)
+    captures = [
+        build_secondary_capture(f, sc_series, i + 1, uid_root) for i, f in enumerate(findings)
+    ]
     return [encode(sr), *(encode(c) for c in captures)]
 
 
@@ -159,6 +162,7 @@ async def analyse_instances(
             accepted,
             works,
             algorithms,
+            state.settings.uid_root,
         )
         result_id = uuid.uuid4().hex[:12]
         stored = StoredStudyAnswer(

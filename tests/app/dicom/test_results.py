@@ -134,3 +134,34 @@ def test_the_sr_passes_dciodvfy(tmp_path):
     out = subprocess.run([tool, str(path)], capture_output=True, text=True)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+
+
+def test_uids_are_ours_never_pydicoms_example_root():
+    from app.dicom.results import DEVICE_UID, build_secondary_capture
+
+    sr = report([0.5], threshold=0.4)
+    assert sr.SOPInstanceUID.startswith("2.25.") and DEVICE_UID.startswith("2.25.")
+    assert DEVICE_UID in str(sr) and "1.2.826.0.1.3680043.10.1287" not in str(sr)
+    pixels = bone_phantom(200, 160)
+    finding = ImageFindings(
+        source=source_header(make_dataset(pixels.astype(np.uint16) * 8, bits_stored=12)),
+        pixels=pixels.astype(np.float32),
+        probability=0.2,
+        fracture=False,
+        boxes=np.zeros((0, 4), np.float32),
+        scores=np.zeros(0, np.float32),
+    )
+    sc = build_secondary_capture(finding, "1.2.3.4", 1, uid_root="1.2.999.77.")
+    assert sc.SOPInstanceUID.startswith("1.2.999.77.")
+
+
+def test_a_uid_root_must_look_like_one():
+    import pytest
+    from pydantic import ValidationError
+
+    from app.core.config import Settings
+
+    assert Settings(uid_root="1.2.999.77.").uid_root == "1.2.999.77."
+    for bad in ("1.2.999.77", "abc.", "1.02.3.", "1." * 30):
+        with pytest.raises(ValidationError):
+            Settings(uid_root=bad)
