@@ -159,11 +159,19 @@ def train_main(family: str, argv: list[str]) -> int:
         action="store_true",
         help="also measure the test split into the card: for the model about to ship, once",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the recipe as the run would use it (file, then --set) and exit",
+    )
     args = parser.parse_args(argv)
     overrides = parse_overrides(args.set, args.config)
     if args.report_test:
         overrides["report_test"] = True
     recipe = load_recipe(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(recipe, sort_keys=False), end="")
+        return 0
     out = args.out or RUNS_DIR / recipe["name"] / "export"
     card = importlib.import_module(module).train(recipe, out)
     print(json.dumps(card.get("metrics", {}), indent=2, default=str))

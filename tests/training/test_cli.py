@@ -116,3 +116,20 @@ def test_a_bad_path_or_name_is_one_line_and_exit_2(argv, tmp_path):
     assert "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "error" in lines[0], out.stderr
+
+
+def test_print_config_shows_the_merged_recipe_and_trains_nothing(tmp_path):
+    import yaml
+
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "mobilenet", "--print-config"]
+        + ["--set", "finetune.full_epochs=3", "--out", str(tmp_path / "never")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    recipe = yaml.safe_load(out.stdout)
+    assert recipe["finetune"]["full_epochs"] == 3 and recipe["family"] == "mobilenet"
+    assert recipe["config"] == "training/configs/mobilenet.yaml"
+    assert not (tmp_path / "never").exists()
