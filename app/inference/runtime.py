@@ -122,9 +122,6 @@ class OnnxModel:
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The CPU arena keeps the largest batch it ever served: one 8-image study took the
-        # service from 0.65 to 5.0 GB for good; without it, 0.39 to 0.51 GB (measured in process).
-        options.enable_cpu_mem_arena = False
         # Spinning pool threads wait for work that, between two models, never comes: they take
         # the cores from the numpy work of the other stages (2x slower models, measured).
         options.add_session_config_entry(
