@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from research.learning_curve import SHIPPED, first_network
-from training.classifier import crops_as_array, input_spec, onnx_scores
-from training.data import DEFAULT_CACHE, HAND_SHOULDER, load_cache
+from research.learning_curve import SHIPPED, first_network, val_crops
+from training.classifier import onnx_scores
 from training.metrics import paired_auroc_difference
 
 
@@ -36,13 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder with export/*.onnx")
     args = parser.parse_args()
-    import torch
-
-    items = load_cache(DEFAULT_CACHE, ["val"])
-    x = torch.from_numpy(crops_as_array(items, 288, use_boxes=False))
-    spec = input_spec(288, 0.5, 0.5, "rot4")
-    y = np.array([int(it.fractured) for it in items])
-    upper = np.array([it.region in HAND_SHOULDER for it in items])
+    x, spec, y, upper = val_crops()
     with tempfile.TemporaryDirectory() as tmp:
         first = onnx_scores(first_network(SHIPPED, Path(tmp) / "first.onnx"), x, spec)
     served = onnx_scores(SHIPPED, x, spec)

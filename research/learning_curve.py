@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,17 +48,24 @@ def first_network(ensemble: Path, out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders with export/*.onnx")
-    args = parser.parse_args()
-    items = load_cache(DEFAULT_CACHE, ["val"])
+def val_crops() -> tuple[Any, dict[str, Any], np.ndarray, np.ndarray]:
+    """The val weak-mask crops at 288 px with the rot4 views' spec, their labels and which are
+    hand or shoulder: what every classifier card measures val on."""
     import torch
 
+    items = load_cache(DEFAULT_CACHE, ["val"])
     x = torch.from_numpy(crops_as_array(items, 288, use_boxes=False))
     spec = input_spec(288, 0.5, 0.5, "rot4")
     y = np.array([int(it.fractured) for it in items])
     upper = np.array([it.region in HAND_SHOULDER for it in items])
+    return x, spec, y, upper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders with export/*.onnx")
+    args = parser.parse_args()
+    x, spec, y, upper = val_crops()
     with tempfile.TemporaryDirectory() as tmp:
         full = onnx_scores(first_network(SHIPPED, Path(tmp) / "first.onnx"), x, spec)
     for run in args.runs:
