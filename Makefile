@@ -10,8 +10,8 @@ PIP := $(BIN)/python -m pip
 
 .PHONY: serve install install-test lock system-deps test lint format train docs bench screenshots clean
 
-# Installs come from the locks in requirements/ (exact versions with hashes, made from the ranges in
-# pyproject.toml by `make lock`), so a fresh clone gets what was tested. A stamp per lock keeps an
+# Installs come from the lock (uv.lock, exported to requirements/*.txt with hashes by `make lock`
+# from the ranges in pyproject.toml), so a fresh clone gets what was tested. A stamp per lock keeps an
 # unchanged tree from re-running pip at every `make serve`.
 PIP_VERSION := 25.3
 SERVE_LOCK := requirements/serve$(if $(filter gpu,$(ORT)),-gpu).txt
@@ -40,15 +40,17 @@ $(VENV)/.installed-test: $(TEST_LOCK) pyproject.toml | $(BIN)/python
 	touch $@
 install-test: $(VENV)/.installed-test
 
-# Re-resolve the locks from pyproject.toml's ranges (newest versions allowed today), then
-# `make test` before committing them. The service locks are constrained by the test lock, so a
-# package has one version everywhere.
-LOCK_FLAGS := --python-version 3.11 --universal --generate-hashes --quiet
+# The lock is uv.lock (every package of every extra, exact versions and hashes, for x86-64 and
+# ARM); requirements/*.txt are its exports that pip installs. `make lock` re-resolves what
+# pyproject.toml's ranges changed (`make lock UPGRADE=--upgrade`: everything to the newest
+# allowed) and exports again; then `make test` and commit uv.lock with the exports.
+EXPORT := $(BIN)/uv export --frozen --no-emit-project --format requirements-txt --quiet
 lock: $(BIN)/python
 	$(PIP) install --quiet uv==0.13.10
-	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra train --extra test $(LOCK_FLAGS) $(UPGRADE) -c requirements/constraints.txt -o $(TEST_LOCK)
-	$(BIN)/uv pip compile pyproject.toml --extra cpu $(LOCK_FLAGS) -c $(TEST_LOCK) -o requirements/serve.txt
-	$(BIN)/uv pip compile pyproject.toml --extra gpu $(LOCK_FLAGS) -c $(TEST_LOCK) -o requirements/serve-gpu.txt
+	$(BIN)/uv lock --python 3.11 $(UPGRADE)
+	$(EXPORT) --extra cpu --extra train --extra test -o $(TEST_LOCK)
+	$(EXPORT) --extra cpu -o requirements/serve.txt
+	$(EXPORT) --extra gpu -o requirements/serve-gpu.txt
 
 # Debian packages the tests run for real: prometheus (promtool and a server for the scrape test),
 # orthanc and orthanc-dicomweb (a PACS for the DICOMweb tests), dcmtk (storescu for C-STORE),
