@@ -144,6 +144,11 @@ async def analyse_study(
     )
 
 
+def file_label(index: int, filename: str | None) -> str:
+    """How an error names one file of a request: its place, and its name when it had one."""
+    return f"file {index}" + (f" ({filename})" if filename else "")
+
+
 def refuse_mixed_studies(images: list[DecodedImage]) -> None:
     """A request is one study of one patient: DICOM files whose PatientID or StudyInstanceUID
     differ are refused (422 mixed_studies) before any model runs, naming the files (never the
@@ -153,8 +158,7 @@ def refuse_mixed_studies(images: list[DecodedImage]) -> None:
         for i, image in enumerate(images):
             value = getattr(image, attribute)
             if value:
-                label = f"file {i}" + (f" ({image.filename})" if image.filename else "")
-                groups.setdefault(value, []).append(label)
+                groups.setdefault(value, []).append(file_label(i, image.filename))
         if len(groups) > 1:
             listed = "; ".join(", ".join(labels) for labels in groups.values())
             raise ApiError(

@@ -168,24 +168,21 @@ def build_sr(
                 algorithm_id=detector_id,
             ),
         ]
-        if operating_point.get("decision_threshold") is not None:
-            measurements.append(
-                Measurement(
-                    name=c["decision"],
-                    value=float(operating_point["decision_threshold"]),
-                    unit=c["unitless"],
-                    algorithm_id=classifier_id,
+        # what the answer was judged by, where the request had it (a score_threshold has no
+        # fp_per_image)
+        for key, concept, algorithm in (
+            ("decision_threshold", "decision", classifier_id),
+            ("fp_per_image", "fp_rate", detector_id),
+        ):
+            if operating_point.get(key) is not None:
+                measurements.append(
+                    Measurement(
+                        name=c[concept],
+                        value=float(operating_point[key]),
+                        unit=c["unitless"],
+                        algorithm_id=algorithm,
+                    )
                 )
-            )
-        if operating_point.get("fp_per_image") is not None:
-            measurements.append(
-                Measurement(
-                    name=c["fp_rate"],
-                    value=float(operating_point["fp_per_image"]),
-                    unit=c["unitless"],
-                    algorithm_id=detector_id,
-                )
-            )
         # the verdict of every image, negatives included: Fracture = Present / Absent (the
         # probability judged against the decision threshold above)
         evaluations = [

@@ -16,7 +16,13 @@ from app.inference.answers import StudyAnswer
 from app.inference.decoding import DecodedImage, decode
 from app.inference.pipeline import ImageWork
 from app.state import AppState
-from app.study import abandon_if_gone, analyse_study, refuse_mixed_studies, resolve_models
+from app.study import (
+    abandon_if_gone,
+    analyse_study,
+    file_label,
+    refuse_mixed_studies,
+    resolve_models,
+)
 
 log = logging.getLogger("app.predict")
 # Form fields besides the images that a multipart upload may carry (ignored).
@@ -110,11 +116,7 @@ def _decode_all(
             )
         except ApiError as exc:
             state.metrics.images.labels("rejected").inc(len(uploads))
-            label = (
-                f"file {i}" + (f" ({filename})" if filename else "")
-                if len(uploads) > 1 or filename
-                else ""
-            )
+            label = file_label(i, filename) if len(uploads) > 1 or filename else ""
             raise ApiError(
                 exc.status, exc.code, f"{label}: {exc.detail}" if label else exc.detail
             ) from None
