@@ -163,7 +163,9 @@ def init_backbone(model: Any, recipe: dict[str, Any], log: common.RunLog) -> str
         weights = efficientnet_lite.WEIGHTS[int(recipe.get("lite_size", 0))]
         log.write(event="init", weights=weights.file, sha256=weights.sha256)
         card = weights.card()
-        return f"ImageNet {card['architecture']}: {weights.file} ({card['origin']}, {card['licence']})"
+        return (
+            f"ImageNet {card['architecture']}: {weights.file} ({card['origin']}, {card['licence']})"
+        )
     if path:
         state = load_verified_state_dict(path, sha)
         source = f"verified file {path}"
