@@ -1,5 +1,5 @@
 """Dynamic batching across requests (Triton's idea, greedy): `workers` tasks each take the studies
-waiting for the same models and operating point, up to `max_images` images, and run the
+waiting for the same plan (models, operating point, options), up to `max_images` images, and run the
 pipeline once over all of them; a study that arrives while a batch computes joins the next one.
 Nothing waits for a batch to fill unless `max_delay_s` says so, so one client alone sees no
 added latency, and with many clients each model call carries several images.
@@ -12,9 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
-from app.inference.operating_point import OperatingPoint
 from app.inference.pipeline import ImageWork, StageTimer, run_study
-from app.inference.runtime import OnnxModel
+from app.inference.plan import Plan
 
 # Runs when a study's batch forms, before any model: raises to drop the study (e.g. 499 when its
 # client has left); the exception is what the study's caller gets.
@@ -25,8 +24,7 @@ Check = Callable[[], Awaitable[None]]
 class _Study:
     key: Hashable
     works: list[ImageWork]
-    models: tuple[OnnxModel, OnnxModel, OnnxModel]
-    point: OperatingPoint
+    plan: Plan
     before_compute: Check | None
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -39,16 +37,8 @@ class StudyBatcher:
         max_delay_s: float = 0.0,
         on_stage: StageTimer | None = None,
         on_batch: Callable[[float, int], None] | None = None,
-        upright: bool = False,
-        markers: bool = False,
-        polarity: bool = False,
-        orienter: OnnxModel | None = None,
     ):
         self.workers = workers
-        self.upright = upright  # run_study's: turn tilted radiographs onto the nearest axis
-        self.markers = markers  # run_study's: paint burned-in annotations out
-        self.polarity = polarity  # run_study's: invert a PNG or JPEG shown bone-dark
-        self.orienter = orienter  # run_study's: turn crops found a quarter or half turn off
         self.max_images = max_images
         self.max_delay_s = max_delay_s
         self.on_stage = on_stage
@@ -68,13 +58,12 @@ class StudyBatcher:
     async def analyse(
         self,
         works: list[ImageWork],
-        models: tuple[OnnxModel, OnnxModel, OnnxModel],
-        point: OperatingPoint,
+        plan: Plan,
         before_compute: Check | None = None,
     ) -> None:
-        """Fill `works` in place; what `before_compute` raised when it dropped the study."""
-        key = (tuple(id(m) for m in models), point.detector_threshold)
-        study = _Study(key, works, models, point, before_compute)
+        """Fill `works` in place as `plan` says; what `before_compute` raised when it dropped
+        the study."""
+        study = _Study(plan.batch_key, works, plan, before_compute)
         async with self.arrived:
             self.pending.append(study)
             self.arrived.notify()
@@ -126,22 +115,9 @@ class StudyBatcher:
             if not live:
                 continue
             works = [w for s in live for w in s.works]
-            crp, clf, det = live[0].models
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(
-                    run_study,
-                    works,
-                    crp,
-                    clf,
-                    det,
-                    live[0].point,
-                    self.on_stage,
-                    upright=self.upright,
-                    markers=self.markers,
-                    polarity=self.polarity,
-                    orienter=self.orienter,
-                )
+                await asyncio.to_thread(run_study, works, live[0].plan, self.on_stage)
             except Exception as exc:  # every study of the batch gets the failure
                 for s in live:
                     if not s.done.done():

@@ -23,11 +23,9 @@ from app.pacs.dimse import StoreReceiver
 from app.pacs.ingest import recover_intake
 from app.results.delivery import CStoreSender, Deliverer, Sender, StowSender
 from app.results.store import ResultStore, database_url, open_database
-from app.state import AppState, load_models, start_batcher
+from app.service import FractureService
 
 log = logging.getLogger("app")
-access = logging.getLogger("app.access")
-UNCOUNTED_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics")
 
 
 def destination_sender(settings: Settings) -> Sender | None:
@@ -62,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_database(database_url(settings.state_dir, settings.database_url)),
         settings.result_retention_s,
     )
-    state = AppState(settings=settings, metrics=Metrics(), results=results)
+    service = FractureService(settings=settings, metrics=Metrics(), results=results)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,28 +69,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "no API key set (FRACTURE_API_KEYS): every endpoint is open to whoever reaches "
                 "this service"
             )
-        state.admission = Admission(
-            settings.inference_workers, settings.queue_limit, state.metrics.overloaded.inc
+        service.admission = Admission(
+            settings.inference_workers, settings.queue_limit, service.metrics.overloaded.inc
         )
-        load_models(state)
-        batcher = start_batcher(state)
+        service.load_models()
+        batcher = service.start_batcher()
         # what a killed process had accepted and not analysed: analysed now, in the background
-        recovery = asyncio.create_task(recover_intake(state)) if state.ready else None
+        # read before the C-STORE receiver opens: its new jobs are its own to analyse
+        unfinished = service.results.unfinished() if service.ready else []
+        recovery = asyncio.create_task(recover_intake(service, unfinished)) if unfinished else None
         delivery = None
         sender = destination_sender(settings)
         if sender is not None:
-            state.deliverer = Deliverer(
-                state.results,
+            service.deliverer = Deliverer(
+                service.results,
                 sender,
                 settings.delivery_retry_s,
                 settings.delivery_max_backoff_s,
-                metrics=state.metrics,
+                metrics=service.metrics,
             )
-            delivery = asyncio.create_task(state.deliverer.run())
+            delivery = asyncio.create_task(service.deliverer.run())
         receiver = None
         if settings.dimse_port:
             receiver = StoreReceiver(
-                state,
+                service,
                 asyncio.get_running_loop(),
                 settings.dimse_host or os.environ.get("HOST", "127.0.0.1"),
                 settings.dimse_port,
@@ -118,12 +118,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "boxes per image and per study out, at an operating point in false positives per image.",
         lifespan=lifespan,
     )
-    app.state.fracture = state
+    app.state.fracture = service
     install_handlers(app)
     for module in (predict, viewer, dicomweb, models, health, metrics):
         app.include_router(module.router)
     app.add_middleware(
         ApiKeyMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public
     )
-    app.add_middleware(LimitsAndMetricsMiddleware, state=state)
+    app.add_middleware(LimitsAndMetricsMiddleware, service=service)
     return app

@@ -81,7 +81,10 @@ def bench_files(images: int) -> tuple[list[tuple[Path, str]], list[tuple[Path, s
     dicoms = [
         (SHARED / "dicom" / row.split("\t")[0], "application/dicom")
         for row in manifest
-        if row.split("\t")[-1] == "ok" and row.split("\t")[2] != "MG"
+        # the decodable limb and pelvis radiographs: chest films and mammograms are refused
+        if row.split("\t")[-1] == "ok"
+        and row.split("\t")[2] != "MG"
+        and row.split("\t")[3] != "CHEST"
     ]
     return jpegs, dicoms
 
@@ -176,43 +179,47 @@ def model_only(jpegs: list[Path], seconds: float = 8.0) -> dict[str, dict[str, f
     and the real model inputs of the bench's JPEGs (their crops; a detector's work grows with
     what it finds, so real images cost more than noise)."""
     sys.path.insert(0, str(REPO))
-    from app.core.config import Settings
-    from app.inference import operating_point as op
+    from app.core.config import RADIOGRAPH_MODALITIES, Settings
     from app.inference.decoding import decode
     from app.inference.pipeline import ImageWork, classify, run_study
+    from app.inference.plan import resolve_plan
     from app.inference.preprocessing import grey_levels, model_input
     from app.inference.runtime import ModelRegistry
 
     s = Settings()
     registry = ModelRegistry(s.models_dir)
     registry.load_all("cpu", s.intra_op_threads, s.intra_op_spinning)
-    crp = registry.get("cropper", None, "")
-    clf = registry.get("classifier", None, s.default_classifier)
-    det = registry.get("detector", None, s.default_detector)
-    point = op.from_fp_rate(det.card, s.default_fp_per_image)
+    plan = resolve_plan(registry, s)  # what the service runs, the orienter when it runs one
+    crp, clf, det, ori = plan.cropper, plan.classifier, plan.detector, plan.orienter
+    chain = [crp, clf, det] + ([ori] if ori else [])
     rng = np.random.default_rng(0)
     random_inputs = [
-        [rng.random((1, m.spec["channels"], *m.spec["size"]), dtype=np.float32)]
-        for m in (crp, clf, det)
+        [rng.random((1, m.spec.channels, *m.spec.size), dtype=np.float32)] for m in chain
     ]
-    real_inputs: list[list[np.ndarray]] = [[], [], []]
+    real_inputs: list[list[np.ndarray]] = [[] for _ in chain]
     for path in jpegs:
-        image = decode(path.read_bytes(), "image/jpeg", path.name, 10**9, ["CR", "DX"])
+        image = decode(
+            path.read_bytes(), "image/jpeg", path.name, 10**9, list(RADIOGRAPH_MODALITIES)
+        )
         work = ImageWork(image=image, decode_ms=0.0)
-        run_study([work], crp, clf, det, point, **s.pipeline_stages())
+        run_study([work], plan)
         pixels = work.image.pixels
         real_inputs[0].append(model_input(pixels, crp.spec, grey_levels(pixels))[0][None])
         real_inputs[1].append(model_input(work.crop, clf.spec, work.crop_levels)[0][None])
         real_inputs[2].append(model_input(work.crop, det.spec, work.crop_levels)[0][None])
+        if ori:
+            real_inputs[3].append(model_input(work.crop, ori.spec, work.crop_levels)[0][None])
 
     def measure(inputs: list[list[np.ndarray]]) -> dict[str, float]:
         n = len(inputs[0])
 
         def once(i: int) -> float:
             t0 = time.perf_counter()
-            crp.run(inputs[0][i % n])
-            classify(clf, inputs[1][i % n])
-            det.run(inputs[2][i % n])
+            for model, batches in zip(chain, inputs, strict=True):
+                if model is clf:  # with the card's test-time views
+                    classify(clf, batches[i % n])
+                else:
+                    model.run(batches[i % n])
             return 1000 * (time.perf_counter() - t0)
 
         for i in range(5):
@@ -242,9 +249,9 @@ def model_only(jpegs: list[Path], seconds: float = 8.0) -> dict[str, dict[str, f
         }
 
     return {
-        "chain": " -> ".join(m.name for m in (crp, clf, det)),
+        "chain": " -> ".join(m.name for m in chain),
         "workers": s.inference_workers,
-        "classifier_views": clf.spec.get("tta", "none"),
+        "classifier_views": clf.spec.tta,
         "card_size_random_inputs": measure(random_inputs),
         "real_inputs_of_the_bench_jpegs": measure(real_inputs),
     }
@@ -332,6 +339,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     import pydicom
 
+    from app.core.config import RADIOGRAPH_MODALITIES
     from app.inference.decoding import decode
 
     def decode_ms(path: Path) -> float:
@@ -339,7 +347,7 @@ def main() -> int:
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            decode(data, "application/dicom", path.name, 10**9, ["CR", "DX", "RG"])
+            decode(data, "application/dicom", path.name, 10**9, list(RADIOGRAPH_MODALITIES))
             times.append(1000 * (time.perf_counter() - t0))
         return round(float(np.median(times)), 1)
 

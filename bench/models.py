@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def time_model(model, runs: int) -> dict[str, float]:
-    h, w = model.spec["size"]
-    x = np.random.default_rng(0).random((1, model.spec["channels"], h, w), dtype=np.float32)
+    h, w = model.spec.size
+    x = np.random.default_rng(0).random((1, model.spec.channels, h, w), dtype=np.float32)
     for _ in range(3):
         model.run(x)
     times = []
@@ -50,7 +50,7 @@ def main() -> int:
     for name, model in sorted(registry.models.items()):
         rows[name] = {
             "role": model.role,
-            "input": model.spec["size"],
+            "input": list(model.spec.size),
             "file_mb": round(model.path.stat().st_size / 1e6, 1),
             **time_model(model, args.runs),
         }

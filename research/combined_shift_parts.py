@@ -36,12 +36,11 @@ import json
 
 import numpy as np
 
-from app.inference.pipeline import image_score_fusion
 from research import ensemble
 from training import metrics, shifts
 from training.augment import burn_marker
 from training.common import MODELS_DIR, read_rows
-from training.evaluate import served_models
+from training.evaluate import served_plan
 from training.shifts import shift_name
 
 PARTS = ("lowres", "lowres512", "contrast", "markers", "rotate", "jpeg")
@@ -70,8 +69,7 @@ def leave_out(part: str) -> None:
 
 
 def summary() -> dict:
-    _, clf, det = served_models(MODELS_DIR, None, None)
-    weight = image_score_fusion(clf, det).classifier_weight
+    weight = served_plan(MODELS_DIR).scoring.fusion.classifier_weight
     out: dict = {}
     for path in sorted((ensemble.OUT / ROUND / "as-shifted").glob("scores-*.csv")):
         shift = path.stem.removeprefix("scores-")

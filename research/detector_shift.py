@@ -20,26 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from app.core.config import Settings
+from app.core.config import PipelineOptions, Settings
 from app.inference.model_card import fused_score
-from app.inference.operating_point import from_score
 from app.inference.pipeline import (
     FUSION_BOX_FLOOR,
     ImageWork,
     detect_crops,
-    image_score_fusion,
     run_study,
 )
 from app.inference.runtime import OnnxModel
 from training import metrics
 from training.common import MODELS_DIR, REPO, read_rows, write_rows
 from training.data import HAND_SHOULDER, load_records
-from training.detection import COLLECT_THRESHOLD
-from training.evaluate import decode_record, served_models
+from training.evaluate import decode_record, served_plan
 from training.progress import progress
 from training.shifts import shift_name
 
@@ -63,21 +61,24 @@ MIN_FROC_CPM, MIN_RECALL_AT_04 = 0.620, 0.534
 def candidate_detector(path: Path, served: OnnxModel) -> OnnxModel:
     """The candidate graph, with the served detector's input and output spec."""
     card = served.card
-    model = OnnxModel.unshipped(path, card.input.model_dump(), dict(card.output))
+    model = OnnxModel.unshipped(path, card.input, dict(card.output))
     model.load(["CPUExecutionProvider"], 0)
     return model
 
 
 def score(shift: str, limit: int | None, candidate: Path = CANDIDATE_FILE, out: Path = OUT) -> Path:
-    crp, clf, det = served_models(MODELS_DIR, None, None)
-    assert image_score_fusion(clf, det) is not None, "the served classifier fuses with its detector"
+    # as the lab always measured it: the upright turn only, every box above the collection floor
+    plan = served_plan(MODELS_DIR)
+    plan = replace(plan, options=PipelineOptions(upright=Settings().upright), orienter=None)
+    det = plan.detector
+    assert plan.scoring.fusion is not None, "the served classifier fuses with its detector"
     cand = candidate_detector(candidate, det)
     records = [r for r in load_records() if r.split == "val"][:limit]
-    rows, upright = [], Settings().upright
+    rows = []
     for start in progress(range(0, len(records), 8), f"detector ({shift})"):
         chunk = records[start : start + 8]
         works = [ImageWork(image=decode_record(r, shift)[0], decode_ms=0.0) for r in chunk]
-        run_study(works, crp, clf, det, from_score(COLLECT_THRESHOLD), upright=upright)
+        run_study(works, plan)
         found = detect_crops(
             cand, [w.crop for w in works], FUSION_BOX_FLOOR, [w.crop_levels for w in works]
         )
@@ -120,8 +121,7 @@ def paired(rows: list[dict], weight: float, keep: np.ndarray | None = None) -> d
 
 
 def summary(candidate: Path = CANDIDATE_FILE) -> dict:
-    _, clf, det = served_models(MODELS_DIR, None, None)
-    weight = image_score_fusion(clf, det).classifier_weight
+    weight = served_plan(MODELS_DIR).scoring.fusion.classifier_weight
     out: dict = {"weight": weight, "shifts": {}, "hand_shoulder": {}}
     for path in sorted((OUT / candidate.stem).glob("scores-*.csv")):
         rows = read_rows(path)

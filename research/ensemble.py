@@ -49,17 +49,16 @@ import argparse
 import itertools
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from app.core.config import Settings
+from app.core.config import PipelineOptions, Settings
 from app.inference.model_card import fused_score
-from app.inference.operating_point import from_score
 from app.inference.pipeline import (
     ImageWork,
     classify,
-    image_score_fusion,
     mean_logit,
     run_study,
 )
@@ -68,8 +67,7 @@ from app.inference.runtime import OnnxModel
 from training import metrics
 from training.common import MODELS_DIR, REPO, read_rows, write_rows
 from training.data import HAND_SHOULDER, load_records
-from training.detection import COLLECT_THRESHOLD
-from training.evaluate import decode_record, served_models
+from training.evaluate import decode_record, served_plan
 from training.progress import progress
 from training.shifts import shift_name
 
@@ -125,8 +123,8 @@ def quantise() -> list[Path]:
     from training.data import load_cache
     from training.export import quantize_static_int8
 
-    _, clf, _ = served_models(MODELS_DIR, None, None)
-    inputs = int8_calibration_inputs(load_cache(splits=["train"]), clf.card.input.model_dump())
+    clf = served_plan(MODELS_DIR).classifier
+    inputs = int8_calibration_inputs(load_cache(splits=["train"]), clf.card.input)
     written = []
     for name in QUANTISED:
         if MEMBERS[name][0].exists():
@@ -139,12 +137,14 @@ def quantise() -> list[Path]:
 def score(
     shift: str, limit: int | None, only: set[str] | None = None, round_name: str | None = None
 ) -> Path:
-    crp, clf, det = served_models(MODELS_DIR, None, None)
-    fusion = image_score_fusion(clf, det)
+    # as the lab always measured it: the upright turn only, every box above the collection floor
+    plan = served_plan(MODELS_DIR)
+    plan = replace(plan, options=PipelineOptions(upright=Settings().upright), orienter=None)
+    clf, fusion = plan.classifier, plan.scoring.fusion
     assert fusion is not None, "the served classifier fuses with the default detector"
     wanted = only or set(MEMBERS)
     members = {
-        name: OnnxModel.unshipped(path, {**clf.card.input.model_dump(), "tta": tta})
+        name: OnnxModel.unshipped(path, clf.card.input.model_copy(update={"tta": tta}))
         for name, (path, tta) in MEMBERS.items()
         # runs/ of another machine: its members are scored where they exist
         if name in wanted and path.exists()
@@ -154,11 +154,11 @@ def score(
     for m in members.values():
         m.load(["CPUExecutionProvider"], 0)
     records = [r for r in load_records() if r.split == "val"][:limit]
-    rows, upright = [], Settings().upright
+    rows = []
     for start in progress(range(0, len(records), 8), f"ensemble ({shift})"):
         chunk = records[start : start + 8]
         works = [ImageWork(image=decode_record(r, shift)[0], decode_ms=0.0) for r in chunk]
-        run_study(works, crp, clf, det, from_score(COLLECT_THRESHOLD), upright=upright)
+        run_study(works, plan)
         batch = np.stack([model_input(w.crop, clf.spec, w.crop_levels)[0] for w in works])
         extra = {name: classify(m, batch) for name, m in members.items()}
         for i, (rec, w) in enumerate(zip(chunk, works, strict=True)):
@@ -206,8 +206,7 @@ def ensemble_scores(rows: list[dict], members: tuple[str, ...], weight: float) -
 
 
 def summary(round_name: str) -> dict:
-    _, clf, det = served_models(MODELS_DIR, None, None)
-    weight = image_score_fusion(clf, det).classifier_weight
+    weight = served_plan(MODELS_DIR).scoring.fusion.classifier_weight
     tables = {}
     for path in sorted(scores_dir(round_name).glob("scores-*.csv")):
         tables[path.stem.removeprefix("scores-")] = read_rows(path)

@@ -21,14 +21,15 @@ import numpy as np
 from PIL import Image
 
 import training.shifts as shifts
-from app.core.config import Settings
+from app.core.config import RADIOGRAPH_MODALITIES, PipelineOptions, Settings
 from app.inference.decoding import decode
 from app.inference.operating_point import from_fp_rate
 from app.inference.pipeline import ImageWork, run_study
+from app.inference.plan import Plan
 from research import marker_styles
 from training.common import MODELS_DIR
 from training.data import load_records, read_grey
-from training.evaluate import served_models
+from training.evaluate import served_plan
 
 ON_LETTERS = 0.10
 
@@ -41,9 +42,14 @@ def main() -> None:
     if args.style == "unseen":
         style = marker_styles.unseen_marker
         shifts.paint_marker = lambda img, rng: style(img, random.Random(rng.random()))
-    crp, clf, det = models = served_models(MODELS_DIR, None, None)
+    served = served_plan(MODELS_DIR)
+    crp, clf, det = served.cropper, served.classifier, served.detector
     point = from_fp_rate(det.card, 0.4)
     upright = Settings().upright
+    plans = {
+        painted: Plan.of(crp, clf, det, point, options=PipelineOptions(upright, painted))
+        for painted in (False, True)
+    }
     records = [r for r in load_records() if r.split == "val"][: args.limit]
     counts = {
         painted: {"boxes": 0, "on_letters": 0, "images_with_a_box_on_letters": 0}
@@ -54,10 +60,10 @@ def main() -> None:
         data, ctype, _ = shifts.shift_image(grey, np.zeros((0, 4)), "markers", rec.image_id)
         marked = np.asarray(Image.open(BytesIO(data)).convert("L"))
         letters = np.abs(marked.astype(np.int16) - grey) > 30
-        image = decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"])
+        image = decode(data, ctype, Path(rec.path).name, 10**9, list(RADIOGRAPH_MODALITIES))
         for painted in (False, True):
             work = [ImageWork(image=image, decode_ms=0.0)]
-            run_study(work, *models, point, upright=upright, markers=painted)
+            run_study(work, plans[painted])
             on = 0
             for x1, y1, x2, y2 in np.round(work[0].boxes).astype(int):
                 box = letters[max(0, y1) : y2, max(0, x1) : x2]

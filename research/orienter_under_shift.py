@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.core.config import RADIOGRAPH_MODALITIES, PipelineOptions
 from app.inference.decoding import decode
 from app.inference.pipeline import ImageWork, quarter_turns_needed, take_crops
 from app.inference.preprocessing import model_input
@@ -71,8 +72,8 @@ def main() -> None:
     tally: dict[str, Counter] = {}
     for rec in [r for r in load_records() if r.split == "val"]:
         data, ctype, degrees = shifted_with_turn(rec, args.shift)
-        w = ImageWork(decode(data, ctype, rec.image_id, 10**9, ["CR", "DX", "RG"]), 0.0)
-        if take_crops([w], cropper, upright=True)[0] is None:
+        w = ImageWork(decode(data, ctype, rec.image_id, 10**9, list(RADIOGRAPH_MODALITIES)), 0.0)
+        if take_crops([w], cropper, PipelineOptions(upright=True))[0] is None:
             continue
         upright_ccw = w.turn.degrees if w.turn else 0.0
         left = round((degrees + upright_ccw) / 90.0) % 4  # quarter turns (ccw) still in the crop

@@ -42,7 +42,7 @@ from app.inference.operating_point import from_fp_rate
 from training import metrics
 from training.common import MODELS_DIR, REPO, read_rows, write_rows
 from training.data import load_records
-from training.evaluate import collect, served_models, served_orienter
+from training.evaluate import collect, served_plan
 from training.shifts import shift_name
 
 OUT = REPO / "runs" / "upright-threshold"
@@ -51,11 +51,11 @@ SHIFTED = ("rotate@12", "all-rotate-512@12")
 
 
 def score(degrees: float, shift: str) -> Path:
-    models = served_models(MODELS_DIR, None, None)
-    threshold = from_fp_rate(models[2].card, 0.4).detector_threshold  # as the service sets it
+    plan = served_plan(MODELS_DIR)
+    threshold = from_fp_rate(plan.detector.card, 0.4).detector_threshold  # as the service sets it
     records = [r for r in load_records() if r.split == "val"]
     upright.MIN_TURN_DEGREES = degrees  # read at each call of upright_turn
-    c = collect(records, models, shift, orienter=served_orienter(MODELS_DIR))
+    c = collect(records, plan, shift)
     found, lesions, false_boxes = metrics.detection_counts(c.preds, c.gts, threshold)
     rows = [
         {

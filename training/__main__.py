@@ -7,6 +7,8 @@
     python -m training evaluate --split val
     python -m training compare reports/val-a reports/val-b   # paired bootstrap of two reports
     python -m training calibrate --folder /data/site --out site.json
+    python -m training verdict --write-card              # fracture / doubt / no fracture
+    python -m training adapt --folder /data/site --out models-site
 
 A family trains into runs/<name>/ (checkpoints, log, plots) and writes its ONNX file and card to
 runs/<name>/export/ (val figures only; `--report-test` adds the test split, for the model about
@@ -29,6 +31,8 @@ from app.core.errors import ApiError
 from app.inference.model_card import CardError
 from app.inference.runtime import ModelLoadError
 from training.common import MODELS_DIR, REPO, RUNS_DIR, load_recipe
+from training.families import FAMILIES
+from training.site import SiteDataError
 from training.weights import WeightsMismatchError
 
 # What a caller's bad path, name or recipe raises: answered in one line with exit status 2.
@@ -41,26 +45,9 @@ USER_ERRORS = (
     CardError,
     ModelLoadError,
     WeightsMismatchError,
+    SiteDataError,
 )
 
-FAMILIES = {
-    "cropper": ("training.families.cropper", "U-Net bone cropper (Xie et al.)"),
-    "simclr": ("training.families.simclr", "SimCLR ResNet-18 classifier (Thorat et al.)"),
-    "dino": ("training.families.dino", "DINO ViT-S/14 classifier (FractuVision)"),
-    "mobilenet": ("training.families.mobilenet", "ImageNet MobileNetV2 classifier, box-supervised"),
-    "efficientnet": (
-        "training.families.efficientnet",
-        "ImageNet EfficientNet-Lite classifier, box-supervised",
-    ),
-    "bam": ("training.families.bam", "MobileNetV2 + Bottleneck Attention Modules classifier"),
-    "yolo": ("training.families.yolo", "YOLOv8 detector (FractuVision)"),
-    "frcnn": ("training.families.frcnn", "Faster R-CNN detector (Xie et al.)"),
-    "orienter": ("training.families.orienter", "quarter-turn classifier (which way up a crop is)"),
-    "ensemble": (
-        "training.families.ensemble",
-        "mean-logit ensemble of classifier recipes, one graph",
-    ),
-}
 # Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit and
 # whether the run measures the test split (--report-test).
 RUN_KEYS = {"cache", "limit", "report_test"}
@@ -196,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "calibrate", help="a site's calibration and operating points", add_help=False
     )
+    commands.add_parser("verdict", help="fit the three-level verdict's thresholds", add_help=False)
+    commands.add_parser("familiarity", help="fit the out-of-distribution reference", add_help=False)
+    commands.add_parser("adapt", help="adapt the models to a site's images", add_help=False)
     commands.add_parser("readme", help="regenerate the README's numbers", add_help=False)
     promote_parser = commands.add_parser("promote", help="copy a run's export into models/")
     promote_parser.add_argument("export_dir", type=Path)
@@ -236,6 +226,18 @@ def run_command(parser: argparse.ArgumentParser, command: str, rest: list[str], 
         from training.calibrate import main as calibrate_main
 
         return calibrate_main(rest)
+    if command == "adapt":
+        from training.adapt import main as adapt_main
+
+        return adapt_main(rest)
+    if command == "familiarity":
+        from training.familiarity import main as familiarity_main
+
+        return familiarity_main(rest)
+    if command == "verdict":
+        from training.verdict import main as verdict_main
+
+        return verdict_main(rest)
     if command == "readme":
         from training.readme import main as readme_main
 

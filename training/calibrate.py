@@ -32,12 +32,12 @@ from app.inference.model_card import (
     fused_score,
     validate_card,
 )
-from app.inference.pipeline import image_score_fusion
+from app.inference.plan import Plan
 from training import metrics
 from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.detection import froc_operating_points
-from training.evaluate import best_box_scores, collect, served_models, served_orienter
+from training.evaluate import best_box_scores, collect, served_plan
 from training.shifts import shift_names
 
 
@@ -74,8 +74,9 @@ def calibrate(
     With `fuse_shifts` (training/shifts.py) the weight is the one with the highest mean AUROC
     over these images and the same images under each shift: a best box that degrades on other
     sources' images must not pull the score down there."""
-    crp, clf, det = served_models(models_dir, classifier, detector)
-    shipped = image_score_fusion(clf, det)
+    plan = served_plan(models_dir, classifier, detector)
+    clf, det = plan.classifier, plan.detector
+    shipped = plan.scoring.fusion
     # a classifier without a fit for this detector file (not shipped with one yet, or the
     # detector re-exported) may name the weight it is served at (an ensemble keeps the weight
     # its ship rule was measured at)
@@ -83,8 +84,8 @@ def calibrate(
     asked = clf.card.recipe.get("fusion_weight") if unfitted else None
     # fit on the raw probability; the boxes down to the floor of every fused score
     clf.card = clf.card.model_copy(update={"calibration": None, "fusion": None})
-    orienter = served_orienter(models_dir)
-    run = collect(records, (crp, clf, det), orienter=orienter)
+    plan = Plan.of(plan.cropper, clf, det, plan.point, plan.orienter, plan.options)
+    run = collect(records, plan)
     fitted_on = f"{source}: {len(records)} images through the served pipeline"
     platt = fit_platt(run.labels, run.probs, fitted_on)
     calibrated = [platt.apply(p) for p in run.probs]
@@ -103,7 +104,7 @@ def calibrate(
         if fuse:
             runs = [(probs, max_box)]
             for shift in fuse_shifts:
-                shifted = collect(records, (crp, clf, det), shift, orienter=orienter)
+                shifted = collect(records, plan, shift)
                 runs.append((np.asarray(shifted.probs), np.array(best_box_scores(shifted.preds))))
 
             def mean_auroc(w: float) -> float:

@@ -151,6 +151,23 @@ def checkpoint(path: Path, epoch: int, **stateful: Any) -> None:
     save_checkpoint(path, epoch=epoch, **{name: obj.state_dict() for name, obj in stateful.items()})
 
 
+def end_epoch(
+    log: RunLog,
+    path: Path,
+    epoch: int,
+    started: float,
+    figures: dict[str, Any],
+    stateful: dict[str, Any] | None = None,
+    saved: dict[str, Any] | None = None,
+) -> None:
+    """The end of every family's training epoch: one log line (the epoch, its `figures`, its
+    seconds since `started`, printed too) and a checkpoint the run resumes from: the state of
+    every `stateful` object (model, optimiser, scheduler) and the `saved` values as they are."""
+    log.write(event="epoch", epoch=epoch, **figures, epoch_s=round(time.time() - started, 1))
+    state = {name: obj.state_dict() for name, obj in (stateful or {}).items()}
+    save_checkpoint(path, epoch=epoch, **state, **(saved or {}))
+
+
 @dataclass
 class Run:
     """What every family starts from: its recipe, its log in runs/<name>/, the cached images."""

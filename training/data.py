@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from app.inference.decoding import lenient_pillow
-from app.inference.model_card import DEFAULT_CROP_MARGIN
+from app.inference.model_card import DEFAULT_CROP_MARGIN, InputSpec
 from app.inference.preprocessing import mask_crop_box, model_input, stretch_grey
 from training.progress import progress
 
@@ -278,7 +278,9 @@ def crop_item(item: CachedImage, use_boxes: bool) -> tuple[np.ndarray, np.ndarra
     return crop, boxes
 
 
-def input_item(item: CachedImage, spec: dict, use_boxes: bool) -> tuple[np.ndarray, np.ndarray]:
+def input_item(
+    item: CachedImage, spec: InputSpec, use_boxes: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """An item's crop as the service feeds it to a model (CHW float, per `spec`) and its
     fracture boxes in that input's pixels (xyxy, float32, shape (n, 4))."""
     crop, boxes = crop_item(item, use_boxes=use_boxes)

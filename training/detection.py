@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from app.core.config import DEFAULT_FP_PER_IMAGE
+from app.inference.operating_point import card_rows
 from app.inference.preprocessing import stretch_grey
 from training import metrics, plots
 from training.data import CachedImage, crop_item
@@ -92,10 +93,7 @@ def detection_metrics(run: dict[str, Any], report_dir: Path | None, prefix: str)
 
 def froc_operating_points(val_metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The card's table: FP/image -> threshold, recall, precision, calibrated on val."""
-    return [
-        {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-        for row in val_metrics["froc_table"]
-    ]
+    return card_rows(val_metrics["froc_table"])
 
 
 def finish_detector(
@@ -119,21 +117,17 @@ def finish_detector(
     if items["test"]:  # only when the run reports test (common.start_run)
         measured["test"] = detection_metrics(run_on_items(detect, items["test"]), run_dir, "test")
     extra_metrics = card_fields.pop("metrics", {})
-    card = {
-        "name": recipe["name"],
-        "version": recipe["version"],
-        "task": "detection",
-        "input": spec,
-        "output": output,
-        "operating_points": froc_operating_points(val),
-        "operating_points_rule": "FROC on val: lowest threshold with mean FP/image <= target, IoU >= 0.5",
-        "data": common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
-        "recipe": recipe,
+    return export.ship_card(
+        onnx_path,
+        recipe,
+        log,
+        task="detection",
+        spec=spec,
+        output=output,
+        data=common.FRACATLAS_ATTRIBUTION + "; detector sees anatomy crops",
+        metrics={**measured, **extra_metrics},
+        operating_points=froc_operating_points(val),
+        operating_points_rule="FROC on val: lowest threshold with mean FP/image <= target, "
+        "IoU >= 0.5",
         **card_fields,
-        "metrics": {**measured, **extra_metrics},
-        "trained_on": common.hardware(),
-        "train_time_s": log.training_seconds(),
-    }
-    export.write_card(onnx_path, card)
-    log.write(event="done", metrics=card["metrics"])
-    return card
+    )

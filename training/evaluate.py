@@ -21,11 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from app.core.config import DEFAULT_FP_PER_IMAGE, Settings
+from app.core.config import DEFAULT_FP_PER_IMAGE, RADIOGRAPH_MODALITIES, Settings
+from app.core.errors import ApiError
 from app.inference.decoding import DecodedImage, decode
 from app.inference.model_card import fused_score
-from app.inference.operating_point import from_fp_rate, from_score
-from app.inference.pipeline import ImageWork, decision_threshold, run_study
+from app.inference.operating_point import from_fp_rate
+from app.inference.pipeline import ImageWork, run_study
+from app.inference.plan import Plan, resolve_plan
 from app.inference.runtime import ModelLoadError, ModelRegistry, OnnxModel, choose_providers
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO
@@ -45,40 +47,35 @@ class Collected:
     sizes: list[tuple[int, int]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     inside: list[bool] = field(default_factory=list)
+    ood: list[float] = field(default_factory=list)  # where the classifier carries a reference
     shown: list[Any] = field(default_factory=list)
     seconds: float = 0.0
+
+
+def served_plan(
+    models_dir: Path, classifier: str | None = None, detector: str | None = None
+) -> Plan:
+    """What the service configured by the environment would run on `models_dir` (its defaults
+    or the named models, its optional stages and orienter), with every box above
+    COLLECT_THRESHOLD kept; only the plan's models are loaded."""
+    registry = ModelRegistry(models_dir)
+    try:
+        plan = resolve_plan(
+            registry, Settings(), classifier, detector, score_threshold=COLLECT_THRESHOLD
+        )
+    except ApiError as exc:
+        raise ModelLoadError(f"{exc.detail} (in {models_dir})") from None
+    for model in plan.models:
+        model.load(choose_providers("cpu"), 0)
+    return plan
 
 
 def served_models(
     models_dir: Path, classifier: str | None, detector: str | None
 ) -> tuple[OnnxModel, OnnxModel, OnnxModel]:
-    """Cropper, classifier and detector as the service would load them (defaults from Settings)."""
-    registry = ModelRegistry(models_dir)
-    defaults = Settings()
-    chosen = []
-    for role, name, default in (
-        ("cropper", None, ""),
-        ("classifier", classifier, defaults.default_classifier),
-        ("detector", detector, defaults.default_detector),
-    ):
-        try:
-            chosen.append(registry.get(role, name, default))
-        except KeyError:
-            known = ", ".join(sorted(registry.by_role(role))) or "none"
-            raise ModelLoadError(
-                f"no {role} named {name!r} in {models_dir} (there: {known})"
-            ) from None
-    registry.load_all("cpu", 0)
-    crp, clf, det = chosen
-    return crp, clf, det
-
-
-def served_orienter(models_dir: Path) -> OnnxModel | None:
-    """The orienter when the service is configured to use one (FRACTURE_ORIENT), loaded alone."""
-    orienter = ModelRegistry(models_dir).orienter(Settings().orient)
-    if orienter is not None:
-        orienter.load(choose_providers("cpu"), 0)
-    return orienter
+    """Cropper, classifier and detector of served_plan."""
+    plan = served_plan(models_dir, classifier, detector)
+    return plan.cropper, plan.classifier, plan.detector
 
 
 def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:
@@ -88,7 +85,7 @@ def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:
     boxes = np.asarray(rec.boxes, dtype=np.float32).reshape(-1, 4)
     if shift != "none":
         data, ctype, boxes = shift_image(read_grey(rec.path), boxes, shift, rec.image_id)
-    return decode(data, ctype, Path(rec.path).name, 10**9, ["CR", "DX", "RG"]), boxes
+    return decode(data, ctype, Path(rec.path).name, 10**9, list(RADIOGRAPH_MODALITIES)), boxes
 
 
 def best_box_scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
@@ -96,20 +93,10 @@ def best_box_scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
     return [float(s.max()) if len(s) else 0.0 for _, s in preds]
 
 
-def collect(
-    records: list[Record],
-    models: tuple[OnnxModel, OnnxModel, OnnxModel],
-    shift: str = "none",
-    batch: int = 8,
-    orienter: OnnxModel | None = None,
-) -> Collected:
-    """Run decode -> crop -> classify -> detect (every box above COLLECT_THRESHOLD) on records,
-    as the service is configured (FRACTURE_UPRIGHT=false measures it without the upright turn,
-    FRACTURE_PAINT_OUT_MARKERS=true with burned-in annotations painted out,
-    FRACTURE_FIX_POLARITY=false without bone-dark PNGs inverted)."""
-    crp, clf, det = models
-    point = from_score(COLLECT_THRESHOLD)
-    settings = Settings()
+def collect(records: list[Record], plan: Plan, shift: str = "none", batch: int = 8) -> Collected:
+    """Run the served pipeline on records as `plan` says (served_plan: as the service is
+    configured, e.g. FRACTURE_UPRIGHT=false measures it without the upright turn,
+    FRACTURE_PAINT_OUT_MARKERS=true with burned-in annotations painted out)."""
     out = Collected()
     t0 = time.perf_counter()
     for start in progress(range(0, len(records), batch), f"evaluate ({shift})"):
@@ -119,7 +106,7 @@ def collect(
             image, boxes = decode_record(rec, shift)
             works.append(ImageWork(image=image, decode_ms=0.0))
             chunk_boxes.append(boxes)
-        run_study(works, crp, clf, det, point, orienter=orienter, **settings.pipeline_stages())
+        run_study(works, plan)
         for rec, w, boxes in zip(chunk, works, chunk_boxes, strict=True):
             h, wd = w.image.height, w.image.width
             gt = boxes * np.array([wd, h, wd, h], np.float32)
@@ -129,6 +116,8 @@ def collect(
                 for b in gt
             ]
             out.probs.append(w.probability)
+            if w.ood_score is not None:
+                out.ood.append(w.ood_score)
             out.preds.append((w.boxes, w.scores))
             out.gts.append(gt)
             out.sizes.append((wd, h))
@@ -196,8 +185,10 @@ def evaluate(
     """The served pipeline on `records` (optionally under a source shift, training/shifts.py):
     classifier, detector and fused image score with bootstrap 95% intervals and per-region AUROC.
     """
-    crp, clf, det = served_models(models_dir, classifier, detector)
-    c = collect(records, (crp, clf, det), shift, batch, served_orienter(models_dir))
+    plan = served_plan(models_dir, classifier, detector)
+    crp, clf, det = plan.cropper, plan.classifier, plan.detector
+    threshold = plan.scoring.decision_threshold
+    c = collect(records, plan, shift, batch)
     probs, preds, gts, sizes, labels = c.probs, c.preds, c.gts, c.sizes, c.labels
     inside, shown, seconds = c.inside, c.shown, c.seconds
 
@@ -210,7 +201,7 @@ def evaluate(
     result = {
         "n_images": len(records),
         "models": {m.role: f"{m.name} {m.version}" for m in (crp, clf, det)},
-        "classifier": metrics.classification_metrics(labels, probs, decision_threshold(clf, det)),
+        "classifier": metrics.classification_metrics(labels, probs, threshold),
         "detector": {
             **metrics.coco_ap(preds, gts, sizes),
             "n_lesions": froc.n_lesions,
@@ -232,14 +223,23 @@ def evaluate(
             )["auroc"]
             for w in (0.0, 0.25, 0.5, 0.75, 1.0)
         },
-        "classifier_ci95": metrics.bootstrap_classification(
-            labels, probs, decision_threshold(clf, det)
-        ),
+        "classifier_ci95": metrics.bootstrap_classification(labels, probs, threshold),
         "classifier_by_region": metrics.auroc_by_group(labels, probs, [r.region for r in records]),
         "shift": shift,
         "fracture_boxes_inside_crop": float(np.mean(inside)) if inside else None,
         "seconds_per_image_cpu": round(seconds / max(len(records), 1), 4),
     }
+    if c.ood:  # how many images the service would flag, and how unlike they are
+        ood = np.asarray(c.ood)
+        result["familiarity"] = {
+            "flagged": round(float(np.mean([plan.scoring.unfamiliar(s) for s in ood])), 4),
+            "median_ood_score": round(float(np.median(ood)), 4),
+            "threshold": plan.scoring.ood_threshold,
+        }
+    if plan.scoring.verdict is not None:  # the three-level verdict's shares and rates, with CIs
+        result["verdict"] = metrics.verdict_figures(
+            np.asarray(labels), np.asarray(probs), plan.scoring.verdict
+        )
     result["model_cards"] = {
         m.role: {"name": m.name, "version": m.version, "sha256": m.card.sha256}
         for m in (crp, clf, det)
@@ -288,14 +288,14 @@ def operating_point_stability(
     the FP/image and lesion recall each fp_per_image row's threshold gives, and the classifier's
     AUROC, sensitivity and specificity at its decision threshold, each with a bootstrap 95%
     interval over images."""
-    crp, clf, det = served_models(models_dir, classifier, detector)
-    orienter = served_orienter(models_dir)
+    plan = served_plan(models_dir, classifier, detector)
+    clf, det = plan.classifier, plan.detector
     rows = det.card.operating_points or []
     out: dict[str, Any] = {"detector": det.name, "classifier": clf.name, "shifts": {}}
-    threshold = decision_threshold(clf, det)
+    threshold = plan.scoring.decision_threshold
     kept = ("auroc", "sensitivity", "specificity")
     for shift in shifts:
-        c = collect(records, (crp, clf, det), shift, orienter=orienter)
+        c = collect(records, plan, shift)
         froc = metrics.froc(c.preds, c.gts)
         cls = metrics.classification_metrics(c.labels, c.probs, threshold)
         ci = metrics.bootstrap_classification(c.labels, c.probs, threshold)

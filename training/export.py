@@ -28,23 +28,19 @@ def input_spec(
     pad_value: float = 0.0,
     batch: bool = True,
     tta: str = "none",
-) -> dict[str, Any]:
-    """A card's input block (square input, one mean/std for every channel), validated against
-    the schema the service reads it with."""
-    spec = {
-        "size": [size, size],
-        "resize": resize,
-        "pad_value": pad_value,
-        "channels": channels,
-        "mean": [mean] * channels,
-        "std": [std] * channels,
-    }
-    if not batch:
-        spec["batch"] = False
-    if tta != "none":
-        spec["tta"] = tta
-    InputSpec.model_validate(spec)
-    return spec
+) -> InputSpec:
+    """A card's input block (square input, one mean/std for every channel), as the service
+    reads it."""
+    return InputSpec(
+        size=(size, size),
+        resize=resize,
+        pad_value=pad_value,
+        channels=channels,
+        mean=[mean] * channels,
+        std=[std] * channels,
+        batch=batch,
+        tta=tta,
+    )
 
 
 def export_onnx(
@@ -243,6 +239,48 @@ def standard_sections(card: dict[str, Any]) -> dict[str, Any]:
         "changelog": [{"version": str(card.get("version")), "change": "first release"}],
         **card,
     }
+
+
+def ship_card(
+    onnx_path: Path,
+    recipe: dict[str, Any],
+    log: Any,
+    *,
+    task: str,
+    spec: InputSpec,
+    output: dict[str, Any],
+    data: str,
+    licence: str,
+    metrics: dict[str, Any],
+    name: str | None = None,
+    train_time_s: float | None = None,
+    **role_fields: Any,
+) -> dict[str, Any]:
+    """The one card builder every family uses: identity from the recipe (`name` overrides it),
+    the input spec as the service reads it, the family's role fields (decision threshold,
+    operating points, crop margin, architecture, ...), the measured metrics, the hardware and
+    training time of the run (`log`, a common.RunLog; `train_time_s` when the model's training
+    was spent elsewhere, e.g. an ensemble's members); validated and written beside the graph
+    (write_card), and the run's `done` line logged."""
+    from training import common
+
+    card = {
+        "name": name or recipe["name"],
+        "version": recipe["version"],
+        "task": task,
+        "input": spec.model_dump(mode="json"),
+        "output": output,
+        "data": data,
+        "recipe": recipe,
+        "licence": licence,
+        **role_fields,
+        "metrics": metrics,
+        "trained_on": common.hardware(),
+        "train_time_s": log.training_seconds() if train_time_s is None else train_time_s,
+    }
+    write_card(onnx_path, card)
+    log.write(event="done", metrics=metrics)
+    return card
 
 
 def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:

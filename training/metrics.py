@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.model_card import FP_RATES
+from app.inference.model_card import FP_RATES, Verdict
+from app.inference.operating_point import fit_row
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -89,18 +90,9 @@ class Froc:
     n_lesions: int
 
     def operating_point(self, fp_rate: float) -> dict:
-        """Lowest threshold whose mean false positives per image stay within fp_rate."""
-        ok = np.flatnonzero(self.fp_per_image <= fp_rate + 1e-12)
-        if ok.size == 0:
-            return {"fp_per_image": fp_rate, "threshold": 1.0, "recall": 0.0, "precision": 1.0}
-        i = int(ok[-1])
-        return {
-            "fp_per_image": fp_rate,
-            "threshold": float(self.thresholds[i]),
-            "recall": float(self.recall[i]),
-            "precision": float(self.precision[i]),
-            "achieved_fp_per_image": float(self.fp_per_image[i]),
-        }
+        """Lowest threshold whose mean false positives per image stay within fp_rate (the rule
+        the service reads back: app.inference.operating_point)."""
+        return fit_row(self.thresholds, self.recall, self.fp_per_image, self.precision, fp_rate)
 
     def at_threshold(self, threshold: float) -> dict:
         """Recall, precision and mean FP/image of the boxes scoring at least `threshold`."""
@@ -346,4 +338,52 @@ def bootstrap_detection_at(
         "recall_ci95": [float(np.percentile(recalls, q)) for q in (2.5, 97.5)] if recalls else None,
         "fp_per_image": float(f.mean()) if len(f) else 0.0,
         "fp_per_image_ci95": [float(np.percentile(rates, q)) for q in (2.5, 97.5)],
+    }
+
+
+# The three-level verdict (training/verdict.py fits its thresholds): which level each score gets,
+# and the shares and rates it gives.
+VERDICT_LEVELS = ("fracture", "doubt", "no_fracture")
+
+
+def levels_of(scores: np.ndarray, verdict: Verdict) -> np.ndarray:
+    s = np.asarray(scores, dtype=float)
+    return np.where(
+        s >= verdict.fracture_from,
+        "fracture",
+        np.where(s < verdict.no_fracture_below, "no_fracture", "doubt"),
+    )
+
+
+def verdict_rates(y: np.ndarray, level: np.ndarray) -> dict[str, float]:
+    pos, neg = y == 1, y == 0
+    out = {f"share_{name}": float(np.mean(level == name)) for name in VERDICT_LEVELS}
+    out["sensitivity_fracture_or_doubt"] = float(np.mean(level[pos] != "no_fracture"))
+    out["specificity_fracture"] = float(np.mean(level[neg] != "fracture"))
+    out["sensitivity_fracture"] = float(np.mean(level[pos] == "fracture"))
+    out["specificity_no_fracture"] = float(np.mean(level[neg] == "no_fracture"))
+    return out
+
+
+def verdict_figures(
+    labels: np.ndarray, scores: np.ndarray, verdict: Verdict, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Shares of each level, the sensitivity of fracture-or-doubt and the specificity of
+    fracture (and their two counterparts), with bootstrap 95% intervals over images."""
+    y, level = np.asarray(labels).astype(int), levels_of(scores, verdict)
+    point = verdict_rates(y, level)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if 0 < y[idx].sum() < len(idx):
+            draws.append(verdict_rates(y[idx], level[idx]))
+    return {
+        key: {
+            "value": round(value, 4),
+            "ci95": [
+                round(float(np.quantile([d[key] for d in draws], q)), 4) for q in (0.025, 0.975)
+            ],
+        }
+        for key, value in point.items()
     }

@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.core.logs import new_request_id
-from app.state import AppState
+from app.service import FractureService
 
 
-def get_state(request: Request) -> AppState:
+def get_service(request: Request) -> FractureService:
     return request.app.state.fracture
 
 
-StateDep = Annotated[AppState, Depends(get_state)]
+ServiceDep = Annotated[FractureService, Depends(get_service)]
 
 
 def request_id_of(request: Request) -> str:

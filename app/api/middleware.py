@@ -11,7 +11,7 @@ from typing import Any
 from app.api.auth import PROBE_PATHS
 from app.api.errors import error_response
 from app.core.logs import new_request_id, request_id
-from app.state import AppState
+from app.service import FractureService
 
 access = logging.getLogger("app.access")
 # Probes and scrapes are not work: left out of the access log and the in-flight gauge.
@@ -30,16 +30,16 @@ class LimitsAndMetricsMiddleware:
     """Pure ASGI: refuses bodies over the limit (413, before or while reading) and records
     request counts, durations and in-flight requests by route template (never by request)."""
 
-    def __init__(self, app: Any, state: AppState):
+    def __init__(self, app: Any, service: FractureService):
         self.app = app
-        self.state = state
+        self.service = service
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.state.settings.max_body_bytes
-        m = self.state.metrics
+        limit = self.service.settings.max_body_bytes
+        m = self.service.metrics
         started = time.perf_counter()
         status = {"code": 500}
         # Probes and scrapes are not work: they stay out of the gauge the autoscaler reads.
@@ -68,7 +68,7 @@ class LimitsAndMetricsMiddleware:
                 )
                 return
             received, body_done = 0, False
-            read_timeout = self.state.settings.body_read_timeout_s
+            read_timeout = self.service.settings.body_read_timeout_s
 
             async def receive_limited() -> dict:
                 nonlocal received, body_done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,31 @@ REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 # The operating point when a request gives none: one of the FROC rows every detector card carries
 # (app.inference.model_card.FP_RATES), the one Xie et al. chose.
 DEFAULT_FP_PER_IMAGE = 0.4
+# DICOM modalities that are projection radiographs: what the service accepts by default and what
+# training and the tools decode FracAtlas with.
+RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
+# DICOM BodyPartExamined values (PS3.16 CID 4031 terms and common variants) of the limbs and the
+# pelvis, the regions the models were made for; any other named region is refused.
+LIMB_BODY_PARTS = (
+    "ANKLE", "ARM", "CALCANEUS", "CLAVICLE", "ELBOW", "EXTREMITY", "FEMUR", "FIBULA", "FINGER",
+    "FOOT", "FOREARM", "HAND", "HEEL", "HIP", "HUMERUS", "KNEE", "LEG", "LOWER LIMB",
+    "LOWER EXTREMITY", "LOWERLIMB", "PATELLA", "PELVIS", "RADIUS", "SCAPULA", "SHOULDER",
+    "THIGH", "THUMB", "TIBIA", "TOE", "ULNA", "UPPER ARM", "UPPER EXTREMITY", "UPPER LIMB",
+    "UPPERLIMB", "WRIST",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """The optional stages of the served pipeline (app/inference/pipeline.py), decided once from
+    Settings: `upright` turns a tilted radiograph onto its nearest axis, `markers` paints burned-in
+    annotations out, `polarity` inverts a PNG or JPEG shown bone-dark, `orient` runs the models
+    folder's orienter on every crop."""
+
+    upright: bool = False
+    markers: bool = False
+    polarity: bool = False
+    orient: bool = False
 
 
 class Settings(BaseSettings):
@@ -57,6 +83,12 @@ class Settings(BaseSettings):
         ge=0,
         description="requests that may wait for a model slot beyond those running; past it 503 "
         "with Retry-After (default: 4 per inference worker)",
+    )
+    max_intake_instances: int = Field(
+        2000,
+        ge=1,
+        description="DICOM instances accepted (STOW-RS, C-STORE) and kept until analysed; past "
+        "it new ones are answered out of resources (C-STORE 0xA700, STOW-RS 503 Retry-After)",
     )
     body_read_timeout_s: float = Field(
         15.0, gt=0, description="longest wait for the next piece of a request body (408 after)"
@@ -103,8 +135,13 @@ class Settings(BaseSettings):
         "as sent",
     )
     allowed_modalities: list[str] = Field(
-        default_factory=lambda: ["CR", "DX", "RG"],
+        default_factory=lambda: list(RADIOGRAPH_MODALITIES),
         description="DICOM modalities accepted as musculoskeletal radiographs (others: 422)",
+    )
+    allowed_body_parts: list[str] = Field(
+        default_factory=lambda: list(LIMB_BODY_PARTS),
+        description="DICOM BodyPartExamined (or anatomic region) values analysed; an image naming "
+        "another region is refused (422 out_of_scope), one naming none is analysed",
     )
     log_level: str = Field("INFO", description="Python log level")
     log_json: bool = Field(True, description="one JSON object per log line (false: plain text)")
@@ -187,14 +224,15 @@ class Settings(BaseSettings):
     def queue_limit(self) -> int:
         return 4 * self.inference_workers if self.max_queue is None else self.max_queue
 
-    def pipeline_stages(self) -> dict[str, bool]:
-        """The optional stages of app.inference.pipeline.run_study, as its keyword arguments:
-        the service, the batcher, evaluate and the benchmark all run what these settings say."""
-        return {
-            "upright": self.upright,
-            "markers": self.paint_out_markers,
-            "polarity": self.fix_polarity,
-        }
+    def pipeline_options(self) -> PipelineOptions:
+        """The optional stages these settings switch on: the service, evaluate, calibration and
+        the benchmark all run the pipeline with this one record."""
+        return PipelineOptions(
+            upright=self.upright,
+            markers=self.paint_out_markers,
+            polarity=self.fix_polarity,
+            orient=self.orient,
+        )
 
 
 @lru_cache

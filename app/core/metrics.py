@@ -50,6 +50,32 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("fracture_images", "Images by outcome", ["outcome"], registry=r)
+        self.refused = Counter(
+            "fracture_images_refused",
+            "Images refused before analysis, by reason (the error code: out_of_scope, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.flagged = Counter(
+            "fracture_images_flagged",
+            "Analysed images flagged outside validated conditions, by classifier",
+            ["classifier", "reason"],
+            registry=r,
+        )
+        self.probability = Histogram(
+            "fracture_image_probability",
+            "Served fracture_probability per image, by classifier (drift of the score)",
+            ["classifier"],
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
+        self.ood_score = Histogram(
+            "fracture_image_ood_score",
+            "ood_score per image, by classifier (drift away from the validated images)",
+            ["classifier"],
+            buckets=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
         self.in_flight = Gauge("fracture_requests_in_flight", "Requests being served", registry=r)
         self.abandoned = Counter(
             "fracture_requests_abandoned",

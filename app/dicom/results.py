@@ -42,11 +42,23 @@ class ImageFindings:
     source: Dataset  # the source instance's header (no pixel data needed)
     pixels: np.ndarray  # the decoded grey image, for the secondary capture
     probability: float
-    fracture: bool
+    verdict: str  # fracture, doubt or no_fracture (app.inference.plan.Scoring.level)
     boxes: np.ndarray  # (k, 4) xyxy in source pixels
     scores: np.ndarray
     # (rows, columns) of the source frame when `pixels` is the downsampled working image
     frame_size: tuple[int, int] | None = None
+    # the operating point of the boxes, as the capture says it ("0.4 FP/image")
+    operating_point: str = ""
+    ood_score: float | None = None  # app/inference/familiarity.py; None without a reference
+    out_of_distribution: bool = False  # flagged: outside validated conditions
+
+    @property
+    def fracture(self) -> bool:
+        return self.verdict == "fracture"
+
+
+# How the three-level verdict reads in words (the secondary capture, the viewer).
+VERDICT_WORDS = {"fracture": "fracture", "doubt": "doubtful", "no_fracture": "no fracture"}
 
 
 # Type 2 attributes of the patient and study modules: present (possibly empty) in what we write.
@@ -87,8 +99,14 @@ def _codes() -> dict[str, Any]:
         "fp_rate": CodedConcept("FPPERIMG", SCHEME, "Operating point false positives per image"),
         "threshold": CodedConcept("DETTHR", SCHEME, "Detector score threshold"),
         "decision": CodedConcept("FRACTHR", SCHEME, "Fracture probability decision threshold"),
+        "rule_out": CodedConcept("FRACNOBELOW", SCHEME, "No-fracture verdict threshold"),
+        "rule_in": CodedConcept("FRACFROM", SCHEME, "Fracture verdict threshold"),
+        "verdict": CodedConcept("FRACVERDICT", SCHEME, "Fracture triage verdict"),
+        "ood_score": CodedConcept("FRACOOD", SCHEME, "Out-of-distribution score"),
+        "unfamiliar": CodedConcept("FRACOUTSIDE", SCHEME, "Outside validated conditions"),
         "present": CodedConcept("52101004", "SCT", "Present"),
         "absent": CodedConcept("2667000", "SCT", "Absent"),
+        "equivocal": CodedConcept("42425007", "SCT", "Equivocal"),
         "unitless": CodedConcept("1", "UCUM", "no units"),
     }
 
@@ -112,129 +130,16 @@ def build_sr(
     """TID 1500 measurement report over every image of the study. Each measurement names the
     model that made it: the probability the classifier (the crop it saw came from the cropper,
     named in the group's algorithm parameters), each box and score the detector."""
-    from highdicom.sr import (
-        AlgorithmIdentification,
-        ComprehensiveSR,
-        DeviceObserverIdentifyingAttributes,
-        GraphicTypeValues,
-        ImageRegion,
-        Measurement,
-        MeasurementReport,
-        MeasurementsAndQualitativeEvaluations,
-        ObservationContext,
-        ObserverContext,
-        PlanarROIMeasurementsAndQualitativeEvaluations,
-        QualitativeEvaluation,
-        SourceImageForMeasurementGroup,
-        SourceImageForRegion,
-        TrackingIdentifier,
-    )
-    from pydicom.sr.codedict import codes
+    from highdicom.sr import ComprehensiveSR, MeasurementReport, ObservationContext
 
-    c = _codes()
-    cropper_text = f"cropper {algorithms.cropper[0]} {algorithms.cropper[1]}"
-    classifier_id = AlgorithmIdentification(
-        name=algorithms.classifier[0],
-        version=algorithms.classifier[1],
-        parameters=[cropper_text],
-    )
-    detector_id = AlgorithmIdentification(
-        name=algorithms.detector[0],
-        version=algorithms.detector[1],
-        parameters=[cropper_text, f"threshold {operating_point['detector_threshold']:.6f}"],
-    )
-    device = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=DEVICE_UID,
-            name=MODEL_NAME,
-            manufacturer_name=MANUFACTURER,
-            model_name=MODEL_NAME,
-        ),
-    )
+    classifier_id, detector_id = _algorithm_ids(algorithms, operating_point)
     groups: list[Any] = []
     for i, f in enumerate(findings):
-        measurements = [
-            Measurement(
-                name=c["probability"],
-                value=float(f.probability),
-                unit=c["unitless"],
-                algorithm_id=classifier_id,
-            ),
-            Measurement(
-                name=c["threshold"],
-                value=float(operating_point["detector_threshold"]),
-                unit=c["unitless"],
-                algorithm_id=detector_id,
-            ),
-        ]
-        # what the answer was judged by, where the request had it (a score_threshold has no
-        # fp_per_image)
-        for key, concept, algorithm in (
-            ("decision_threshold", "decision", classifier_id),
-            ("fp_per_image", "fp_rate", detector_id),
-        ):
-            if operating_point.get(key) is not None:
-                measurements.append(
-                    Measurement(
-                        name=c[concept],
-                        value=float(operating_point[key]),
-                        unit=c["unitless"],
-                        algorithm_id=algorithm,
-                    )
-                )
-        # the verdict of every image, negatives included: Fracture = Present / Absent (the
-        # probability judged against the decision threshold above)
-        evaluations = [
-            QualitativeEvaluation(
-                name=c["fracture"], value=c["present"] if f.fracture else c["absent"]
-            )
-        ]
-        groups.append(
-            MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(
-                    uid=new_uid(uid_root), identifier=f"image {i + 1}"
-                ),
-                finding_type=c["fracture"],
-                algorithm_id=classifier_id,
-                measurements=measurements,
-                qualitative_evaluations=evaluations,
-                source_images=[SourceImageForMeasurementGroup.from_source_image(f.source)],
-            )
-        )
-        rows, cols = int(f.source.Rows), int(f.source.Columns)
-        for j, (box, score) in enumerate(zip(f.boxes, f.scores, strict=True)):
-            x1, y1, x2, y2 = (float(v) for v in box)
-            x1, x2 = np.clip([x1, x2], 0, cols)
-            y1, y2 = np.clip([y1, y2], 0, rows)
-            polyline = np.array(
-                [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32
-            )
-            groups.append(
-                PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=TrackingIdentifier(
-                        uid=new_uid(uid_root), identifier=f"image {i + 1} fracture {j + 1}"
-                    ),
-                    referenced_region=ImageRegion(
-                        graphic_type=GraphicTypeValues.POLYLINE,
-                        graphic_data=polyline,
-                        source_image=SourceImageForRegion.from_source_image(f.source),
-                    ),
-                    finding_type=c["fracture"],
-                    algorithm_id=detector_id,
-                    measurements=[
-                        Measurement(
-                            name=c["box_score"],
-                            value=float(score),
-                            unit=c["unitless"],
-                            algorithm_id=detector_id,
-                        )
-                    ],
-                )
-            )
+        groups.append(_image_group(i, f, operating_point, classifier_id, detector_id, uid_root))
+        groups += _box_groups(i, f, detector_id, uid_root)
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=device),
-        procedure_reported=c["procedure"],
+        observation_context=ObservationContext(observer_device_context=_device()),
+        procedure_reported=_codes()["procedure"],
         imaging_measurements=groups,
     )
     sr = ComprehensiveSR(
@@ -259,6 +164,139 @@ def build_sr(
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+def _algorithm_ids(algorithms: Algorithms, operating_point: dict[str, Any]) -> tuple[Any, Any]:
+    """The classifier's and the detector's AlgorithmIdentification (the cropper named in both)."""
+    from highdicom.sr import AlgorithmIdentification
+
+    cropper_text = f"cropper {algorithms.cropper[0]} {algorithms.cropper[1]}"
+    classifier_id = AlgorithmIdentification(
+        name=algorithms.classifier[0],
+        version=algorithms.classifier[1],
+        parameters=[cropper_text],
+    )
+    detector_id = AlgorithmIdentification(
+        name=algorithms.detector[0],
+        version=algorithms.detector[1],
+        parameters=[cropper_text, f"threshold {operating_point['detector_threshold']:.6f}"],
+    )
+    return classifier_id, detector_id
+
+
+def _device() -> Any:
+    """The service as the SR's device observer."""
+    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
+    from pydicom.sr.codedict import codes
+
+    return ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=DEVICE_UID,
+            name=MODEL_NAME,
+            manufacturer_name=MANUFACTURER,
+            model_name=MODEL_NAME,
+        ),
+    )
+
+
+def _measurement(name: str, value: float, algorithm: Any) -> Any:
+    from highdicom.sr import Measurement
+
+    c = _codes()
+    return Measurement(name=c[name], value=float(value), unit=c["unitless"], algorithm_id=algorithm)
+
+
+# Where each optional threshold of the operating point goes: its concept, and which model's.
+THRESHOLDS = (
+    ("decision_threshold", "decision", "classifier"),
+    ("no_fracture_below", "rule_out", "classifier"),
+    ("fracture_from", "rule_in", "classifier"),
+    ("fp_per_image", "fp_rate", "detector"),
+)
+TRIAGE = {"fracture": "present", "doubt": "equivocal", "no_fracture": "absent"}
+
+
+def _image_group(
+    i: int,
+    f: ImageFindings,
+    operating_point: dict[str, Any],
+    classifier_id: Any,
+    detector_id: Any,
+    uid_root: str | None,
+) -> Any:
+    """One image's measurement group: the probability, the thresholds it was judged by (those
+    the request had: a score_threshold has no fp_per_image), the verdict of every image
+    (Fracture = Present / Absent, and the three-level triage verdict: Present, Equivocal,
+    Absent), and where there is a reference the ood_score and whether it is flagged."""
+    from highdicom.sr import (
+        MeasurementsAndQualitativeEvaluations,
+        QualitativeEvaluation,
+        SourceImageForMeasurementGroup,
+        TrackingIdentifier,
+    )
+
+    c = _codes()
+    by_role = {"classifier": classifier_id, "detector": detector_id}
+    measurements = [
+        _measurement("probability", f.probability, classifier_id),
+        _measurement("threshold", operating_point["detector_threshold"], detector_id),
+    ]
+    for key, concept, role in THRESHOLDS:
+        if operating_point.get(key) is not None:
+            measurements.append(_measurement(concept, operating_point[key], by_role[role]))
+    evaluations = [
+        QualitativeEvaluation(name=c["fracture"], value=c["present" if f.fracture else "absent"]),
+        QualitativeEvaluation(name=c["verdict"], value=c[TRIAGE[f.verdict]]),
+    ]
+    if f.ood_score is not None:
+        measurements.append(_measurement("ood_score", f.ood_score, classifier_id))
+        flagged = "present" if f.out_of_distribution else "absent"
+        evaluations.append(QualitativeEvaluation(name=c["unfamiliar"], value=c[flagged]))
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=new_uid(uid_root), identifier=f"image {i + 1}"),
+        finding_type=c["fracture"],
+        algorithm_id=classifier_id,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=[SourceImageForMeasurementGroup.from_source_image(f.source)],
+    )
+
+
+def _box_groups(i: int, f: ImageFindings, detector_id: Any, uid_root: str | None) -> list[Any]:
+    """A planar ROI group per detected fracture: the box as a closed polyline on the source
+    image (clipped to it) and its score."""
+    from highdicom.sr import (
+        GraphicTypeValues,
+        ImageRegion,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        SourceImageForRegion,
+        TrackingIdentifier,
+    )
+
+    rows, cols = int(f.source.Rows), int(f.source.Columns)
+    groups = []
+    for j, (box, score) in enumerate(zip(f.boxes, f.scores, strict=True)):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        x1, x2 = np.clip([x1, x2], 0, cols)
+        y1, y2 = np.clip([y1, y2], 0, rows)
+        polyline = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], dtype=np.float32)
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=new_uid(uid_root), identifier=f"image {i + 1} fracture {j + 1}"
+                ),
+                referenced_region=ImageRegion(
+                    graphic_type=GraphicTypeValues.POLYLINE,
+                    graphic_data=polyline,
+                    source_image=SourceImageForRegion.from_source_image(f.source),
+                ),
+                finding_type=_codes()["fracture"],
+                algorithm_id=detector_id,
+                measurements=[_measurement("box_score", score, detector_id)],
+            )
+        )
+    return groups
 
 
 def build_secondary_capture(
@@ -288,9 +326,21 @@ def build_secondary_capture(
         ty = y1 - (bottom - top) - 2 * width if y1 - (bottom - top) - 2 * width >= 0 else y2 + width
         tx = min(max(0.0, x1), max(0.0, w - (right - left)))
         draw.text((tx, ty - top), text, fill=colour, font=font, stroke_width=1, stroke_fill=shadow)
-    label = f"AI fracture probability {finding.probability:.2f} - not for primary diagnosis"
+    lines = [
+        f"AI: {VERDICT_WORDS[finding.verdict]} (fracture probability {finding.probability:.2f})",
+        f"boxes at {finding.operating_point}" if finding.operating_point else "",
+        "OUTSIDE VALIDATED CONDITIONS" if finding.out_of_distribution else "",
+        "not for primary diagnosis",
+    ]
     margin = max(4, round(min(h, w) / 100))
-    draw.text((margin, margin), label, fill=colour, font=font, stroke_width=1, stroke_fill=shadow)
+    draw.multiline_text(
+        (margin, margin),
+        "\n".join(line for line in lines if line),
+        fill=colour,
+        font=font,
+        stroke_width=1,
+        stroke_fill=shadow,
+    )
     # Orientation copied from the source when it has one; otherwise none is claimed.
     orientation = finding.source.get("PatientOrientation")
     known = bool(orientation) and len(orientation) == 2

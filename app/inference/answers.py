@@ -8,7 +8,23 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from app.inference.model_card import VerdictLevel
+
+
+def _two_level_verdict(data: Any) -> Any:
+    """Answers stored before the three-level verdict (results kept in the database) carry only
+    `fracture`: read as fracture / no_fracture, as they were judged."""
+    if isinstance(data, dict) and "verdict" not in data and "fracture" in data:
+        return {**data, "verdict": "fracture" if data["fracture"] else "no_fracture"}
+    return data
 
 
 class ModelRef(BaseModel):
@@ -52,6 +68,11 @@ class Detection(BaseModel):
 
 
 class ImageResult(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_the_verdict(cls, data: Any) -> Any:
+        return _two_level_verdict(data)
+
     index: int = Field(description="position of the image in the request")
     filename: str | None
     sop_instance_uid: str | None
@@ -65,15 +86,61 @@ class ImageResult(BaseModel):
     crop_fallback: bool = Field(description="true when the bone mask was empty: whole image used")
     notes: list[str] = Field(description="what the service noticed about this image")
     fracture_probability: float = Field(ge=0, le=1)
-    fracture: bool = Field(description="fracture_probability >= decision_threshold")
+    verdict: VerdictLevel = Field(
+        description="fracture (fracture_probability >= verdict_thresholds.fracture_from, chosen "
+        "for high specificity), no_fracture (below verdict_thresholds.no_fracture_below, chosen "
+        "for high sensitivity) or doubt (between); fracture / no_fracture at decision_threshold "
+        "when the classifier card has no verdict thresholds"
+    )
+    fracture: bool = Field(
+        description="verdict is fracture: fracture_probability >= decision_threshold"
+    )
+    ood_score: float | None = Field(
+        None,
+        description="how unlike the images the models were validated on (about 1 for FracAtlas "
+        "images, higher the less alike); null when the classifier card has no reference",
+    )
+    out_of_distribution: bool | None = Field(
+        None,
+        description="ood_score above the card's threshold (which passes 95% of FracAtlas val): "
+        "the answer holds under conditions nobody validated",
+    )
     detections: list[Detection]
     timings_ms: dict[str, float]
 
 
+class NotAnalysed(BaseModel):
+    """A file of a multi-image request that was not analysed, and why (the error it would get
+    alone); the study's answer comes from the others."""
+
+    index: int = Field(description="position of the file in the request")
+    filename: str | None
+    error: str = Field(description="the error code, as in an error body")
+    detail: str
+
+
 class StudyVerdict(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _stored_before_the_verdict(cls, data: Any) -> Any:
+        return _two_level_verdict(data)
+
     fracture_probability: float = Field(ge=0, le=1, description="max over the study's images")
+    verdict: VerdictLevel = Field(
+        description="fracture when any image is, else doubt when any image is, else no_fracture"
+    )
     fracture: bool = Field(description="any image decided as fractured")
     images: int
+    out_of_distribution: bool = Field(
+        False, description="any image outside validated conditions (out_of_distribution)"
+    )
+
+
+class VerdictThresholds(BaseModel):
+    no_fracture_below: float = Field(ge=0, le=1)
+    fracture_from: float = Field(ge=0, le=1)
+    target_sensitivity: float = Field(description="of fracture or doubt, on new images")
+    target_specificity: float = Field(description="of fracture, on new images")
 
 
 class StudyAnswer(BaseModel):
@@ -86,12 +153,22 @@ class StudyAnswer(BaseModel):
         description="threshold of fracture_probability: the classifier card's, or its fusion's"
         " with this detector"
     )
+    verdict_thresholds: VerdictThresholds | None = Field(
+        None,
+        description="the three-level verdict's thresholds of fracture_probability (the classifier "
+        "card's for this score); null when it has none",
+    )
     image_score: str = Field(
         "",
         description="how fracture_probability is made: the classifier's calibrated probability,"
         " or its fusion with the detector's best box (Xie et al.), calibrated",
     )
     images: list[ImageResult]
+    not_analysed: list[NotAnalysed] = Field(
+        default_factory=list,
+        description="files of the request refused one by one (undecodable, out of scope, no "
+        "radiograph); the study's answer is from `images`",
+    )
     study: StudyVerdict
 
 

@@ -116,6 +116,37 @@ def fused_score(p: Any, max_box: Any, classifier_weight: float) -> Any:
     return classifier_weight * p + (1 - classifier_weight) * max_box
 
 
+VerdictLevel = Literal["fracture", "doubt", "no_fracture"]
+
+
+class Verdict(BaseModel):
+    """The three-level verdict on the served image score, as fracture triage gives it: at or
+    above `fracture_from` fracture (chosen for high specificity), below `no_fracture_below` no
+    fracture (chosen for high sensitivity), doubt between. Each threshold is the bootstrap bound
+    of its rule on the images it was fitted on, not the point, so that it holds on new images."""
+
+    model_config = ConfigDict(extra="allow")
+
+    no_fracture_below: float = Field(ge=0, le=1)
+    fracture_from: float = Field(ge=0, le=1)
+    target_sensitivity: float = Field(gt=0, lt=1, description="of fracture or doubt")
+    target_specificity: float = Field(gt=0, lt=1, description="of fracture")
+    no_fracture_below_ci95: tuple[float, float] | None = None
+    fracture_from_ci95: tuple[float, float] | None = None
+    chosen_on: str = Field(description="which images, through which pipeline, which rule")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Verdict:
+        if self.no_fracture_below > self.fracture_from:
+            raise ValueError("no_fracture_below must not exceed fracture_from")
+        return self
+
+    def level(self, p: float) -> VerdictLevel:
+        if p >= self.fracture_from:
+            return "fracture"
+        return "no_fracture" if p < self.no_fracture_below else "doubt"
+
+
 class Fusion(BaseModel):
     """Xie et al.'s image score with one detector file: s = classifier_weight * p + (1 -
     classifier_weight) * m, p the classifier's uncalibrated probability, m the highest score of any
@@ -131,6 +162,7 @@ class Fusion(BaseModel):
     calibration: Calibration | None = None
     decision_threshold: float = Field(ge=0, le=1, description="on the calibrated fused score")
     chosen_on: str = Field(description="how the weight was chosen, on which images")
+    verdict: Verdict | None = Field(None, description="three-level verdict on the fused score")
 
     def applies_to(self, detector: ModelCard | None) -> bool:
         return detector is not None and (detector.name, detector.sha256) == (
@@ -141,6 +173,43 @@ class Fusion(BaseModel):
     def apply(self, p: float, max_box: float) -> float:
         s = fused_score(float(p), float(max_box), self.classifier_weight)
         return self.calibration.apply(s) if self.calibration else s
+
+
+class Familiarity(BaseModel):
+    """The classifier's out-of-distribution reference (app/inference/familiarity.py): which graph
+    tensor holds its pooled features, the reference file fitted on the training crops, and the
+    score above which an image is flagged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    feature_output: str = Field(description="graph tensor of the pooled features (N x D)")
+    file: str = Field(description="the reference (.npz) in the models folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    threshold: float = Field(gt=0, description="ood_score above it: out_of_distribution")
+    refuse_above: float | None = Field(
+        None, gt=0, description="ood_score above it: no radiograph the models can read, refused"
+    )
+    fitted_on: str
+    threshold_rule: str
+
+
+class SiteAdaptation(BaseModel):
+    """Where a classifier card was adapted (`python -m training adapt`): the site, its images
+    (count and a digest of their list), the base models, the paired figures, and the site's
+    last layer (app/inference/site_head.py) when it passed the guard."""
+
+    model_config = ConfigDict(extra="allow")
+
+    site: str
+    created: str
+    images: int = Field(ge=1)
+    fractured: int = Field(ge=0)
+    images_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+    base: dict[str, Any]
+    method: str
+    figures: dict[str, Any]
+    file: str | None = Field(None, description="the site head (.npz); none: recalibration only")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
 
 class ModelCard(BaseModel):
@@ -166,7 +235,12 @@ class ModelCard(BaseModel):
         None, ge=0, le=1, description="an orienter's: the turn probability it acts on"
     )
     calibration: Calibration | None = None
+    verdict: Verdict | None = Field(
+        None, description="three-level verdict on the classifier's own calibrated probability"
+    )
     fusion: Fusion | None = None
+    familiarity: Familiarity | None = None
+    site_adaptation: SiteAdaptation | None = None
     site: str | None = Field(None, description="site calibration applied over the shipped card")
 
     @model_validator(mode="before")
@@ -180,8 +254,17 @@ class ModelCard(BaseModel):
     def _role_fields(self) -> ModelCard:
         if self.task == "classification" and self.decision_threshold is None:
             raise ValueError("a classifier card needs decision_threshold")
-        if (self.calibration or self.fusion) is not None and self.task != "classification":
-            raise ValueError("only a classifier card carries a calibration or a fusion")
+        classifier_only = (
+            self.calibration,
+            self.fusion,
+            self.verdict,
+            self.familiarity,
+            self.site_adaptation,
+        )
+        if any(f is not None for f in classifier_only) and self.task != "classification":
+            raise ValueError(
+                "only a classifier card carries a calibration, verdict, fusion or familiarity"
+            )
         if self.task == "segmentation" and self.crop_margin is None:
             raise ValueError("a cropper card needs crop_margin")
         if self.task == "orientation" and self.min_confidence is None:
@@ -239,6 +322,7 @@ class SiteClassifier(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     calibration: Calibration | None = None
     decision_threshold: float = Field(ge=0, le=1, description="on the calibrated probability")
+    verdict: Verdict | None = None
     fusion: Fusion | None = None
 
 

@@ -1,4 +1,6 @@
-"""Operating points: false positives per image -> detector threshold, from the detector's card."""
+"""Operating points: false positives per image -> detector threshold. Both halves of the rule
+live here: `fit_row` makes a card's table from a FROC curve (training, calibration), `from_fp_rate`
+reads it back when serving."""
 
 from __future__ import annotations
 
@@ -24,6 +26,33 @@ class OperatingPoint:
             if self.expected_recall is None
             else round(self.expected_recall, 4),
         }
+
+
+def fit_row(
+    thresholds: np.ndarray,
+    recall: np.ndarray,
+    fp_per_image: np.ndarray,
+    precision: np.ndarray,
+    fp_rate: float,
+) -> dict[str, float]:
+    """One row of a card's table from a FROC curve (arrays ordered by descending threshold): the
+    lowest threshold whose mean false positives per image stay within `fp_rate`."""
+    ok = np.flatnonzero(fp_per_image <= fp_rate + 1e-12)
+    if ok.size == 0:
+        return {"fp_per_image": fp_rate, "threshold": 1.0, "recall": 0.0, "precision": 1.0}
+    i = int(ok[-1])
+    return {
+        "fp_per_image": fp_rate,
+        "threshold": float(thresholds[i]),
+        "recall": float(recall[i]),
+        "precision": float(precision[i]),
+        "achieved_fp_per_image": float(fp_per_image[i]),
+    }
+
+
+def card_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fit_row's rows as a card keeps them (4 decimals)."""
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows]
 
 
 def from_fp_rate(card: ModelCard, fp_per_image: float) -> OperatingPoint:

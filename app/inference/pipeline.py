@@ -1,7 +1,11 @@
-"""decode -> crop -> classify -> detect, for the images of one study, a batch per model.
+"""The served pipeline, for the decoded images of one or more studies, a batch per model:
+crop (polarity fix, markers painted out, bone mask, crop box, upright turn) -> orient ->
+classify (test-time views, calibration) -> detect (boxes back in the frame as sent, the fused
+image score), then each image's answer.
 
-Each stage stacks the inputs of every image of the request and runs its model once, so that the
-same code serves a micro-batcher that stacks images of several requests later.
+Each stage stacks the inputs of every image and runs its model once, so the micro-batcher
+(app/batching.py) stacks the images of several requests into one call. What runs is the Plan's
+(app/inference/plan.py).
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from app.core.config import PipelineOptions
 from app.inference.answers import Detection, ImageResult
 from app.inference.decoding import DecodedImage
+from app.inference.familiarity import OUTSIDE_NOTE
 from app.inference.markers import Painted, suppress_markers
-from app.inference.model_card import Fusion
-from app.inference.operating_point import OperatingPoint
+from app.inference.plan import Plan, Scoring
 from app.inference.polarity import inverted, looks_inverted
 from app.inference.postprocess import rcnn_detections, yolo_detections
 from app.inference.preprocessing import (
@@ -39,6 +44,7 @@ StageTimer = Callable[[str, float, int], None]
 class ImageWork:
     image: DecodedImage
     decode_ms: float
+    index: int | None = None  # position in the request, where files before it were refused
     crop_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # in the frame as sent
     working_box: tuple[int, int, int, int] = (0, 0, 0, 0)  # the same in working pixels
     crop_fallback: bool = False
@@ -52,6 +58,8 @@ class ImageWork:
     crop_levels: GreyLevels | None = None  # the crop's own grey stretch
     probability: float = 0.0
     classifier_probability: float = 0.0  # uncalibrated, what a fusion mixes
+    features: np.ndarray | None = None  # the classifier's pooled features, where it exposes them
+    ood_score: float | None = None  # unlike the validated images (app/inference/familiarity.py)
     max_box_score: float = 0.0  # under a fusion: the best box down to its floor
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -80,39 +88,35 @@ def _timed(stage: str, works: list[ImageWork], on_stage: StageTimer | None) -> I
         on_stage(stage, seconds, len(works))
 
 
-def run_study(
-    works: list[ImageWork],
-    cropper: OnnxModel,
-    classifier: OnnxModel,
-    detector: OnnxModel,
-    operating_point: OperatingPoint,
-    on_stage: StageTimer | None = None,
-    upright: bool = False,
-    markers: bool = False,
-    orienter: OnnxModel | None = None,
-    polarity: bool = False,
-) -> None:
-    """Fill crop boxes, probabilities and detections of every image in place (the crop margin
-    is the cropper card's). With `upright`, an image whose bone axis lies between quarter turns
-    is turned onto the nearest axis first (app/inference/upright.py); with `markers`, burned-in
-    annotations are painted out of what the models see (app/inference/markers.py); with an
-    `orienter`, a crop it finds a quarter or half turn from FracAtlas's way up is turned back;
-    with `polarity`, a PNG or JPEG shown bone-dark is inverted first (app/inference/polarity.py)."""
-    crop_margin = float(cropper.card.crop_margin)
+def run_study(works: list[ImageWork], plan: Plan, on_stage: StageTimer | None = None) -> None:
+    """Fill crop boxes, probabilities and detections of every image in place, as `plan` says
+    (the crop margin is the cropper card's). Its options: `upright` turns an image whose bone
+    axis lies between quarter turns onto the nearest axis first (app/inference/upright.py);
+    `markers` paints burned-in annotations out of what the models see (app/inference/markers.py);
+    with an orienter, a crop it finds a quarter or half turn from FracAtlas's way up is turned
+    back; `polarity` inverts a PNG or JPEG shown bone-dark first (app/inference/polarity.py)."""
+    crop_margin = float(plan.cropper.card.crop_margin)
     with _timed("crop", works, on_stage):
-        masks = take_crops(works, cropper, upright, markers, polarity)
-    if orienter is not None:
+        masks = take_crops(works, plan.cropper, plan.options)
+    if plan.orienter is not None:
         with _timed("orient", works, on_stage):
-            orient_crops(works, masks, orienter, crop_margin)
-    fusion = image_score_fusion(classifier, detector)
+            orient_crops(works, masks, plan.orienter, crop_margin)
+    classifier, detector, fusion = plan.classifier, plan.detector, plan.scoring.fusion
     with _timed("classify", works, on_stage):
         batch = np.stack([model_input(w.crop, classifier.spec, w.crop_levels)[0] for w in works])
-        probs = classify(classifier, batch)
+        probs, features = classify_with_features(classifier, batch)
+        if classifier.site_head is not None and features is not None:  # the site's last layer
+            probs = classifier.site_head.apply(probs, features)
         calibration = classifier.card.calibration if classifier.card else None
         for w, p in zip(works, probs, strict=True):
             raw = w.classifier_probability = float(np.clip(p, 0.0, 1.0))
             w.probability = calibration.apply(raw) if calibration else raw
-    threshold = operating_point.detector_threshold
+        if features is not None:
+            scores = classifier.reference.score(features) if classifier.reference else None
+            for i, w in enumerate(works):
+                w.features = features[i]
+                w.ood_score = None if scores is None else float(scores[i])
+    threshold = plan.point.detector_threshold
     with _timed("detect", works, on_stage):
         found = detect_crops(
             detector,
@@ -137,25 +141,21 @@ def run_study(
 
 
 def take_crops(
-    works: list[ImageWork],
-    cropper: OnnxModel,
-    upright: bool = False,
-    markers: bool = False,
-    polarity: bool = False,
+    works: list[ImageWork], cropper: OnnxModel, options: PipelineOptions = PipelineOptions()
 ) -> list[np.ndarray | None]:
-    """The crop stage of run_study: invert a PNG or JPEG shown bone-dark (`polarity`), paint
-    markers out (`markers`), find the bone mask, take the crop (turned onto the nearest axis
-    with `upright`); each image's mask, None where it was empty and the whole image is
-    analysed."""
+    """The crop stage of run_study: invert a PNG or JPEG shown bone-dark (`options.polarity`),
+    paint markers out (`options.markers`), find the bone mask, take the crop (turned onto the
+    nearest axis with `options.upright`); each image's mask, None where it was empty and the
+    whole image is analysed."""
     crop_margin = float(cropper.card.crop_margin)
     masks: list[np.ndarray | None] = []
     for w in works:
         w.seen, w.painted = w.image.pixels, None
         # a DICOM's header says how it is shown (MONOCHROME1 is inverted on decoding)
-        w.inverted = polarity and w.image.source != "dicom" and looks_inverted(w.seen)
+        w.inverted = options.polarity and w.image.source != "dicom" and looks_inverted(w.seen)
         if w.inverted:
             w.seen = inverted(w.seen)
-        if markers:
+        if options.markers:
             w.seen, w.painted = suppress_markers(w.seen)
     batch = np.stack([model_input(w.seen, cropper.spec, grey_levels(w.seen))[0] for w in works])
     logits = cropper.run(batch)[0]
@@ -170,7 +170,7 @@ def take_crops(
         # The crop is stretched on its own, as the models were trained; the stretch itself
         # runs on each model's input, after the resize.
         w.crop = w.seen[y1:y2, x1:x2]
-        turn = upright_turn(mask, h, wd) if upright and box else None
+        turn = upright_turn(mask, h, wd) if options.upright and box else None
         turned = turned_crop_box(turn, mask, crop_margin) if turn else None
         if turn and turned:
             w.take_turned_crop(turn, turned)
@@ -225,29 +225,6 @@ def orient_crops(
 FUSION_BOX_FLOOR = 0.001
 
 
-def image_score_fusion(classifier: OnnxModel, detector: OnnxModel) -> Fusion | None:
-    """The classifier card's fusion when it was fitted for this very detector file, else None
-    (the classifier's own probability serves)."""
-    fusion = classifier.card.fusion if classifier.card else None
-    return fusion if fusion is not None and fusion.applies_to(detector.card) else None
-
-
-def decision_threshold(classifier: OnnxModel, detector: OnnxModel) -> float:
-    """The threshold of the served image score: the fusion's with its detector, else the
-    classifier card's."""
-    fusion = image_score_fusion(classifier, detector)
-    return fusion.decision_threshold if fusion else float(classifier.card.decision_threshold)
-
-
-def image_score(classifier: OnnxModel, detector: OnnxModel) -> str:
-    """How fracture_probability is made, for the answer."""
-    fusion = image_score_fusion(classifier, detector)
-    if fusion is None:
-        return f"{classifier.name}, calibrated"
-    w = fusion.classifier_weight
-    return f"{w:g} x {classifier.name} + {1 - w:g} x max box of {detector.name}, calibrated"
-
-
 def tta_views(batch: np.ndarray, tta: str) -> list[np.ndarray]:
     """The test-time views of an N x C x H x W batch: itself, its quarter turns (rot4), and
     their mirrors (d4). Square inputs only, so every view has the graph's shape."""
@@ -270,14 +247,31 @@ def mean_logit(probs: np.ndarray) -> np.ndarray:
 def classify(classifier: OnnxModel, batch: np.ndarray) -> np.ndarray:
     """Fracture probability per input (N,): the graph's probability, or under the card's
     test-time views the sigmoid of their mean logit (one run over all views when batched)."""
-    views = tta_views(batch, classifier.spec.get("tta", "none"))
+    return classify_with_features(classifier, batch)[0]
+
+
+def classify_with_features(
+    classifier: OnnxModel, batch: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """classify's probabilities and, where the graph exposes them (OnnxModel.features_at), the
+    pooled features of the same forward pass, averaged over the test-time views (N x D)."""
+    views = tta_views(batch, classifier.spec.tta)
     stacked = views[0] if len(views) == 1 else np.concatenate(views)
+    at, n = classifier.features_at, len(batch)
+    features = None
     if classifier.batched:
-        probs = classifier.run(stacked)[0].reshape(len(views), len(batch))
+        outputs = classifier.run(stacked)
+        probs = outputs[0].reshape(len(views), n)
+        if at is not None:
+            features = outputs[at].reshape(len(views), n, -1).mean(axis=0)
     else:
         outputs = classifier.run(stacked)
-        probs = np.array([o[0].reshape(-1)[0] for o in outputs]).reshape(len(views), len(batch))
-    return probs[0].astype(np.float64) if len(views) == 1 else mean_logit(probs)
+        probs = np.array([o[0].reshape(-1)[0] for o in outputs]).reshape(len(views), n)
+        if at is not None:
+            features = np.stack([o[at].reshape(-1) for o in outputs]).reshape(len(views), n, -1)
+            features = features.mean(axis=0)
+    probs = probs[0].astype(np.float64) if len(views) == 1 else mean_logit(probs)
+    return probs, features
 
 
 Decoder = Callable[[OnnxModel, list[Any], int, float], tuple[np.ndarray, np.ndarray]]
@@ -342,8 +336,10 @@ TURN_PURPOSE = {
 }
 
 
-def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageResult:
-    img = w.image
+def image_answer(index: int, w: ImageWork, scoring: Scoring) -> ImageResult:
+    """One image's answer, its probability judged as `scoring` says."""
+    img, level = w.image, scoring.level(w.probability)
+    unfamiliar = scoring.unfamiliar(w.ood_score)
     return ImageResult(
         index=index,
         filename=img.filename,
@@ -368,9 +364,13 @@ def image_answer(index: int, w: ImageWork, decision_threshold: float) -> ImageRe
             [f"{w.painted.count} burned-in annotation(s) painted out for analysis"]
             if w.painted and w.painted.count
             else []
-        ),
+        )
+        + ([OUTSIDE_NOTE] if unfamiliar else []),
         fracture_probability=round(w.probability, 6),
-        fracture=w.probability >= decision_threshold,
+        verdict=level,
+        fracture=level == "fracture",
+        ood_score=None if w.ood_score is None else round(w.ood_score, 4),
+        out_of_distribution=None if w.ood_score is None else unfamiliar,
         detections=[
             Detection(box=[round(float(v), 1) for v in b], score=round(float(s), 6))
             for b, s in zip(w.boxes, w.scores, strict=True)

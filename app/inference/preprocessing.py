@@ -8,10 +8,12 @@ serving see the same pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
+
+from app.inference.model_card import InputSpec
 
 STRETCH_PERCENTILES = (0.5, 99.5)
 
@@ -141,27 +143,25 @@ def letterbox(
 
 
 def model_input(
-    image: np.ndarray, spec: dict[str, Any], levels: GreyLevels | None = None
+    image: np.ndarray, spec: InputSpec, levels: GreyLevels | None = None
 ) -> tuple[np.ndarray, Placement]:
-    """Turn a grey image into one CHW model input as its card's spec says.
+    """Turn a grey image into one CHW model input as its card's InputSpec says.
 
     `image` is stretched to [0, 1] already, or raw grey with the `levels` that stretch it (the
-    service's path: the stretch then runs after the resize). spec keys: size [H, W]; resize
-    "stretch" (plain resize) or "letterbox"; channels; mean; std; pad_value (letterbox only,
-    in [0, 1] units).
+    service's path: the stretch then runs after the resize).
     """
-    height, width = spec["size"]
-    if spec.get("resize", "stretch") == "letterbox":
+    height, width = spec.size
+    if spec.resize == "letterbox":
         if height != width:
             raise ValueError("letterbox inputs must be square")
-        plane, placement = letterbox(image, height, float(spec.get("pad_value", 0.447)), levels)
+        plane, placement = letterbox(image, height, spec.pad_value, levels)
     else:
         plane = _resized_plane(image, height, width, levels)
         h, w = image.shape
         placement = StretchPlacement(sx=width / w, sy=height / h)
-    channels = int(spec.get("channels", 1))
-    mean = np.asarray(spec.get("mean", [0.0] * channels), dtype=np.float32)
-    std = np.asarray(spec.get("std", [1.0] * channels), dtype=np.float32)
+    channels = spec.channels
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
     out = np.empty((channels, *plane.shape), dtype=np.float32)
     for c in range(channels):
         np.subtract(plane, mean[c], out=out[c])

@@ -15,15 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from app.inference.familiarity import FeatureReference
 from app.inference.model_card import (
     REQUIRED_ROLES,
     CardError,
     DetectorOutput,
+    Familiarity,
     InputSpec,
     ModelCard,
     read_card,
     read_site_calibration,
 )
+from app.inference.site_head import SiteHead
 
 log = logging.getLogger("app.inference.runtime")
 
@@ -68,10 +71,11 @@ class OnnxModel:
     provider: str = "CPUExecutionProvider"
     input_name: str = "input"
     output_names: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        # The spec as the dict app.inference.preprocessing reads, built once.
-        self._spec = self.input.model_dump()
+    # a classifier's pooled-feature output (the card's familiarity names it; fitting one sets
+    # it) and the reference its out-of-distribution score is measured against
+    feature_output: str | None = None
+    reference: FeatureReference | None = None
+    site_head: SiteHead | None = None  # a site's last layer (card site_adaptation)
 
     @classmethod
     def from_card(cls, card: ModelCard, models_dir: Path) -> OnnxModel:
@@ -80,10 +84,10 @@ class OnnxModel:
 
     @classmethod
     def unshipped(
-        cls, path: Path, spec: dict[str, Any], output: dict[str, Any] | None = None
+        cls, path: Path, spec: InputSpec, output: dict[str, Any] | None = None
     ) -> OnnxModel:
         decoder = DetectorOutput.model_validate(output) if output is not None else None
-        return cls(path, InputSpec.model_validate(spec), decoder)
+        return cls(path, spec, decoder)
 
     @property
     def name(self) -> str:
@@ -100,8 +104,9 @@ class OnnxModel:
         return "detector" if self.detector_output else "model"
 
     @property
-    def spec(self) -> dict[str, Any]:
-        return self._spec
+    def spec(self) -> InputSpec:
+        """How a crop becomes this model's input (the card's `input`)."""
+        return self.input
 
     @property
     def batched(self) -> bool:
@@ -138,6 +143,29 @@ class OnnxModel:
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if self.card is not None and self.card.familiarity is not None:
+            self.feature_output = self.card.familiarity.feature_output
+            if self.feature_output not in self.output_names:
+                raise ModelLoadError(
+                    f"{self.name}: {self.path.name} has no output {self.feature_output!r} "
+                    "(the features its card's familiarity names)"
+                )
+            self.reference = _reference(self.path.parent, self.card.familiarity, self.name)
+        adaptation = self.card.site_adaptation if self.card else None
+        if adaptation is not None and adaptation.file:
+            if self.features_at is None:
+                raise ModelLoadError(f"{self.name}: a site head needs the card's familiarity")
+            path = self.path.parent / adaptation.file
+            if not path.is_file() or sha256_of(path) != adaptation.sha256:
+                raise ModelLoadError(f"{self.name}: site head {adaptation.file} missing or altered")
+            self.site_head = SiteHead.load(path)
+
+    @property
+    def features_at(self) -> int | None:
+        """Index of the pooled features among the session's outputs (None: not exposed)."""
+        if self.feature_output is None or self.feature_output not in self.output_names:
+            return None
+        return self.output_names.index(self.feature_output)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Outputs for a stacked batch; unbatched graphs are looped, outputs kept per image."""
@@ -146,8 +174,8 @@ class OnnxModel:
         return [self.session.run(None, {self.input_name: x}) for x in batch]
 
     def warm_up(self) -> None:
-        h, w = self.spec["size"]
-        dummy = np.zeros((1, int(self.spec.get("channels", 1)), h, w), dtype=np.float32)
+        h, w = self.spec.size
+        dummy = np.zeros((1, self.spec.channels, h, w), dtype=np.float32)
         self.run(dummy)
 
     def describe(self) -> dict[str, Any]:
@@ -156,6 +184,15 @@ class OnnxModel:
             "execution_provider": self.provider,
             "loaded": self.session is not None,
         }
+
+
+def _reference(folder: Path, familiarity: Familiarity, name: str) -> FeatureReference:
+    path = folder / familiarity.file
+    if not path.is_file():
+        raise ModelLoadError(f"{name}: familiarity reference {familiarity.file} is missing")
+    if sha256_of(path) != familiarity.sha256:
+        raise ModelLoadError(f"{name}: {familiarity.file} does not match its card's sha256")
+    return FeatureReference.load(path)
 
 
 class ModelRegistry:

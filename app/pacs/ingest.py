@@ -1,8 +1,8 @@
 """DICOM instances in, findings and result objects out: what STOW-RS and C-STORE share.
 
 Failure reasons (DICOM status codes, the same for STOW-RS FailureReason and C-STORE status):
-0xA900 study UID mismatch or a missing SOP/study UID, 0x0122 SOP class or modality not
-supported, 0xC000 cannot understand (not DICOM, undecodable pixel data), 0xA700 out of resources
+0xA900 study UID mismatch or a missing SOP/study UID, 0x0122 SOP class, modality or body part
+(BodyPartExamined outside Settings.allowed_body_parts) not supported, 0xC000 cannot understand (not DICOM, undecodable pixel data), 0xA700 out of resources
 (over the pixel limit).
 """
 
@@ -32,9 +32,10 @@ from app.inference.answers import StoredStudyAnswer, StoredStudyVerdict
 from app.inference.decoding import DecodedImage, decode_dicom_dataset, parse_dicom
 from app.inference.operating_point import OperatingPoint
 from app.inference.pipeline import ImageWork
+from app.inference.plan import Plan, Scoring
+from app.inference.scope import refuse_out_of_scope
 from app.results.store import IntakeJob
-from app.state import AppState
-from app.study import Models, analyse_study, resolve_models
+from app.service import FractureService
 
 log = logging.getLogger("app.ingest")
 
@@ -63,12 +64,14 @@ class Accepted:
         self.data = data  # the instance as it arrived: kept in the intake until analysed
 
 
-def read_instance(data: bytes, state: AppState, url_study: str | None) -> Accepted | Refused:
+def read_instance(
+    data: bytes, service: FractureService, url_study: str | None
+) -> Accepted | Refused:
     """An accepted instance, or (SOP class, SOP instance, failure reason)."""
     t0 = time.perf_counter()
     try:
         ds = parse_dicom(
-            data, state.settings.max_image_pixels
+            data, service.settings.max_image_pixels
         )  # parsed once: the header for the checks, the pixels to decode
         sop_class = str(ds.SOPClassUID)
         sop_uid = str(ds.SOPInstanceUID)
@@ -80,20 +83,23 @@ def read_instance(data: bytes, state: AppState, url_study: str | None) -> Accept
         return Refused(sop_class, sop_uid, STUDY_UID_MISMATCH)
     try:
         image = decode_dicom_dataset(
-            ds, state.settings.max_image_pixels, state.settings.allowed_modalities
+            ds, service.settings.max_image_pixels, service.settings.allowed_modalities
         )
+        refuse_out_of_scope(image, service.settings.allowed_body_parts)
     except ApiError as exc:
+        service.metrics.refused.labels(exc.code).inc()
         reason = {413: OUT_OF_RESOURCES}.get(exc.status, CANNOT_UNDERSTAND)
-        if exc.code in ("unsupported_modality", "multi_frame_unsupported", "no_pixel_data"):
+        out_of_scope = ("unsupported_modality", "out_of_scope")
+        if exc.code in (*out_of_scope, "multi_frame_unsupported", "no_pixel_data"):
             reason = SOP_CLASS_NOT_SUPPORTED
         return Refused(sop_class, sop_uid, reason)
-    state.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
+    service.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
     return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2), data)
 
 
 def build_results(
     point: OperatingPoint,
-    decision_threshold: float,
+    scoring: Scoring,
     accepted: list[Accepted],
     works: list[ImageWork],
     algorithms: Algorithms,
@@ -107,7 +113,12 @@ def build_results(
             pixels=w.image.pixels,
             frame_size=w.image.frame_size,
             probability=w.probability,
-            fracture=w.probability >= decision_threshold,
+            verdict=scoring.level(w.probability),
+            ood_score=w.ood_score,
+            out_of_distribution=scoring.unfamiliar(w.ood_score),
+            operating_point=f"{point.fp_per_image:g} FP/image"
+            if point.fp_per_image is not None
+            else f"detector score {point.detector_threshold:.3f}",
             boxes=np.asarray(w.boxes, dtype=np.float32).reshape(-1, 4),
             scores=np.asarray(w.scores, dtype=np.float32),
         )
@@ -116,7 +127,9 @@ def build_results(
     exact_point = {
         "detector_threshold": point.detector_threshold,
         "fp_per_image": point.fp_per_image,
-        "decision_threshold": decision_threshold,
+        "decision_threshold": scoring.decision_threshold,
+        "no_fracture_below": scoring.verdict.no_fracture_below if scoring.verdict else None,
+        "fracture_from": scoring.verdict.fracture_from if scoring.verdict else None,
     }
     sr = build_sr(findings, exact_point, algorithms, new_uid(uid_root), uid_root)
     sc_series = new_uid(uid_root)
@@ -127,10 +140,9 @@ def build_results(
 
 
 async def analyse_instances(
-    state: AppState,
+    service: FractureService,
     studies: dict[str, list[Accepted]],
-    point: OperatingPoint,
-    models: Models,
+    plan: Plan,
     request_id: str,
     base_url: str,
     job_id: str | None = None,
@@ -139,6 +151,7 @@ async def analyse_instances(
     SR and secondary captures. Shared by STOW-RS and the DIMSE C-STORE receiver. The instances
     are kept in the intake first and dropped from it once every result is stored (`job_id`: a
     job recovered at start, kept already)."""
+    point = plan.point
     if job_id is None and studies:
         job_id = uuid.uuid4().hex
         job = IntakeJob(
@@ -148,21 +161,23 @@ async def analyse_instances(
             None if point.fp_per_image is not None else point.detector_threshold,
             base_url,
         )
-        await asyncio.to_thread(state.results.accept, job)
+        await asyncio.to_thread(service.results.accept, job)
     answers = []
-    algorithms = Algorithms(*((m.name, m.version) for m in models))
+    algorithms = Algorithms(
+        *((m.name, m.version) for m in (plan.cropper, plan.classifier, plan.detector))
+    )
     for study_uid, accepted in studies.items():
         works = [ImageWork(image=a.image, decode_ms=a.decode_ms) for a in accepted]
-        delivery = "queued" if state.deliverer is not None else "kept"
-        answer = await analyse_study(state, works, point, models, request_id, delivery=delivery)
+        delivery = "queued" if service.deliverer is not None else "kept"
+        answer = await service.analyse(works, plan, request_id, delivery=delivery)
         instances = await asyncio.to_thread(
             build_results,
             point,
-            answer.decision_threshold,
+            plan.scoring,
             accepted,
             works,
             algorithms,
-            state.settings.uid_root,
+            service.settings.uid_root,
         )
         result_id = uuid.uuid4().hex[:12]
         stored = StoredStudyAnswer(
@@ -171,27 +186,25 @@ async def analyse_instances(
             result_id=result_id,
             results_url=f"{base_url}/dicomweb/studies/{study_uid}",
         )
-        await asyncio.to_thread(state.results.add, study_uid, stored, instances, result_id)
+        await asyncio.to_thread(service.results.add, study_uid, stored, instances, result_id)
         answers.append(stored)
-        if state.deliverer is not None:
-            state.deliverer.wakeup.set()
+        if service.deliverer is not None:
+            service.deliverer.wakeup.set()
     if job_id is not None:
-        await asyncio.to_thread(state.results.finish, job_id)
+        await asyncio.to_thread(service.results.finish, job_id)
     return answers
 
 
-async def recover_intake(state: AppState) -> int:
-    """Analyse what a previous process accepted and did not finish (killed mid-analysis); the
+async def recover_intake(service: FractureService, jobs: list[IntakeJob]) -> int:
+    """Analyse what a previous process accepted and did not finish (killed mid-analysis or while
+    a C-STORE association was still sending): `jobs`, read at start before any door opens; the
     number of jobs recovered. With replicas sharing PostgreSQL, a job still running in another
     live replica would be analysed twice: two results, both delivered, neither replacing."""
-    jobs = await asyncio.to_thread(state.results.unfinished)
     for job in jobs:
-        crp, clf, det, point = resolve_models(
-            state, None, None, job.fp_per_image, job.score_threshold
-        )
+        plan = service.plan(fp_per_image=job.fp_per_image, score_threshold=job.score_threshold)
         studies: OrderedDict[str, list[Accepted]] = OrderedDict()
         for data in job.instances:
-            outcome = await asyncio.to_thread(read_instance, data, state, None)
+            outcome = await asyncio.to_thread(read_instance, data, service, None)
             if isinstance(outcome, Accepted):
                 studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
         log.warning(
@@ -200,7 +213,5 @@ async def recover_intake(state: AppState) -> int:
             len(job.instances),
         )
         # finishes the job too, also when none of its instances reads any more
-        await analyse_instances(
-            state, studies, point, (crp, clf, det), uuid.uuid4().hex, job.base_url, job.job_id
-        )
+        await analyse_instances(service, studies, plan, uuid.uuid4().hex, job.base_url, job.job_id)
     return len(jobs)

@@ -285,6 +285,30 @@ class ResultStore:
                 ],
             )
 
+    def open_job(self, job: IntakeJob) -> None:
+        """Start a job whose instances arrive one by one (a C-STORE association): each is kept
+        by add_instance before it is acknowledged."""
+        with self.engine.begin() as db:
+            db.execute(
+                insert(intake_table).values(
+                    job_id=job.job_id,
+                    created=time.time(),
+                    fp_per_image=job.fp_per_image,
+                    score_threshold=job.score_threshold,
+                    base_url=job.base_url,
+                )
+            )
+
+    def add_instance(self, job_id: str, seq: int, data: bytes) -> None:
+        """Keep one accepted instance of an open job (committed when this returns)."""
+        with self.engine.begin() as db:
+            db.execute(insert(intake_objects_table).values(job_id=job_id, seq=seq, data=data))
+
+    def intake_size(self) -> int:
+        """Instances accepted and not yet analysed (what the intake bound counts)."""
+        with self.engine.connect() as db:
+            return int(db.scalar(select(func.count()).select_from(intake_objects_table)) or 0)
+
     def finish(self, job_id: str) -> None:
         with self.engine.begin() as db:
             db.execute(delete(intake_objects_table).where(intake_objects_table.c.job_id == job_id))

@@ -89,18 +89,34 @@ function drawImage(card, view, result) {
   card.dataset.probability = String(result.fracture_probability);
 }
 
+// The three-level verdict in a reader's words, and the class that colours it.
+const VERDICT = {
+  fracture: { words: "Fracture likely", css: "fracture" },
+  doubt: { words: "Doubtful: please review", css: "doubt" },
+  no_fracture: { words: "No fracture seen", css: "clear" },
+};
+
 function render() {
   const answer = state.answer;
   const study = $("study");
   study.hidden = false;
-  study.className = `study ${answer.study.fracture ? "fracture" : "clear"}`;
+  const overall = VERDICT[answer.study.verdict];
+  study.className = `study ${overall.css}`;
   const point = answer.operating_point;
   study.textContent =
-    `Study: ${answer.study.fracture ? "fracture" : "no fracture"} — probability ` +
+    `Study: ${overall.words} — highest fracture probability ` +
     `${(100 * answer.study.fracture_probability).toFixed(1)}% over ${answer.study.images} image(s); ` +
-    `detector threshold ${point.detector_threshold.toFixed(3)} at ${point.fp_per_image} FP/image` +
-    (point.expected_recall == null ? "" : ` (expected lesion recall ${point.expected_recall.toFixed(2)})`);
+    (point.fp_per_image == null
+      ? `boxes scoring at least ${point.detector_threshold.toFixed(2)}`
+      : `boxes at ${point.fp_per_image} false positives per image`) +
+    (point.expected_recall == null
+      ? ""
+      : ` (about ${Math.round(100 * point.expected_recall)}% of fractures boxed)`);
+  if (answer.study.out_of_distribution) {
+    study.textContent += " — some images are outside validated conditions: read the answer with care";
+  }
   study.dataset.fracture = String(answer.study.fracture);
+  study.dataset.verdict = answer.study.verdict;
   const box = $("images");
   box.replaceChildren();
   answer.images.forEach((result, i) => {
@@ -110,12 +126,15 @@ function render() {
     const title = document.createElement("h2");
     title.textContent = result.filename || `image ${i + 1}`;
     const verdict = document.createElement("p");
-    verdict.className = `verdict ${result.fracture ? "fracture" : "clear"}`;
+    const level = VERDICT[result.verdict];
+    verdict.className = `verdict ${level.css}`;
+    verdict.dataset.verdict = result.verdict;
     verdict.textContent =
-      `${result.fracture ? "Fracture" : "No fracture"}: probability ` +
-      `${(100 * result.fracture_probability).toFixed(1)}% ` +
-      `(decision threshold ${(100 * answer.decision_threshold).toFixed(1)}%), ` +
-      `${result.detections.length} box(es)`;
+      `${level.words}: fracture probability ` +
+      `${(100 * result.fracture_probability).toFixed(1)}%, ` +
+      `${result.detections.length} box(es)` +
+      (result.out_of_distribution ? " — outside validated conditions" : "");
+    verdict.dataset.outOfDistribution = String(Boolean(result.out_of_distribution));
     const canvas = document.createElement("canvas");
     const legend = document.createElement("p");
     legend.className = "legend";

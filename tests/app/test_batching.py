@@ -14,6 +14,7 @@ from app.core.errors import ApiError
 from app.inference import operating_point as op
 from app.inference.decoding import decode
 from app.inference.pipeline import ImageWork, run_study
+from app.inference.plan import Plan
 from app.inference.runtime import ModelRegistry
 from tests.conftest import bone_phantom, png_bytes
 
@@ -42,7 +43,7 @@ def test_concurrent_studies_share_batches_and_keep_their_answers(models):
     point = op.from_score(0.05)
     alone = studies(5)
     for works in alone:
-        run_study(works, *models, point)
+        run_study(works, Plan.of(*models, point))
     sizes: list[int] = []
 
     async def scenario() -> list[list[ImageWork]]:
@@ -51,7 +52,7 @@ def test_concurrent_studies_share_batches_and_keep_their_answers(models):
         )
         batcher.start()
         together = studies(5)
-        await asyncio.gather(*(batcher.analyse(w, models, point) for w in together))
+        await asyncio.gather(*(batcher.analyse(w, Plan.of(*models, point)) for w in together))
         await batcher.stop()
         return together
 
@@ -80,9 +81,9 @@ def test_other_operating_points_are_not_mixed_and_gone_clients_are_skipped(model
         batcher.start()
         a, b, c = studies(3)
         results = await asyncio.gather(
-            batcher.analyse(a, models, op.from_score(0.05)),
-            batcher.analyse(b, models, op.from_score(0.5)),
-            batcher.analyse(c, models, op.from_score(0.05), client_gone),
+            batcher.analyse(a, Plan.of(*models, op.from_score(0.05))),
+            batcher.analyse(b, Plan.of(*models, op.from_score(0.5))),
+            batcher.analyse(c, Plan.of(*models, op.from_score(0.05)), client_gone),
             return_exceptions=True,
         )
         await batcher.stop()

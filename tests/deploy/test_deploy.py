@@ -37,6 +37,10 @@ def served_metric_names() -> set[str]:
     m.request_duration.labels("/v1/predict").observe(0.1)
     m.batch_size.labels("crop").observe(1)
     m.model_info.labels("cropper", "x", "1", "abc", "CPUExecutionProvider").set(1)
+    m.refused.labels("out_of_scope").inc()
+    m.flagged.labels("classifier-x", "out_of_distribution").inc()
+    m.probability.labels("classifier-x").observe(0.5)
+    m.ood_score.labels("classifier-x").observe(1.0)
     text = generate_latest(m.registry).decode()
     return {
         line.split("{")[0].split(" ")[0]
@@ -190,7 +194,16 @@ def test_alerts_and_dashboard_query_metrics_the_service_exports():
     used = {m for e in exprs for m in re.findall(r"\b(fracture_[a-z_]+)", e)}
     assert used and used <= names, used - names
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for needle in ("request rate", "errors", "p95", "stage", "in flight", "batch"):
+    for needle in (
+        "request rate",
+        "errors",
+        "p95",
+        "stage",
+        "in flight",
+        "batch",
+        "outside validated conditions",
+        "drift",
+    ):
         assert needle in titles
 
 

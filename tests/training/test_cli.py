@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from training.__main__ import FAMILIES, parse_overrides, promote
+from training.__main__ import parse_overrides, promote
 from training.common import MODELS_DIR, REPO
+from training.families import FAMILIES
 
 CONFIGS = REPO / "training" / "configs"
 

@@ -656,7 +656,7 @@ def test_the_cropper_turns_masks_with_the_pixels():
     from training.families.cropper import _set_down_at_an_angle, input_spec
 
     spec = input_spec(64)
-    black = (0.0 - spec["mean"][0]) / spec["std"][0]
+    black = (0.0 - spec.mean[0]) / spec.std[0]
     y = torch.zeros(8, 1, 64, 64)
     y[:, :, 16:48, 28:36] = 1
     x = torch.where(y > 0, torch.tensor(1.5), torch.tensor(0.0))  # the bar bright, the rest grey

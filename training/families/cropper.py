@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from app.inference.model_card import InputSpec
 from app.inference.preprocessing import crop_box_from_logits, model_input, resize, stretch_grey
 from training import common, export, metrics
 from training.data import CROP_MARGIN
@@ -62,12 +63,12 @@ def build_unet(base: int = 16, depth: int = 4) -> Any:
     return UNet()
 
 
-def input_spec(size: int) -> dict[str, Any]:
+def input_spec(size: int) -> InputSpec:
     return export.input_spec(size, resize="stretch", channels=1, mean=0.5, std=0.25)
 
 
-def _arrays(items: list, spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    size = spec["size"][0]
+def _arrays(items: list, spec: InputSpec) -> tuple[np.ndarray, np.ndarray]:
+    size = spec.size[0]
     xs, ys = [], []
     for it in items:
         x, _ = model_input(stretch_grey(it.grey()), spec)
@@ -77,7 +78,7 @@ def _arrays(items: list, spec: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _augment(
-    x: Any, y: Any, spec: dict[str, Any], rotate_p: float = 0.0, flatten_p: float = 0.0
+    x: Any, y: Any, spec: InputSpec, rotate_p: float = 0.0, flatten_p: float = 0.0
 ) -> tuple[Any, Any]:
     import torch
 
@@ -93,7 +94,7 @@ def _augment(
 
 
 def _set_down_at_an_angle(
-    x: Any, y: Any, spec: dict[str, Any], p: float, flatten_p: float = 0.0
+    x: Any, y: Any, spec: InputSpec, p: float, flatten_p: float = 0.0
 ) -> tuple[Any, Any]:
     """Turn a share `p` of the batch by any angle on a canvas grown to hold it all (black
     corners, as the `rotate` shift and a film scanned askew give), the masks with the pixels:
@@ -107,7 +108,7 @@ def _set_down_at_an_angle(
     turned = torch.rand(n) < p
     if not turned.any():
         return x, y
-    mean, std = spec["mean"][0], spec["std"][0]
+    mean, std = spec.mean[0], spec.std[0]
     if flatten_p > 0:
         flat = (torch.rand(n) < flatten_p).view(n, 1, 1, 1)
         # black goes to 0.13-0.40 grey (the `contrast` shift takes it to 0.28)
@@ -176,14 +177,14 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             sched.step()
             losses.append(loss.item())
         val_dice = _dice_of(model, x_val, y_val)
-        log.write(
-            event="epoch",
-            epoch=epoch,
-            loss=float(np.mean(losses)),
-            val_dice=val_dice,
-            epoch_s=round(time.time() - t0, 1),
+        common.end_epoch(
+            log,
+            ckpt_path,
+            epoch,
+            t0,
+            {"loss": float(np.mean(losses)), "val_dice": val_dice},
+            stateful={"model": model, "opt": opt, "sched": sched},
         )
-        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
     onnx_path = out_dir / f"{recipe['name']}.onnx"
     export.export_onnx(
@@ -193,25 +194,20 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     measured = {"val": evaluate_onnx(onnx_path, run.items["val"], spec, report_dir=run_dir)}
     if run.items["test"]:  # only when the run reports test (common.start_run)
         measured["test"] = evaluate_onnx(onnx_path, run.items["test"], spec)
-    card = {
-        "name": recipe["name"],
-        "version": recipe["version"],
-        "task": "segmentation",
-        "architecture": f"U-Net, {recipe['depth']} levels, base {recipe['base_channels']} channels",
-        "input": spec,
-        "output": {"mask_logits": "N x 1 x H x W logits of bone/anatomy; mask = logit > 0"},
-        "crop_margin": CROP_MARGIN,
-        "data": common.FRACATLAS_ATTRIBUTION
+    return export.ship_card(
+        onnx_path,
+        recipe,
+        log,
+        task="segmentation",
+        spec=spec,
+        output={"mask_logits": "N x 1 x H x W logits of bone/anatomy; mask = logit > 0"},
+        data=common.FRACATLAS_ATTRIBUTION
         + "; targets are weak masks (two-level Otsu + morphology)",
-        "recipe": recipe,
-        "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
-        "metrics": {**measured, "onnx_parity_max_abs_diff": parity},
-        "trained_on": common.hardware(),
-        "train_time_s": log.training_seconds(),
-    }
-    export.write_card(onnx_path, card)
-    log.write(event="done", metrics=card["metrics"])
-    return card
+        licence="Proprietary model weights; training data CC BY 4.0 (FracAtlas)",
+        metrics={**measured, "onnx_parity_max_abs_diff": parity},
+        architecture=f"U-Net, {recipe['depth']} levels, base {recipe['base_channels']} channels",
+        crop_margin=CROP_MARGIN,
+    )
 
 
 def _dice_of(model: Any, x: Any, y: Any) -> float:
@@ -223,7 +219,9 @@ def _dice_of(model: Any, x: Any, y: Any) -> float:
     return metrics.dice(pred.numpy(), y.numpy() > 0.5)
 
 
-def evaluate_onnx(onnx_path: Path, items: list, spec: dict, report_dir: Path | None = None) -> dict:
+def evaluate_onnx(
+    onnx_path: Path, items: list, spec: InputSpec, report_dir: Path | None = None
+) -> dict:
     """Dice against weak masks and the share of fracture boxes fully inside the crop box."""
     import onnxruntime as ort
 

@@ -88,14 +88,14 @@ def pretrain(
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        log.write(
-            event="epoch",
-            stage="dino",
-            epoch=epoch,
-            loss=float(np.mean(losses)),
-            epoch_s=round(time.time() - t0, 1),
+        common.end_epoch(
+            log,
+            ckpt_path,
+            epoch,
+            t0,
+            {"stage": "dino", "loss": float(np.mean(losses))},
+            stateful={"student": student, "teacher": teacher, "opt": opt},
         )
-        common.checkpoint(ckpt_path, epoch, student=student, teacher=teacher, opt=opt)
     # The teacher's backbone is the better encoder (the DINO paper's finding).
     backbone.load_state_dict(teacher[0].state_dict())
     return {"method": "DINO self-distillation (global views)", "images": len(items), **cfg}

@@ -31,7 +31,7 @@ INT8 = {
 
 def member_export(config: str | Path, run_keys: dict[str, Any]) -> Path:
     """The ONNX file of one member recipe, trained first when its export is missing."""
-    from training.__main__ import FAMILIES
+    from training.families import FAMILIES
 
     recipe = load_recipe(REPO / config, run_keys)
     out = common.RUNS_DIR / recipe["name"] / "export"
@@ -45,9 +45,9 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     run_keys = {k: recipe[k] for k in ("cache", "limit") if k in recipe}
     paths = [member_export(config, run_keys) for config in recipe["members"]]
     cards = [read_card(p.with_suffix(".json")) for p in paths]
-    spec = cards[0].input.model_dump(exclude_none=True)
+    spec = cards[0].input
     for path, card in zip(paths, cards, strict=True):
-        if card.input.model_dump(exclude_none=True) != spec:
+        if card.input != spec:
             raise SystemExit(f"{path.name}: another input spec than {paths[0].name}")
     run = common.start_run(recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,7 +68,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         items = run.items[split]
         if not items:
             continue
-        crops = classifier.crops_as_array(items, spec["size"][0], use_boxes=False)
+        crops = classifier.crops_as_array(items, spec.size[0], use_boxes=False)
         scores[split] = classifier.onnx_scores(onnx_path, torch.from_numpy(crops), spec)
         labels[split] = np.array([int(it.fractured) for it in items])
         regions[split] = [it.region for it in items]
@@ -84,33 +84,30 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         }
         for config, path, card in zip(recipe["members"], paths, cards, strict=True)
     ]
-    card = {
-        "name": recipe["model_name"],
-        "version": recipe["version"],
-        "task": "classification",
-        "input": spec,
-        "output": {"probability": "N x 1 fracture probability: sigmoid of the members' mean logit"},
-        "decision_threshold": threshold,
-        "threshold_rule": "Youden's J (sensitivity + specificity - 1) maximised on the val split",
-        "data": cards[0].data,
-        "recipe": {**recipe, "member_recipes": [c.recipe for c in cards]},
-        "licence": cards[0].licence,
-        "architecture": f"mean logit of {len(cards)} networks in one graph: "
-        + "; ".join(
-            f"{c.name} ({getattr(c, 'architecture', None) or 'see its card'})" for c in cards
-        ),
-        "pretraining": getattr(cards[0], "pretraining", None),
-        "members": members,
-        "quantization": INT8 if recipe.get("int8") else None,
-        "metrics": {
+    return export.ship_card(
+        onnx_path,
+        recipe | {"member_recipes": [c.recipe for c in cards]},
+        run.log,
+        name=recipe["model_name"],
+        task="classification",
+        spec=spec,
+        output={"probability": "N x 1 fracture probability: sigmoid of the members' mean logit"},
+        data=cards[0].data,
+        licence=cards[0].licence,
+        metrics={
             **measured,
             "ci95": {**ci95, "method": classifier.CI95_METHOD},
             "by_region": by_region,
             "note": "inputs are label-free weak-mask crops; the served pipeline uses the U-Net crop",
         },
-        "trained_on": common.hardware(),
-        "train_time_s": float(sum(getattr(c, "train_time_s", None) or 0.0 for c in cards)),
-    }
-    export.write_card(onnx_path, card)
-    run.log.write(event="done", metrics=card["metrics"])
-    return card
+        train_time_s=float(sum(getattr(c, "train_time_s", None) or 0.0 for c in cards)),
+        decision_threshold=threshold,
+        threshold_rule="Youden's J (sensitivity + specificity - 1) maximised on the val split",
+        architecture=f"mean logit of {len(cards)} networks in one graph: "
+        + "; ".join(
+            f"{c.name} ({getattr(c, 'architecture', None) or 'see its card'})" for c in cards
+        ),
+        pretraining=getattr(cards[0], "pretraining", None),
+        members=members,
+        quantization=INT8 if recipe.get("int8") else None,
+    )

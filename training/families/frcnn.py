@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from app.inference.model_card import InputSpec
 from training import augment, common, detection, export
 from training.data import input_item, subsample_negatives
 from training.progress import progress
 from training.weights import load_verified_state_dict
 
 
-def input_spec(size: int) -> dict[str, Any]:
+def input_spec(size: int) -> InputSpec:
     """One CHW image in [0, 1]: normalisation is inside the graph."""
     return export.input_spec(size, batch=False)
 
@@ -239,7 +240,7 @@ def warm_start_from_file(model: Any, recipe: dict[str, Any], log: common.RunLog)
     return f"{rel} (sha256 {recipe['warm_start_sha256'][:12]})"
 
 
-def _tensors(items: list, spec: dict, use_boxes: bool) -> list[tuple[Any, Any]]:
+def _tensors(items: list, spec: InputSpec, use_boxes: bool) -> list[tuple[Any, Any]]:
     import torch
 
     out = []
@@ -320,13 +321,14 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             opt.step()
             sched.step()
             losses.append(loss.item())
-        log.write(
-            event="epoch",
-            epoch=epoch,
-            loss=float(np.mean(losses)),
-            epoch_s=round(time.time() - t0, 1),
+        common.end_epoch(
+            log,
+            ckpt_path,
+            epoch,
+            t0,
+            {"loss": float(np.mean(losses))},
+            stateful={"model": model, "opt": opt, "sched": sched},
         )
-        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
     onnx_path = export_graph(model, recipe, out_dir / f"{recipe['name']}.onnx")
     parity = _parity(model, onnx_path, _probes(items), spec)
@@ -373,7 +375,7 @@ def _probes(items: dict) -> list:
     return items["val"][:4] + [it for it in items["train"] if it.fractured][:8]
 
 
-def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: dict) -> float:
+def _parity_with_file(model: Any, recipe: dict[str, Any], items: dict, spec: InputSpec) -> float:
     """_parity of a model warm-started from a graph against that graph, at the graph's proposal
     count (`warm_start_proposals`, torchvision's 1000 unless said): the recipe's own count may
     differ, and then so would the boxes."""
@@ -399,7 +401,7 @@ def box_mismatch(
     return float(max(nearest.max(), np.abs(scores - ref_scores).max()))
 
 
-def _parity(model: Any, onnx_path: Path, items: list, spec: dict) -> float:
+def _parity(model: Any, onnx_path: Path, items: list, spec: InputSpec) -> float:
     """Max abs difference of boxes and scores, torch against onnxruntime, on real crops; the
     same number of boxes is required, and at least one box must have been compared."""
     import onnxruntime as ort

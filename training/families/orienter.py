@@ -154,14 +154,17 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
                     for b in np.array_split(val_x4, max(1, len(val_x4) // 64))
                 ]
             ).numpy()
-        log.write(
-            event="epoch",
-            epoch=epoch,
-            loss=float(np.mean(losses)),
-            val_accuracy=accuracy_by(turn_probabilities(logits), val_labels, regions)["all"],
-            epoch_s=round(time.time() - t0, 1),
+        common.end_epoch(
+            log,
+            ckpt_path,
+            epoch,
+            t0,
+            {
+                "loss": float(np.mean(losses)),
+                "val_accuracy": accuracy_by(turn_probabilities(logits), val_labels, regions)["all"],
+            },
+            stateful={"model": model, "opt": opt, "sched": sched},
         )
-        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
 
     onnx_path = out_dir / f"{recipe['name']}.onnx"
     example = classifier.to_input(torch.from_numpy(x_val[:1]), spec)
@@ -188,28 +191,23 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             "accuracy": accuracy_by(test_probs, test_labels, test_regions),
             "turn_table": turn_table(test_probs, test_labels),
         }
-    card = {
-        "name": recipe["name"],
-        "version": recipe["version"],
-        "task": "orientation",
-        "architecture": "MobileNetV2 (ImageNet) + linear 4-way head",
-        "input": spec,
-        "output": {
+    return export.ship_card(
+        onnx_path,
+        recipe,
+        log,
+        task="orientation",
+        spec=spec,
+        output={
             "turn_logits": "N x 4 logits: the crop was turned k quarter turns counter-clockwise "
             "from FracAtlas's orientation (proximal end up); the service undoes the most probable "
             "turn when its softmax probability reaches min_confidence"
         },
-        "min_confidence": min_confidence,
-        "data": common.FRACATLAS_ATTRIBUTION
+        data=common.FRACATLAS_ATTRIBUTION
         + "; labels are the quarter turns applied to each crop (no annotation used)",
-        "recipe": recipe,
-        "pretraining": {"weights": source.card()},
-        "licence": "Proprietary model weights; training data CC BY 4.0 (FracAtlas); ImageNet "
+        licence="Proprietary model weights; training data CC BY 4.0 (FracAtlas); ImageNet "
         "weights Apache-2.0",
-        "metrics": {**measured, "onnx_parity_max_abs_diff": parity},
-        "trained_on": common.hardware(),
-        "train_time_s": log.training_seconds(),
-    }
-    export.write_card(onnx_path, card)
-    log.write(event="done", metrics=card["metrics"])
-    return card
+        metrics={**measured, "onnx_parity_max_abs_diff": parity},
+        architecture="MobileNetV2 (ImageNet) + linear 4-way head",
+        min_confidence=min_confidence,
+        pretraining={"weights": source.card()},
+    )

@@ -89,15 +89,14 @@ def pretrain(recipe: dict[str, Any], items: list, log: common.RunLog) -> tuple[A
             opt.step()
             sched.step()
             losses.append(loss.item())
-        log.write(
-            event="epoch",
-            stage="simclr",
-            epoch=epoch,
-            loss=float(np.mean(losses)),
-            lr=sched.get_last_lr()[0],
-            epoch_s=round(time.time() - t0, 1),
+        common.end_epoch(
+            log,
+            ckpt_path,
+            epoch,
+            t0,
+            {"stage": "simclr", "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]},
+            stateful={"model": model, "opt": opt, "sched": sched},
         )
-        common.checkpoint(ckpt_path, epoch, model=model, opt=opt, sched=sched)
     torch.save(backbone.state_dict(), log.run_dir / "ssl_backbone.pt")
     summary = {"method": "SimCLR (NT-Xent)", "images": len(items), **cfg}
     return backbone, summary

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep, request_id_of
+from app.api.deps import ServiceDep, request_id_of
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
 from app.dicom.multipart import (
@@ -38,8 +38,7 @@ from app.pacs.ingest import (
     read_instance,
 )
 from app.results.store import StudyResult
-from app.state import AppState
-from app.study import resolve_models
+from app.service import FractureService
 
 log = logging.getLogger("app.dicomweb")
 router = APIRouter(tags=["dicomweb"])
@@ -78,11 +77,34 @@ def _sop_item(sop_class: str, sop_uid: str) -> Dataset:
 
 async def _store(
     request: Request,
-    state: AppState,
+    service: FractureService,
     url_study: str | None,
     fp_per_image: float | None,
     score_threshold: float | None,
 ) -> Response:
+    """STOW-RS: read the parts, keep and check each instance, analyse the accepted ones as one
+    study per StudyInstanceUID, answer per instance (200, 202 with failures, 409 all failed)."""
+    boundary = _related_boundary(request)
+    plan = service.plan(fp_per_image=fp_per_image, score_threshold=score_threshold)
+    parts = await _read_parts(request, boundary, service.settings.max_images_per_request)
+    await _check_intake(service, len(parts))
+    async with service.admission.admit():  # 503 with Retry-After when the queue is full
+        studies, failed = await _accept(service, parts, url_study)
+        request_id = request_id_of(request)
+        # Never the caller's Host header in what is stored: it would be shown to others.
+        stored_base = (service.settings.public_url or "").rstrip("/")
+        answers = await analyse_instances(service, studies, plan, request_id, stored_base)
+    log.info(
+        "request %s: STOW-RS %d instance(s), %d failed, %d study(ies) analysed",
+        request_id,
+        len(parts),
+        len(failed),
+        len(studies),
+    )
+    return _stow_response(request, service, url_study, studies, failed, answers, request_id)
+
+
+def _related_boundary(request: Request) -> str:
     media, params = media_params(request.headers.get("content-type", ""))
     if (
         media != "multipart/related"
@@ -93,10 +115,13 @@ async def _store(
             "unsupported_media_type",
             'STOW-RS takes multipart/related; type="application/dicom"',
         )
-    crp, clf, det, point = resolve_models(state, None, None, fp_per_image, score_threshold)
-    limit = state.settings.max_images_per_request
-    try:  # parsed as it streams in: memory is the parts, not copies of the body
-        parser = RelatedParser(params.get("boundary", ""), limit)
+    return params.get("boundary", "")
+
+
+async def _read_parts(request: Request, boundary: str, limit: int) -> list[Any]:
+    """The body's parts, parsed as it streams in (memory is the parts, not copies of the body)."""
+    try:
+        parser = RelatedParser(boundary, limit)
         async for chunk in request.stream():
             parser.feed(chunk)
         parts = parser.finish()
@@ -108,50 +133,70 @@ async def _store(
         raise ApiError(400, "invalid_multipart", str(exc)) from None
     if not parts:
         raise ApiError(400, "no_instances", "the request carries no DICOM instance")
+    return parts
 
-    async with state.admission.admit():  # 503 with Retry-After when the queue is full
-        failed: list[Dataset] = []
-        studies: OrderedDict[str, list[Accepted]] = OrderedDict()
-        for part in parts:
-            ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
-            outcome: Accepted | Refused
-            if ptype != "application/dicom":
-                outcome = Refused("", "", CANNOT_UNDERSTAND)
-            else:
-                outcome = await run_in_threadpool(read_instance, part.body, state, url_study)
-            if isinstance(outcome, Accepted):
-                studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
-            else:
-                item = _sop_item(outcome.sop_class, outcome.sop_uid)
-                item.FailureReason = outcome.reason
-                failed.append(item)
-                state.metrics.images.labels("rejected").inc()
 
-        request_id = request_id_of(request)
-        # Never the caller's Host header: it would be stored in the findings and shown to others.
-        base = (state.settings.public_url or "").rstrip("/")
-        answers = await analyse_instances(state, studies, point, (crp, clf, det), request_id, base)
+async def _check_intake(service: FractureService, arriving: int) -> None:
+    """503 with Retry-After when the instances would overfill the intake."""
+    kept = await asyncio.to_thread(service.results.intake_size)
+    if kept + arriving > service.settings.max_intake_instances:
+        raise ApiError(
+            503,
+            "intake_full",
+            f"{kept} instances wait for analysis; the intake holds "
+            f"{service.settings.max_intake_instances}: send again later",
+            headers={"Retry-After": "30"},
+        )
+
+
+async def _accept(
+    service: FractureService, parts: list[Any], url_study: str | None
+) -> tuple[OrderedDict[str, list[Accepted]], list[Dataset]]:
+    """The accepted instances by study, and a FailedSOPSequence item for each refused one."""
+    failed: list[Dataset] = []
+    studies: OrderedDict[str, list[Accepted]] = OrderedDict()
+    for part in parts:
+        ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
+        outcome: Accepted | Refused
+        if ptype != "application/dicom":
+            outcome = Refused("", "", CANNOT_UNDERSTAND)
+        else:
+            outcome = await run_in_threadpool(read_instance, part.body, service, url_study)
+        if isinstance(outcome, Accepted):
+            studies.setdefault(outcome.image.study_instance_uid or "", []).append(outcome)
+        else:
+            item = _sop_item(outcome.sop_class, outcome.sop_uid)
+            item.FailureReason = outcome.reason
+            failed.append(item)
+            service.metrics.images.labels("rejected").inc()
+    return studies, failed
+
+
+def _stow_response(
+    request: Request,
+    service: FractureService,
+    url_study: str | None,
+    studies: OrderedDict[str, list[Accepted]],
+    failed: list[Dataset],
+    answers: list[Any],
+    request_id: str,
+) -> Response:
+    """The PS3.18 store response (DICOM JSON), or our JSON findings for `Accept:
+    application/json`. RetrieveURL is absolute under FRACTURE_PUBLIC_URL, else relative: never
+    built from the caller's Host header (a forged one would travel on in links)."""
     referenced = [
         _sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID))
         for accepted in studies.values()
         for a in accepted
     ]
     status = 200 if not failed else (202 if referenced else 409)
-    log.info(
-        "request %s: STOW-RS %d instance(s), %d failed, %d study(ies) analysed",
-        request_id,
-        len(parts),
-        len(failed),
-        len(studies),
-    )
-
-    if "application/json" in request.headers.get(
-        "accept", ""
-    ) and "dicom+json" not in request.headers.get("accept", ""):
+    accept = request.headers.get("accept", "")
+    if "application/json" in accept and "dicom+json" not in accept:
         body = StowJson(request_id=request_id, studies=answers, failed=len(failed))
         return _json(body.model_dump(mode="json"), status)
     response = Dataset()
     if url_study or len(studies) == 1:
+        base = (service.settings.public_url or "").rstrip("/")
         response.RetrieveURL = f"{base}/dicomweb/studies/{url_study or next(iter(studies))}"
     if failed:
         response.FailedSOPSequence = failed
@@ -181,7 +226,7 @@ def _json(
 )
 async def store_instances(
     request: Request,
-    state: StateDep,
+    service: ServiceDep,
     fp_per_image: float | None = Query(
         None, description="operating point (0.1 to 0.5, default 0.4)"
     ),
@@ -189,7 +234,7 @@ async def store_instances(
         None, description="detector threshold; overrides fp_per_image"
     ),
 ) -> Response:
-    return await _store(request, state, None, fp_per_image, score_threshold)
+    return await _store(request, service, None, fp_per_image, score_threshold)
 
 
 @router.post(
@@ -200,16 +245,16 @@ async def store_instances(
 )
 async def store_study_instances(
     request: Request,
-    state: StateDep,
+    service: ServiceDep,
     study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
     fp_per_image: float | None = Query(None),
     score_threshold: float | None = Query(None),
 ) -> Response:
-    return await _store(request, state, study_uid, fp_per_image, score_threshold)
+    return await _store(request, service, study_uid, fp_per_image, score_threshold)
 
 
-async def _result_or_404(state: AppState, study_uid: str) -> StudyResult:
-    result = await asyncio.to_thread(state.results.get, study_uid)
+async def _result_or_404(service: FractureService, study_uid: str) -> StudyResult:
+    result = await asyncio.to_thread(service.results.get, study_uid)
     if result is None:
         raise ApiError(
             404,
@@ -232,9 +277,9 @@ async def _result_or_404(state: AppState, study_uid: str) -> StudyResult:
     },
 )
 async def retrieve_results(
-    state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    service: ServiceDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Response:
-    result = await _result_or_404(state, study_uid)
+    result = await _result_or_404(service, study_uid)
     body, ctype = build_related(result.instances)
     return Response(body, media_type=ctype.split(";")[0], headers={"content-type": ctype})
 
@@ -246,13 +291,13 @@ async def retrieve_results(
     responses=errors(404, 422),
 )
 async def study_findings(
-    state: StateDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    service: ServiceDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
 ) -> Findings:
-    result = await _result_or_404(state, study_uid)
+    result = await _result_or_404(service, study_uid)
     return Findings(
         **result.findings.model_dump(),
         delivery=Delivery(
-            destination_configured=state.deliverer is not None,
+            destination_configured=service.deliverer is not None,
             delivered=result.delivered,
             attempts=result.attempts,
             last_error=result.last_error,

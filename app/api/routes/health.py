@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import StateDep
+from app.api.deps import ServiceDep
 from app.api.errors import error_response
 from app.api.schemas import Live, Ready, errors
 
@@ -19,11 +19,11 @@ async def live() -> Live:
     return Live(status="alive")
 
 
-async def ready(state: StateDep) -> Ready | JSONResponse:
-    if not state.ready:
-        return error_response(503, "not_ready", state.not_ready_reason)
+async def ready(service: ServiceDep) -> Ready | JSONResponse:
+    if not service.ready:
+        return error_response(503, "not_ready", service.not_ready_reason)
     return Ready(
-        status="ready", models={m.name: m.provider for m in state.registry.models.values()}
+        status="ready", models={m.name: m.provider for m in service.registry.models.values()}
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import StateDep
+from app.api.deps import ServiceDep
 from app.api.schemas import ModelList, ServedModel, errors
 from app.core.errors import ApiError
 
@@ -17,16 +17,16 @@ router = APIRouter(tags=["models"])
     response_model=ModelList,
     responses=errors(503),
 )
-async def list_models(state: StateDep) -> ModelList:
-    if state.registry is None:
-        raise ApiError(503, "not_ready", state.not_ready_reason)
-    s = state.settings
+async def list_models(service: ServiceDep) -> ModelList:
+    if service.registry is None:
+        raise ApiError(503, "not_ready", service.not_ready_reason)
+    s = service.settings
     defaults = {s.default_classifier, s.default_detector}
     models = []
-    for m in state.registry.models.values():
+    for m in service.registry.models.values():
         if m.role == "orienter":  # not chosen per request: used on every one, or on none
             default = s.orient
         else:
-            default = m.name in defaults or len(state.registry.by_role(m.role)) == 1
+            default = m.name in defaults or len(service.registry.by_role(m.role)) == 1
         models.append({"role": m.role, "default": default, **m.describe()})
     return ModelList(models=[ServedModel.model_validate(m) for m in models])

@@ -8,21 +8,16 @@ import time
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep, request_id_of
+from app.api.deps import ServiceDep, request_id_of
 from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.dicom.multipart import MultipartError, RelatedParser, TooManyPartsError, media_params
-from app.inference.answers import StudyAnswer
+from app.inference.answers import NotAnalysed, StudyAnswer
 from app.inference.decoding import DecodedImage, decode
 from app.inference.pipeline import ImageWork
-from app.state import AppState
-from app.study import (
-    abandon_if_gone,
-    analyse_study,
-    file_label,
-    refuse_mixed_studies,
-    resolve_models,
-)
+from app.inference.scope import refuse_out_of_scope
+from app.service import FractureService
+from app.study import file_label, refuse_mixed_studies
 
 log = logging.getLogger("app.predict")
 # Form fields besides the images that a multipart upload may carry (ignored).
@@ -104,26 +99,36 @@ async def read_uploads(
 
 
 def _decode_all(
-    state: AppState, uploads: list[tuple[bytes, str | None, str | None]]
-) -> list[ImageWork]:
-    s = state.settings
-    works = []
+    service: FractureService, uploads: list[tuple[bytes, str | None, str | None]]
+) -> tuple[list[ImageWork], list[NotAnalysed]]:
+    """The decoded images, and the files of a multi-image request that were refused one by one
+    (the others are analysed). A single file, or every file refused: its error (the first)."""
+    s = service.settings
+    works, refused, first = [], [], None
     for i, (data, ctype, filename) in enumerate(uploads):
         t0 = time.perf_counter()
         try:
             image: DecodedImage = decode(
                 data, ctype, filename, s.max_image_pixels, s.allowed_modalities
             )
+            refuse_out_of_scope(image, s.allowed_body_parts)
         except ApiError as exc:
-            state.metrics.images.labels("rejected").inc(len(uploads))
+            service.metrics.images.labels("rejected").inc()
+            service.metrics.refused.labels(exc.code).inc()
             label = file_label(i, filename) if len(uploads) > 1 or filename else ""
-            raise ApiError(
+            first = first or ApiError(
                 exc.status, exc.code, f"{label}: {exc.detail}" if label else exc.detail
-            ) from None
+            )
+            refused.append(
+                NotAnalysed(index=i, filename=filename, error=exc.code, detail=exc.detail)
+            )
+            continue
         seconds = time.perf_counter() - t0
-        state.metrics.stage_duration.labels("decode").observe(seconds)
-        works.append(ImageWork(image=image, decode_ms=round(1000 * seconds, 2)))
-    return works
+        service.metrics.stage_duration.labels("decode").observe(seconds)
+        works.append(ImageWork(image=image, decode_ms=round(1000 * seconds, 2), index=i))
+    if first is not None and not works:
+        raise first
+    return works, refused
 
 
 @router.post(
@@ -135,7 +140,7 @@ def _decode_all(
 )
 async def predict(
     request: Request,
-    state: StateDep,
+    service: ServiceDep,
     fp_per_image: float | None = Query(
         None, description="operating point in false positives per image, 0.1 to 0.5 (default 0.4)"
     ),
@@ -145,20 +150,23 @@ async def predict(
     classifier: str | None = Query(None, description="classifier name (see /v1/models)"),
     detector: str | None = Query(None, description="detector name (see /v1/models)"),
 ) -> StudyAnswer:
-    crp, clf, det, point = resolve_models(
-        state, classifier, detector, fp_per_image, score_threshold
-    )
+    plan = service.plan(classifier, detector, fp_per_image, score_threshold)
     request_id = request_id_of(request)
-    uploads = await read_uploads(request, state.settings.max_images_per_request)
-    async with state.admission.admit():
-        async with state.inference_slots:
-            await abandon_if_gone(request.is_disconnected, state, request_id)
-            works = await run_in_threadpool(_decode_all, state, uploads)
+    uploads = await read_uploads(request, service.settings.max_images_per_request)
+    async with service.admission.admit():
+        async with service.inference_slots:
+            await service.abandon_if_gone(request.is_disconnected, request_id)
+            works, refused = await run_in_threadpool(_decode_all, service, uploads)
             try:
                 refuse_mixed_studies([w.image for w in works])
             except ApiError:
-                state.metrics.images.labels("rejected").inc(len(works))
+                service.metrics.images.labels("rejected").inc(len(works))
                 raise
-        return await analyse_study(
-            state, works, point, (crp, clf, det), request_id, request.is_disconnected
+        return await service.analyse(
+            works,
+            plan,
+            request_id,
+            request.is_disconnected,
+            not_analysed=refused,
+            refuse_unreadable_images=True,
         )

@@ -13,13 +13,13 @@ from fastapi.responses import FileResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import StateDep
+from app.api.deps import ServiceDep
 from app.api.routes.predict import UPLOAD_DOC, read_uploads
 from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.inference.decoding import decode
 from app.inference.preprocessing import stretch_grey
-from app.state import AppState
+from app.service import FractureService
 
 STATIC = Path(__file__).resolve().parents[2] / "viewer"
 PREVIEW_LONG_SIDE = 1024
@@ -49,8 +49,8 @@ async def viewer_asset(name: str) -> FileResponse:
     return FileResponse(path)
 
 
-def preview_png(data: bytes, ctype: str | None, state: AppState) -> tuple[bytes, int, int]:
-    s = state.settings
+def preview_png(data: bytes, ctype: str | None, service: FractureService) -> tuple[bytes, int, int]:
+    s = service.settings
     image = decode(data, ctype, None, s.max_image_pixels, s.allowed_modalities)
     grey = (stretch_grey(image.pixels) * 255).astype(np.uint8)
     im = Image.fromarray(grey)
@@ -75,10 +75,10 @@ def preview_png(data: bytes, ctype: str | None, state: AppState) -> tuple[bytes,
         **errors(400, 413, 415, 422),
     },
 )
-async def preview(request: Request, state: StateDep) -> Response:
+async def preview(request: Request, service: ServiceDep) -> Response:
     uploads = await read_uploads(request, 1)
     data, ctype, _ = uploads[0]
-    png, width, height = await run_in_threadpool(preview_png, data, ctype, state)
+    png, width, height = await run_in_threadpool(preview_png, data, ctype, service)
     # Nothing is stored; the answer is for this browser only.
     return Response(
         png,

@@ -99,6 +99,13 @@ def test_predict_real_fracatlas_jpeg(app_client, test_split_images):
     assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
     assert 0.0 <= img["fracture_probability"] <= 1.0
     assert img["fracture"] == (img["fracture_probability"] >= body["decision_threshold"])
+    assert img["fracture"] == (img["verdict"] == "fracture")
+    bands = body["verdict_thresholds"]
+    if bands is not None:  # the card's three-level verdict: fracture from the decision threshold
+        assert bands["fracture_from"] == body["decision_threshold"]
+        p, low = img["fracture_probability"], bands["no_fracture_below"]
+        expected = "fracture" if img["fracture"] else "no_fracture" if p < low else "doubt"
+        assert img["verdict"] == expected
     assert set(body["models"]) == {"cropper", "classifier", "detector"}
     assert body["operating_point"]["fp_per_image"] == 0.4
     for d in img["detections"]:
@@ -126,9 +133,15 @@ def test_multipart_study_is_the_max_over_images(app_client, test_split_images, d
     probs = [i["fracture_probability"] for i in body["images"]]
     assert body["study"]["fracture_probability"] == max(probs)
     assert body["study"]["fracture"] == any(i["fracture"] for i in body["images"])
+    levels = [i["verdict"] for i in body["images"]]
+    worst = next(v for v in ("fracture", "doubt", "no_fracture") if v in levels)
+    assert body["study"]["verdict"] == worst
 
 
 def test_every_decodable_shared_dicom_goes_through(app_client, dicom_dir, dicom_manifest):
+    """Every decodable limb or pelvis radiograph is analysed; chest films are refused with the
+    reason (the models were never made for them)."""
+    refused = []
     for row in dicom_manifest:
         if row["decodes_with_pydicom3_pylibjpeg"] != "ok" or row["modality"] == "MG":
             continue
@@ -137,10 +150,16 @@ def test_every_decodable_shared_dicom_goes_through(app_client, dicom_dir, dicom_
             content=(dicom_dir / row["file"]).read_bytes(),
             headers={"content-type": "application/dicom"},
         )
+        if row["body_part"] == "CHEST":
+            assert r.status_code == 422 and r.json()["error"] == "out_of_scope", r.text
+            assert "CHEST" in r.json()["detail"]
+            refused.append(row["file"])
+            continue
         assert r.status_code == 200, (row["file"], r.text)
         rows, cols = (int(v) for v in row["rows_x_cols"].split("x"))
         img = r.json()["images"][0]
         assert (img["height"], img["width"]) == (rows, cols)
+    assert {"CR-MONO1-10-chest.dcm", "RG1_J2KI.dcm"} <= set(refused)
 
 
 @pytest.mark.parametrize("name", ["966.dcm", "RG3_JPLY.dcm"])
@@ -474,3 +493,26 @@ def test_views_of_one_patient_and_study_stay_one_study(app_client, dicom_dir):
     r = app_client.post("/v1/predict", files=files)
     assert r.status_code == 200, r.text
     assert r.json()["study"]["images"] == 2
+
+
+def test_a_bad_file_in_a_study_is_refused_alone(app_client, test_split_images, dicom_dir):
+    """A FracAtlas JPEG with a chest film and a mammogram: the JPEG is analysed, the other two
+    are answered as not analysed with their error codes; all of them bad: 422."""
+    jpeg = test_split_images[0]
+    chest = (dicom_dir / "CR-MONO1-10-chest.dcm").read_bytes()
+    mammo = (dicom_dir / "OutOfBoundsOverlay.dcm").read_bytes()
+    files = [
+        ("files", (jpeg.name, jpeg.read_bytes(), "image/jpeg")),
+        ("files", ("chest.dcm", chest, "application/dicom")),
+        ("files", ("mammo.dcm", mammo, "application/dicom")),
+    ]
+    r = app_client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [i["index"] for i in body["images"]] == [0] and body["study"]["images"] == 1
+    refused = {n["filename"]: n["error"] for n in body["not_analysed"]}
+    assert refused == {"chest.dcm": "out_of_scope", "mammo.dcm": "unsupported_modality"}
+    assert [n["index"] for n in body["not_analysed"]] == [1, 2]
+    r = app_client.post("/v1/predict", files=files[1:])
+    assert r.status_code == 422 and r.json()["error"] == "out_of_scope"
+    assert "file 0 (chest.dcm)" in r.json()["detail"]

@@ -61,12 +61,19 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
                 assert int(card.get_attribute("data-boxes")) == len(image["detections"])
                 shown = f"{100 * image['fracture_probability']:.1f}%"
                 assert shown in card.text
+                # the three-level verdict per image, in words
+                verdict = card.find_element("css selector", ".verdict")
+                assert verdict.get_attribute("data-verdict") == image["verdict"]
+                words = {"fracture": "Fracture likely", "doubt": "Doubtful", "no_fracture": "No"}
+                assert verdict.text.startswith(words[image["verdict"]])
                 size = browser.execute_script(
                     "const c = arguments[0].querySelector('canvas'); return [c.width, c.height]",
                     card,
                 )
                 assert size[0] > 100 and size[1] > 100
-            assert "Study:" in browser.find_element("id", "study").text
+            study = browser.find_element("id", "study")
+            assert "Study:" in study.text
+            assert study.get_attribute("data-verdict") == answer["study"]["verdict"]
             browser.save_screenshot(str(tmp_path / "viewer-0.4.png"))
 
             # Move the operating point: the page asks again and redraws.
@@ -79,7 +86,7 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
             cards = browser.find_elements("css selector", "article.card")
             for card, image in zip(cards, strict["images"], strict=True):
                 assert int(card.get_attribute("data-boxes")) == len(image["detections"])
-            assert "0.1 FP/image" in browser.find_element("id", "study").text
+            assert "0.1 false positives per image" in browser.find_element("id", "study").text
             out = REPO / "reports" / "viewer.png"
             out.parent.mkdir(exist_ok=True)
             browser.save_screenshot(str(out))

@@ -259,8 +259,10 @@ class RestartableSetup:
         self.destination = f"http://127.0.0.1:{self.pacs_port}/dicom-web"
         self.state = tmp_path / "state"
 
-    def start(self):
-        return start_service(self.app_port, self.destination, FRACTURE_STATE_DIR=str(self.state))
+    def start(self, **env: str):
+        return start_service(
+            self.app_port, self.destination, FRACTURE_STATE_DIR=str(self.state), **env
+        )
 
     def start_pacs(self) -> Orthanc:
         return Orthanc(self.root / "orthanc", self.pacs_port, None)
@@ -385,6 +387,115 @@ def test_a_study_killed_mid_analysis_is_analysed_and_delivered_after_a_restart(t
         service.stop()
         if pacs:
             pacs.stop()
+
+
+def c_store(port: int, datasets: list) -> list[int]:
+    """Send datasets in one association (pynetdicom as the SCU); each C-STORE status."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FRACTURE")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def phantom_study(n: int) -> list:
+    study_uid = pydicom.uid.generate_uid()
+    out = []
+    for i in range(n):
+        ds = make_dataset(
+            bone_phantom(300 + 8 * i, 240).astype(np.uint16) * 8,
+            bits_stored=12,
+            study_uid=study_uid,
+        )
+        out.append(pydicom.dcmread(io.BytesIO(to_bytes(ds))))
+    return out
+
+
+def test_c_store_instances_acknowledged_survive_kill_9(tmp_path):
+    """Six instances over C-STORE, each answered success; SIGKILL right after the association
+    is released (before the analysis of six images can end). Restarted with the PACS up, the
+    service analyses them and the PACS gets the SR: an acknowledged instance is never lost."""
+    setup = RestartableSetup(tmp_path)
+    dimse_port = free_port()
+    service = setup.start(FRACTURE_DIMSE_PORT=str(dimse_port))
+    pacs = None
+    try:
+        study = phantom_study(6)
+        assert c_store(dimse_port, study) == [0x0000] * 6
+        service.kill()
+        database = setup.state / "results.db"
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            assert db.execute("SELECT count(*) FROM intake_objects").fetchone()[0] == 6
+
+        pacs = setup.start_pacs()
+        service = setup.start(FRACTURE_DIMSE_PORT=str(dimse_port))
+        study_uid = study[0].StudyInstanceUID
+        findings = wait_for(
+            lambda: (
+                (r := service.http.get(f"/dicomweb/studies/{study_uid}/findings")).status_code
+                == 200
+                and r.json()
+            ),
+            120,
+            "the acknowledged C-STORE study to be analysed after the restart",
+        )
+        assert findings["study"]["images"] == 6
+        kinds = wait_for(
+            lambda: (
+                k
+                if len(k := [o.SOPClassUID.name for o in instances_of_study(pacs, study_uid)]) >= 7
+                else None
+            ),
+            60,
+            "the SR and 6 captures to reach the PACS",
+        )
+        assert kinds.count("Comprehensive SR Storage") == 1
+    finally:
+        service.stop()
+        if pacs:
+            pacs.stop()
+
+
+def test_a_full_intake_answers_out_of_resources(tmp_path):
+    """An intake bounded to 2 instances: the third of one association is answered 0xA700 (out of
+    resources), not kept; STOW-RS answers 503 with Retry-After while the intake is full."""
+    from app.dicom.multipart import build_related
+
+    dimse_port = free_port()
+    service = start_service(
+        free_port(),
+        "http://127.0.0.1:9/dicom-web",
+        FRACTURE_DIMSE_PORT=str(dimse_port),
+        FRACTURE_MAX_INTAKE_INSTANCES="2",
+    )
+    try:
+        study = phantom_study(3)
+        assert c_store(dimse_port, study) == [0x0000, 0x0000, 0xA700]
+        one = make_dataset(bone_phantom(200, 160).astype(np.uint16) * 8, bits_stored=12)
+        body, ctype = build_related([to_bytes(one)] * 3)
+        r = service.http.post("/dicomweb/studies", content=body, headers={"content-type": ctype})
+        assert r.status_code == 503 and r.json()["error"] == "intake_full"
+        assert int(r.headers["retry-after"]) > 0
+        findings = wait_for(
+            lambda: (
+                (
+                    r := service.http.get(f"/dicomweb/studies/{study[0].StudyInstanceUID}/findings")
+                ).status_code
+                == 200
+                and r.json()
+            ),
+            60,
+            "the two accepted instances to be analysed",
+        )
+        assert findings["study"]["images"] == 2
+    finally:
+        service.stop()
 
 
 def test_a_destination_that_refuses_for_good_is_not_retried(tmp_path):

@@ -19,7 +19,7 @@ def capture(height: int, width: int, boxes: list[list[float]], orientation=None)
         source=source_header(ds),
         pixels=pixels.astype(np.float32),
         probability=0.8,
-        fracture=True,
+        verdict="fracture",
         boxes=np.asarray(boxes, np.float32),
         scores=np.full(len(boxes), 0.6, np.float32),
     )
@@ -77,7 +77,7 @@ def test_the_capture_passes_dciodvfy(tmp_path):
     assert not errors, errors
 
 
-def report(probabilities: list[float], threshold: float):
+def report(probabilities: list[float], threshold: float, no_fracture_below: float = 0.2):
     from app.dicom.results import Algorithms, build_sr
 
     findings = []
@@ -90,32 +90,43 @@ def report(probabilities: list[float], threshold: float):
                 source=source_header(ds),
                 pixels=pixels.astype(np.float32),
                 probability=p,
-                fracture=p >= threshold,
+                verdict="fracture"
+                if p >= threshold
+                else "no_fracture"
+                if p < no_fracture_below
+                else "doubt",
                 boxes=np.zeros((0, 4), np.float32),
                 scores=np.zeros(0, np.float32),
             )
         )
-    point = {"detector_threshold": 0.667, "fp_per_image": 0.4, "decision_threshold": threshold}
+    point = {
+        "detector_threshold": 0.667,
+        "fp_per_image": 0.4,
+        "decision_threshold": threshold,
+        "no_fracture_below": no_fracture_below,
+        "fracture_from": threshold,
+    }
     algorithms = Algorithms(("cropper-unet", "2"), ("classifier-x", "1"), ("detector-y", "1"))
     return build_sr(findings, point, algorithms, "1.2.3.9")
 
 
-def test_the_sr_says_present_or_absent_for_every_image_with_its_threshold():
-    """Read back as a reporting tool would (highdicom): one verdict per image, negatives too,
-    and the decision threshold the probability was judged by."""
+def test_the_sr_says_present_or_absent_and_the_triage_verdict_for_every_image():
+    """Read back as a reporting tool would (highdicom): per image, negatives too, Fracture
+    Present / Absent, the three-level verdict (Present / Equivocal / Absent) and the thresholds
+    the probability was judged by."""
     import highdicom as hd
 
-    sr = hd.sr.ComprehensiveSR.from_dataset(report([0.81, 0.12], threshold=0.4))
+    sr = hd.sr.ComprehensiveSR.from_dataset(report([0.81, 0.3, 0.12], threshold=0.4))
     groups = sr.content.get_image_measurement_groups()
-    assert len(groups) == 2
+    assert len(groups) == 3
     verdicts = []
     for group in groups:
-        evaluations = group.get_qualitative_evaluations()
-        assert len(evaluations) == 1 and evaluations[0].name.meaning == "Fracture"
-        verdicts.append(evaluations[0].value.meaning)
-        thresholds = [m.value for m in group.get_measurements() if m.name.value == "FRACTHR"]
-        assert thresholds == [0.4]
-    assert verdicts == ["Present", "Absent"]
+        evaluations = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+        assert set(evaluations) == {"Fracture", "Fracture triage verdict"}
+        verdicts.append((evaluations["Fracture"], evaluations["Fracture triage verdict"]))
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values["FRACTHR"] == values["FRACFROM"] == 0.4 and values["FRACNOBELOW"] == 0.2
+    assert verdicts == [("Present", "Present"), ("Absent", "Equivocal"), ("Absent", "Absent")]
 
 
 def test_the_sr_passes_dciodvfy(tmp_path):
@@ -147,7 +158,7 @@ def test_uids_are_ours_never_pydicoms_example_root():
         source=source_header(make_dataset(pixels.astype(np.uint16) * 8, bits_stored=12)),
         pixels=pixels.astype(np.float32),
         probability=0.2,
-        fracture=False,
+        verdict="no_fracture",
         boxes=np.zeros((0, 4), np.float32),
         scores=np.zeros(0, np.float32),
     )
@@ -165,3 +176,46 @@ def test_a_uid_root_must_look_like_one():
     for bad in ("1.2.999.77", "abc.", "1.02.3.", "1." * 30):
         with pytest.raises(ValidationError):
             Settings(uid_root=bad)
+
+
+def test_the_sr_says_when_an_image_is_outside_validated_conditions():
+    """An image flagged out of distribution: its ood_score as a measurement and the flag as a
+    qualitative evaluation a reporting tool can read; the capture says it in words."""
+    import highdicom as hd
+
+    from app.dicom.results import Algorithms, build_secondary_capture, build_sr
+
+    findings = []
+    for i, (score, flagged) in enumerate(((0.9, False), (3.2, True))):
+        pixels = bone_phantom(300, 240)
+        ds = make_dataset(pixels.astype(np.uint16) * 8, bits_stored=12)
+        ds.SOPInstanceUID = f"1.2.3.4.6.{i + 1}"
+        findings.append(
+            ImageFindings(
+                source=source_header(ds),
+                pixels=pixels.astype(np.float32),
+                probability=0.3,
+                verdict="doubt",
+                boxes=np.zeros((0, 4), np.float32),
+                scores=np.zeros(0, np.float32),
+                ood_score=score,
+                out_of_distribution=flagged,
+            )
+        )
+    point = {"detector_threshold": 0.667, "fp_per_image": 0.4, "decision_threshold": 0.4}
+    algorithms = Algorithms(("cropper-unet", "2"), ("classifier-x", "1"), ("detector-y", "1"))
+    sr = hd.sr.ComprehensiveSR.from_dataset(build_sr(findings, point, algorithms, "1.2.3.9"))
+    seen = []
+    for group in sr.content.get_image_measurement_groups():
+        evaluations = {e.name.meaning: e.value.meaning for e in group.get_qualitative_evaluations()}
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        seen.append((evaluations["Outside validated conditions"], values["FRACOOD"]))
+    assert seen == [("Absent", 0.9), ("Present", 3.2)]
+    plain = build_secondary_capture(findings[0], "1.2.3.4", 1)
+    flagged = build_secondary_capture(findings[1], "1.2.3.4", 2)
+    # the flagged capture carries one more line of burned-in text
+    rows = [
+        int((label_rows(c.pixel_array, 0, c.Columns // 2, 0, c.Rows // 2)).size)
+        for c in (plain, flagged)
+    ]
+    assert rows[1] > rows[0]

@@ -103,6 +103,21 @@ def test_unsupported_modality_is_409_with_its_reason(app_client):
     assert r.status_code == 409 and r.json()[FAILED]["Value"][0][REASON]["Value"] == [0x0122]
 
 
+def test_a_chest_film_is_refused_as_out_of_scope_beside_a_wrist(app_client):
+    """BodyPartExamined CHEST: not what the models were made for, refused with 0x0122 while the
+    wrist of the same study is analysed (202)."""
+    study = generate_uid()
+    chest_ds, _ = instance(study)
+    chest_ds.BodyPartExamined = "CHEST"
+    wrist_ds, _ = instance(study)
+    wrist_ds.BodyPartExamined = "WRIST"
+    r = stow(app_client, [to_bytes(chest_ds), to_bytes(wrist_ds)], study)
+    assert r.status_code == 202, r.text
+    failed = r.json()[FAILED]["Value"]
+    assert len(failed) == 1 and failed[0][REASON]["Value"] == [0x0122]
+    assert sop_uids(r.json(), REFERENCED) == [wrist_ds.SOPInstanceUID]
+
+
 def test_a_broken_instance_among_good_ones_is_202_with_its_reason(app_client):
     study = generate_uid()
     good_ds, good = instance(study)

@@ -12,7 +12,7 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from app.core.errors import ApiError
-from app.inference import decoding
+from app.inference import decoding, dicom_decoding, images
 from app.inference.decoding import decode, reduction
 from tests.conftest import bone_phantom, png_bytes
 from tests.dicom_factory import make_dataset, to_bytes
@@ -57,7 +57,7 @@ def test_every_shared_dicom_decodes_or_is_refused_as_the_manifest_says(dicom_dir
 def dec_full(data: bytes, monkeypatch) -> np.ndarray:
     """The whole frame's presentation values (no working-size reduction)."""
     with monkeypatch.context() as m:
-        m.setattr(decoding, "WORKING_SIDE", 10**6)
+        m.setattr(images, "WORKING_SIDE", 10**6)
         return dec(data).pixels
 
 
@@ -251,9 +251,9 @@ def test_padded_jpeg2000_fragment_is_decoded_at_the_working_size(dicom_dir, monk
 
     path = dicom_dir / "JPEG2KLossless_1s_1f_u_16_16.dcm"
     ds = pydicom.dcmread(path)
-    codestream = decoding._grey_j2k_codestream(ds)
+    codestream = dicom_decoding._grey_j2k_codestream(ds)
     assert codestream is not None and codestream[0].endswith(b"\xff\xd9")
-    assert decoding._j2k_reduced(codestream, 2) is not None
+    assert dicom_decoding._j2k_reduced(codestream, 2) is not None
     working = dec(path.read_bytes()).pixels
     full = dec_full(path.read_bytes(), monkeypatch)
     boxed = decoding.reduce_pixels(full.astype(np.float32), 2)

@@ -26,16 +26,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.inference import decoding
+from app.inference import decoding, dicom_decoding, images
 from app.inference.decoding import DecodedImage, decode, reduction
 from app.inference.pipeline import (
     FUSION_BOX_FLOOR,
     ImageWork,
     classify,
     detect_crops,
-    image_score_fusion,
     run_study,
 )
+from app.inference.plan import Plan, Scoring
 from app.inference.preprocessing import (
     GreyLevels,
     grey_levels,
@@ -65,7 +65,7 @@ def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
     raw = float(np.clip(classify(clf, model_input(crop, clf.spec)[0][None])[0], 0, 1))
     calibration = clf.card.calibration
     p = calibration.apply(raw) if calibration else raw
-    fusion = image_score_fusion(clf, det)
+    fusion = Scoring.of(clf, det).fusion
     floor = min(point.detector_threshold, FUSION_BOX_FLOOR) if fusion else point.detector_threshold
     boxes, scores = detect_crops(det, [crop], floor)[0]
     if fusion:
@@ -87,7 +87,7 @@ def plain_study(full: np.ndarray, crp, clf, det, point) -> dict:
 
 def fast_study(image: DecodedImage, crp, clf, det, point) -> dict:
     work = [ImageWork(image=image, decode_ms=0.0)]
-    run_study(work, crp, clf, det, point)
+    run_study(work, Plan.of(crp, clf, det, point))
     w = work[0]
     return {
         "p": w.probability,
@@ -179,7 +179,7 @@ def test_shared_dicom_answers_are_the_plain_pipelines(
         data = (dicom_dir / row["file"]).read_bytes()
         image = decode(data, "application/dicom", row["file"], 60_000_000, MODALITIES)
         with monkeypatch.context() as m:
-            m.setattr(decoding, "WORKING_SIDE", 10**6)  # the whole frame, no reduction
+            m.setattr(images, "WORKING_SIDE", 10**6)  # the whole frame, no reduction
             full = decode(data, "application/dicom", row["file"], 60_000_000, MODALITIES).pixels
         assert (image.height, image.width) == full.shape
         reduced += image.frame_size is not None
@@ -201,7 +201,7 @@ def test_reduced_jpeg2000_is_the_frame_at_a_quarter_resolution(dicom_dir: Path, 
     image = decode(data, "application/dicom", None, 60_000_000, MODALITIES)
     assert image.frame_size == (2500, 2048) and image.pixels.shape == (625, 512)
     with monkeypatch.context() as m:
-        m.setattr(decoding, "WORKING_SIDE", 10**6)
+        m.setattr(images, "WORKING_SIDE", 10**6)
         full = decode(data, "application/dicom", None, 60_000_000, MODALITIES).pixels
     mean4x4 = full.reshape(625, 4, 512, 4).mean(axis=(1, 3))
     span = float(full.max() - full.min())
@@ -270,7 +270,7 @@ def test_fast_decoders_give_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
         ds = pydicom.dcmread(dicom_dir / row["file"], force=True)
         if "TransferSyntaxUID" not in ds.file_meta:
             continue
-        fast = decoding._fast_decode(ds, int(ds.Rows), int(ds.Columns), 1)
+        fast = dicom_decoding._fast_decode(ds, int(ds.Rows), int(ds.Columns), 1)
         if row["decodes_with_pydicom3_pylibjpeg"] != "ok":
             assert fast is None, row["file"]
             continue
@@ -288,8 +288,8 @@ def test_fast_decoders_give_pylibjpegs_samples(dicom_dir: Path, dicom_manifest):
             assert np.array_equal(fast, reference), row["file"]
         taken.add(str(ds.file_meta.TransferSyntaxUID))
     expected = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.70"}
-    if decoding.J2K_THREADS > 1:
-        expected |= decoding.J2K_SYNTAXES
+    if dicom_decoding.J2K_THREADS > 1:
+        expected |= dicom_decoding.J2K_SYNTAXES
     assert expected <= taken
 
 
@@ -323,7 +323,7 @@ def test_presentation_through_a_table_equals_pydicom_per_pixel(dicom_dir: Path, 
         if "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         arr = pixel_array(ds, decoding_plugin="pylibjpeg")
-        values, notes = decoding._to_presentation(ds, arr, ds.PhotometricInterpretation)
+        values, notes = dicom_decoding._to_presentation(ds, arr, ds.PhotometricInterpretation)
         if notes:  # a window ignored as saturating: the modality values, not the windowed ones
             continue
         assert np.array_equal(values, _plain_presentation(ds, arr)), row["file"]
@@ -335,5 +335,5 @@ def test_presentation_through_a_table_equals_pydicom_per_pixel(dicom_dir: Path, 
     ds.update({"RescaleIntercept": -100, "WindowCenter": 50, "WindowWidth": 700})
     ds.PhotometricInterpretation = "MONOCHROME2"
     arr = np.random.default_rng(0).integers(-2048, 2048, (300, 200)).astype(np.int16)
-    values, notes = decoding._to_presentation(ds, arr, "MONOCHROME2")
+    values, notes = dicom_decoding._to_presentation(ds, arr, "MONOCHROME2")
     assert not notes and np.array_equal(values, _plain_presentation(ds, arr))

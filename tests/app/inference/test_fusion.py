@@ -12,15 +12,21 @@ import pytest
 
 from app.core.config import Settings
 from app.inference.decoding import DecodedImage
-from app.inference.model_card import Calibration, CardError, Fusion, read_card, validate_card
+from app.inference.model_card import (
+    Calibration,
+    CardError,
+    Fusion,
+    Verdict,
+    read_card,
+    validate_card,
+)
 from app.inference.pipeline import (
     FUSION_BOX_FLOOR,
     ImageWork,
-    decision_threshold,
     detect_crops,
-    image_score,
     run_study,
 )
+from app.inference.plan import Plan, Scoring
 from tests.conftest import bone_phantom
 
 
@@ -52,7 +58,7 @@ def test_the_fused_score_mixes_the_raw_probability_with_the_best_box(chain):
     )
     fused = with_fusion(clf, fusion)
     batch = works()
-    run_study(batch, crp, fused, det, point)
+    run_study(batch, Plan.of(crp, fused, det, point))
     for w in batch:
         _, scores = detect_crops(det, [w.crop], FUSION_BOX_FLOOR, [w.crop_levels])[0]
         best = float(scores.max()) if len(scores) else 0.0
@@ -60,19 +66,34 @@ def test_the_fused_score_mixes_the_raw_probability_with_the_best_box(chain):
         expected = platt.apply(0.5 * w.classifier_probability + 0.5 * best)
         assert w.probability == pytest.approx(expected, abs=1e-9)
         assert all(s >= point.detector_threshold for s in w.scores)  # the requested point
-    assert decision_threshold(fused, det) == 0.3
-    assert det.name in image_score(fused, det)
+    scoring = Scoring.of(fused, det)
+    assert scoring.decision_threshold == 0.3 and scoring.fusion == fusion
+    assert det.name in scoring.description
 
     # fitted for another file of the detector: the classifier's own probability and threshold
     other = with_fusion(clf, fusion.model_copy(update={"detector_sha256": "0" * 64}))
     alone = works()
-    run_study(alone, crp, other, det, point)
+    run_study(alone, Plan.of(crp, other, det, point))
     calibration = clf.card.calibration
     for w in alone:
         raw = w.classifier_probability
         assert w.probability == pytest.approx(calibration.apply(raw) if calibration else raw)
-    assert decision_threshold(other, det) == float(clf.card.decision_threshold)
-    assert det.name not in image_score(other, det)
+    # a verdict fitted for the fused score judges it: fracture from its high threshold
+    verdict = Verdict(
+        no_fracture_below=0.1,
+        fracture_from=0.7,
+        target_sensitivity=0.95,
+        target_specificity=0.95,
+        chosen_on="test",
+    )
+    judged = Scoring.of(with_fusion(clf, fusion.model_copy(update={"verdict": verdict})), det)
+    assert judged.decision_threshold == 0.7
+    assert [judged.level(p) for p in (0.7, 0.3, 0.05)] == ["fracture", "doubt", "no_fracture"]
+    assert Scoring.of(fused, det).level(0.3) == "fracture"  # none: two levels at 0.3
+
+    scoring = Scoring.of(other, det)
+    assert scoring.decision_threshold == float(clf.card.decision_threshold)
+    assert scoring.fusion is None and det.name not in scoring.description
 
 
 def test_only_a_classifier_card_carries_a_fusion():

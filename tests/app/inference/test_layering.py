@@ -17,6 +17,7 @@ CORE = (
     "app.inference.postprocess",
     "app.inference.operating_point",
     "app.inference.answers",
+    "app.inference.plan",
 )
 
 
@@ -54,10 +55,9 @@ def test_training_uses_the_core_not_the_service():
 LAYERS = (
     ("app.core",),
     ("app.inference", "app.admission"),
-    ("app.dicom", "app.batching"),
+    ("app.dicom", "app.batching", "app.study"),
     ("app.results",),
-    ("app.state",),
-    ("app.study",),
+    ("app.service",),
     ("app.pacs",),
     ("app.api",),
 )

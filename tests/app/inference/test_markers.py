@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from app.core.config import PipelineOptions
 from app.inference.decoding import decode
 from app.inference.markers import suppress_markers
 from app.inference.pipeline import ImageWork, image_answer, run_study
+from app.inference.plan import Plan, Scoring
 
 MODALITIES = ["CR", "DX", "RG", "OT"]
 
@@ -88,9 +90,9 @@ def test_the_pipeline_paints_only_when_asked_and_says_so(chain, markers):
     Image.fromarray(marked).save(buf, format="PNG")
     image = decode(buf.getvalue(), "image/png", "marked.png", 60_000_000, MODALITIES)
     work = [ImageWork(image=image, decode_ms=0.0)]
-    run_study(work, crp, clf, det, point, markers=markers)
+    run_study(work, Plan.of(crp, clf, det, point, options=PipelineOptions(markers=markers)))
     w = work[0]
-    notes = image_answer(0, w, 0.5).notes
+    notes = image_answer(0, w, Scoring(None, 0.5, "")).notes
     assert (w.image.pixels == marked).all()  # the image as sent is never changed
     if markers:
         assert (w.seen != marked).sum() > 50

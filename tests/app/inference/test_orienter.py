@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.core.config import PipelineOptions
 from app.inference.decoding import decode
 from app.inference.model_card import CardError, validate_card
 from app.inference.pipeline import ImageWork, image_answer, quarter_turns_needed, run_study
+from app.inference.plan import Plan, Scoring
 from app.inference.runtime import OnnxModel, choose_providers, sha256_of
 
 MODALITIES = ["CR", "DX", "RG", "OT"]
@@ -140,8 +142,8 @@ def test_a_crop_found_k_quarter_turns_off_is_turned_back_exactly(chain, fracatla
     for grey in val_radiographs(fracatlas_dir, 6):
         image = decode(png(np.rot90(grey, k).copy()), "image/png", "x.png", 60_000_000, MODALITIES)
         plain, turned = ([ImageWork(image=image, decode_ms=0.0)] for _ in range(2))
-        run_study(plain, crp, clf, det, point)
-        run_study(turned, crp, clf, det, point, orienter=orienter)
+        run_study(plain, Plan.of(crp, clf, det, point))
+        run_study(turned, Plan.of(crp, clf, det, point, orienter=orienter))
         w = turned[0]
         if plain[0].crop_fallback:
             assert w.turn is None  # no mask, no turn
@@ -157,7 +159,7 @@ def test_a_crop_found_k_quarter_turns_off_is_turned_back_exactly(chain, fracatla
             assert (w.boxes >= 0).all()
             assert (w.boxes[:, [0, 2]] <= wd + 1e-3).all()
             assert (w.boxes[:, [1, 3]] <= h + 1e-3).all()
-        assert any("proximal end up" in n for n in image_answer(0, w, 0.5).notes)
+        assert any("proximal end up" in n for n in image_answer(0, w, Scoring(None, 0.5, "")).notes)
         checked += 1
     assert checked >= 4
 
@@ -172,8 +174,11 @@ def test_the_quarter_turn_composes_with_the_upright_turn(chain, fracatlas_dir, t
         tilted = np.asarray(Image.fromarray(grey).rotate(45, expand=True))
         image = decode(png(tilted), "image/png", "x.png", 60_000_000, MODALITIES)
         upright, both = ([ImageWork(image=image, decode_ms=0.0)] for _ in range(2))
-        run_study(upright, crp, clf, det, point, upright=True)
-        run_study(both, crp, clf, det, point, upright=True, orienter=orienter)
+        run_study(upright, Plan.of(crp, clf, det, point, options=PipelineOptions(upright=True)))
+        run_study(
+            both,
+            Plan.of(crp, clf, det, point, orienter=orienter, options=PipelineOptions(upright=True)),
+        )
         if upright[0].turn is None:
             continue
         w = both[0]

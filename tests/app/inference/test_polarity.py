@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.core.config import PipelineOptions
 from app.inference.decoding import decode
 from app.inference.pipeline import ImageWork, image_answer, run_study
+from app.inference.plan import Plan, Scoring
 from app.inference.polarity import MAX_SKEWNESS, grey_skewness, inverted, looks_inverted
 from tests.conftest import bone_phantom, png_bytes
 from tests.dicom_factory import make_dataset, to_bytes
@@ -42,8 +44,8 @@ def test_inverting_keeps_the_range_and_type_and_undoes_itself(dtype):
 def _served(chain, data: bytes, ctype: str) -> tuple[ImageWork, list[str]]:
     crp, clf, det, point = chain
     work = [ImageWork(image=decode(data, ctype, "x", 60_000_000, MODALITIES), decode_ms=0.0)]
-    run_study(work, crp, clf, det, point, polarity=True)
-    return work[0], image_answer(0, work[0], 0.5).notes
+    run_study(work, Plan.of(crp, clf, det, point, options=PipelineOptions(polarity=True)))
+    return work[0], image_answer(0, work[0], Scoring(None, 0.5, "")).notes
 
 
 def test_the_pipeline_sees_a_bone_dark_png_as_the_bone_bright_one(chain):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.inference.model_card import InputSpec
 from app.inference.preprocessing import (
     crop_box_from_logits,
     letterbox,
@@ -40,14 +41,7 @@ def test_letterbox_maps_boxes_back_exactly():
 
 
 def test_model_input_follows_the_spec():
-    spec = {
-        "size": [32, 32],
-        "resize": "letterbox",
-        "channels": 3,
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "pad_value": 0.0,
-    }
+    spec = InputSpec(size=(32, 32), resize="letterbox", channels=3, mean=[0.5] * 3, std=[0.25] * 3)
     x, _ = model_input(np.ones((10, 20), np.float32), spec)
     assert x.shape == (3, 32, 32) and x.dtype == np.float32
     assert x.max() == pytest.approx(2.0) and x.min() == pytest.approx(-2.0)

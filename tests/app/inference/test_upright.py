@@ -7,8 +7,10 @@ from io import BytesIO
 import numpy as np
 import pytest
 
+from app.core.config import PipelineOptions
 from app.inference.decoding import decode
 from app.inference.pipeline import ImageWork, image_answer, run_study
+from app.inference.plan import Plan, Scoring
 from app.inference.upright import (
     MIN_TURN_DEGREES,
     residual_tilt,
@@ -115,17 +117,17 @@ def test_a_radiograph_set_down_at_an_angle_is_turned_back_in_the_served_pipeline
             decode(b, "image/png", path.name, 60_000_000, MODALITIES) for b in pngs
         )
         base = [ImageWork(image=upright_image, decode_ms=0.0)]
-        run_study(base, crp, clf, det, point, upright=True)
+        run_study(base, Plan.of(crp, clf, det, point, options=PipelineOptions(upright=True)))
         if base[0].turn is not None:
             continue  # FracAtlas's own tilt: not the case this test is about
         turned, plain = ([ImageWork(image=tilted_image, decode_ms=0.0)] for _ in range(2))
-        run_study(turned, crp, clf, det, point, upright=True)
-        run_study(plain, crp, clf, det, point)
+        run_study(turned, Plan.of(crp, clf, det, point, options=PipelineOptions(upright=True)))
+        run_study(plain, Plan.of(crp, clf, det, point))
         w = turned[0]
         if w.turn is None:  # a mask without a long axis (a hand spread flat) is not turned
             continue
         assert MIN_TURN_DEGREES <= abs(w.turn.degrees) <= 45, path.name
-        assert any("turned" in note for note in image_answer(0, w, 0.5).notes)
+        assert any("turned" in note for note in image_answer(0, w, Scoring(None, 0.5, "")).notes)
         h, wd = tilted_image.height, tilted_image.width
         assert (w.boxes[:, [0, 2]] <= wd + 1e-3).all() and (w.boxes[:, [1, 3]] <= h + 1e-3).all()
         assert (w.boxes >= 0).all()

@@ -1,0 +1,113 @@
+"""`python -m training adapt`: a site's folder read as a hospital has it (every bad row named,
+never a traceback), the hold-out by patient, and a real adaptation whose output folder the
+service serves with its provenance."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, bone_phantom
+from training.site import MIN_IMAGES, SiteDataError, load_site
+
+
+def png(height: int = 200, width: int = 160) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(bone_phantom(height, width)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def site(tmp_path, rows: list[str], files: int = MIN_IMAGES) -> object:
+    for i in range(files):
+        (tmp_path / f"{i}.png").write_bytes(png())
+    (tmp_path / "manifest.csv").write_text("path,fractured,boxes\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+def good_rows(n: int = MIN_IMAGES) -> list[str]:
+    return [
+        f'{i}.png,{int(i % 3 == 0)},"[[10, 20, 60, 90]]"' if i % 3 == 0 else f"{i}.png,0,"
+        for i in range(n)
+    ]
+
+
+def test_a_manifest_folder_is_read_with_its_boxes(tmp_path):
+    loaded = load_site(site(tmp_path, good_rows()))
+    assert len(loaded.records) == MIN_IMAGES and loaded.source == "manifest"
+    fractured = [r for r in loaded.records if r.fractured]
+    assert fractured and fractured[0].boxes == [[10 / 160, 20 / 200, 60 / 160, 90 / 200]]
+    assert len(loaded.digest) == 64
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["0.png,2,"], "fractured must be 0 or 1"),
+        ([f"{i}.png,0," for i in range(MIN_IMAGES)], "no fractured image"),
+        (good_rows(MIN_IMAGES - 1), f"at least {MIN_IMAGES}"),
+    ],
+)
+def test_a_folder_that_cannot_adapt_is_refused_with_the_reason(tmp_path, rows, message):
+    with pytest.raises(SiteDataError, match=message):
+        load_site(site(tmp_path, rows))
+
+
+def test_bad_rows_are_named_and_skipped(tmp_path):
+    rows = good_rows(MIN_IMAGES + 3)
+    rows[MIN_IMAGES] = f'{MIN_IMAGES}.png,1,"[[10, 20, 600, 90]]"'  # outside the 160 x 200 image
+    rows[MIN_IMAGES + 1] = "missing.png,1,"
+    (tmp_path / f"{MIN_IMAGES + 2}.png").write_bytes(b"not an image")
+    folder = site(tmp_path, rows, files=MIN_IMAGES + 1)
+    (tmp_path / f"{MIN_IMAGES + 2}.png").write_bytes(b"not an image")
+    loaded = load_site(folder)
+    assert len(loaded.records) == MIN_IMAGES
+    assert len(loaded.skipped) == 3
+    text = " ".join(loaded.skipped)
+    assert "outside" in text and "file missing" in text and "refuse" in text
+
+
+def test_the_cli_answers_a_bad_folder_in_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "adapt",
+            "--folder",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr
+
+
+def test_the_hold_out_keeps_a_patient_on_one_side():
+    from training.adapt import split_tune_check
+
+    labels = [1, 1, 0, 0, 0, 1, 0, 0, 1, 0] * 6
+    patients = [f"p{i // 2}" for i in range(len(labels))]  # two images per patient
+    tune, check = split_tune_check(labels, patients)
+    assert set(tune).isdisjoint(check) and len(tune) + len(check) == len(labels)
+    assert {patients[i] for i in tune}.isdisjoint({patients[i] for i in check})
+    assert 0.2 < len(check) / len(labels) < 0.4
+    assert any(labels[i] for i in check) and any(labels[i] for i in tune)
+
+
+def test_a_site_head_keeps_the_base_when_it_learnt_nothing():
+    from app.inference.site_head import SiteHead
+
+    head = SiteHead(np.zeros(4), np.ones(4), np.zeros(4), 1.0, 0.0)
+    raw = np.array([0.1, 0.5, 0.9])
+    assert np.allclose(
+        head.apply(raw, np.random.default_rng(0).normal(size=(3, 4))), raw, atol=1e-6
+    )

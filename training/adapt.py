@@ -1,0 +1,423 @@
+"""Adapt the served models to a site from its own labelled images, and prove it.
+
+    python -m training adapt --folder /data/site --out models-site [--site "St Elsewhere"]
+
+SITE is the release layout or a folder of DICOM/PNG/JPEG files with a manifest (training/site.py).
+A seeded, stratified part of the site's images (HOLD_OUT, by patient where the DICOMs say) is kept
+out; the rest ("tune") adapts:
+
+1. the classifier's last layer (app/inference/site_head.py): a logistic regression on the base
+   classifier's logit and its pooled features, fitted on the tune images mixed with FracAtlas
+   training images of equal total weight (so FracAtlas is not forgotten), its L2 strength chosen
+   by cross-validation on the tune images;
+2. the probability's calibration, the decision threshold, the three-level verdict and the
+   detector's FP/image table, refitted on the tune images (as `calibrate` does), at the base
+   card's fusion weight;
+3. the familiarity reference's threshold, so that 95% of the site's tune images pass.
+
+The guard: the adapted models ship in OUT only if, on the held-out site images, their served
+AUROC beats the base's in at least 95% of paired bootstrap resamples, and on FracAtlas val they
+lose at most MAX_FRACATLAS_LOSS; otherwise OUT holds the base models with the site's
+recalibration only, and the summary says why. OUT is a complete models folder: serve it with
+FRACTURE_MODELS_DIR=OUT. Its classifier card names the site, the images (count and a digest of
+their list), the base models and the paired figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.inference.model_card import (
+    Calibration,
+    Fusion,
+    SiteAdaptation,
+    fused_score,
+    validate_card,
+)
+from app.inference.pipeline import ImageWork, run_study
+from app.inference.plan import Plan
+from app.inference.runtime import sha256_of
+from app.inference.site_head import SiteHead
+from training import metrics
+from training.calibrate import fit_platt
+from training.common import MODELS_DIR
+from training.data import Record, load_records
+from training.detection import froc_operating_points
+from training.evaluate import decode_record, served_plan
+from training.progress import progress
+from training.site import SiteDataError, SiteImages, load_site
+from training.verdict import fit_verdict
+
+HOLD_OUT = 0.3
+FRACATLAS_MIX = 600  # FracAtlas train images the head also sees
+MAX_FRACATLAS_LOSS = 0.01
+C_GRID = (0.003, 0.01, 0.03, 0.1)
+
+
+@dataclass
+class Scored:
+    """What the served pipeline said about images: raw classifier probability, best box, the
+    pooled features, the served probability, boxes; and the labels and truth."""
+
+    raw: list[float] = field(default_factory=list)
+    max_box: list[float] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    served: list[float] = field(default_factory=list)
+    preds: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    gts: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    patients: list[str | None] = field(default_factory=list)
+
+    def take(self, idx: np.ndarray) -> Scored:
+        out = Scored()
+        for name in ("raw", "max_box", "features", "served", "preds", "gts", "labels", "patients"):
+            values = getattr(self, name)
+            setattr(out, name, [values[i] for i in idx])
+        return out
+
+
+def score(plan: Plan, records: list[Record], what: str, deadline: float | None = None) -> Scored:
+    """Run the served pipeline (every box down to the plan's floor) on `records`."""
+    out = Scored()
+    for start in progress(range(0, len(records), 8), what):
+        if deadline is not None and time.monotonic() > deadline:
+            raise SiteDataError(f"--minutes ran out while scoring {what}")
+        chunk = records[start : start + 8]
+        works, boxes = [], []
+        for rec in chunk:
+            image, normalised = decode_record(rec, "none")
+            works.append(ImageWork(image=image, decode_ms=0.0))
+            boxes.append(normalised)
+        run_study(works, plan)
+        for rec, w, b in zip(chunk, works, boxes, strict=True):
+            if w.features is None:
+                raise SiteDataError(
+                    f"{plan.classifier.name} exposes no pooled features: ship its familiarity "
+                    "first (python -m training familiarity --write-card)"
+                )
+            h, wd = w.image.height, w.image.width
+            out.raw.append(w.classifier_probability)
+            out.max_box.append(w.max_box_score)
+            out.features.append(w.features)
+            out.served.append(w.probability)
+            out.preds.append((w.boxes, w.scores))
+            out.gts.append(b * np.array([wd, h, wd, h], np.float32))
+            out.labels.append(int(rec.fractured))
+            out.patients.append(w.image.patient_key)
+    return out
+
+
+def split_tune_check(
+    labels: list[int], patients: list[str | None], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the tune and held-out images: HOLD_OUT of the patients (an image without a
+    PatientID is its own patient), drawn within fractured and unfractured apart."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        groups.setdefault(p or f"image-{i}", []).append(i)
+    check: list[int] = []
+    for positive in (True, False):
+        keys = [k for k, idx in groups.items() if any(labels[i] for i in idx) == positive]
+        rng.shuffle(keys)
+        for k in keys[: max(1, round(HOLD_OUT * len(keys)))]:
+            check += groups[k]
+    held = np.zeros(len(labels), bool)
+    held[check] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def fit_head(tune: Scored, mix: Scored) -> tuple[SiteHead, dict[str, Any]]:
+    """The site's last layer: L2 logistic regression on [logit of the base raw probability,
+    standardised pooled features] over the tune images and the FracAtlas mix (equal total
+    weight), C chosen by 5-fold cross-validated AUROC on the tune images."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    feats = np.vstack([np.stack(tune.features), np.stack(mix.features)])
+    mean, scale = feats.mean(axis=0), feats.std(axis=0) + 1e-6
+    probe = SiteHead(mean, scale, np.zeros(feats.shape[1]), 1.0, 0.0)
+    x_tune = probe.inputs(np.asarray(tune.raw), np.stack(tune.features))
+    x_mix = probe.inputs(np.asarray(mix.raw), np.stack(mix.features))
+    y_tune, y_mix = np.asarray(tune.labels), np.asarray(mix.labels)
+    w_mix = len(y_tune) / max(len(y_mix), 1)
+
+    def fitted(c: float, idx: np.ndarray) -> Any:
+        model = LogisticRegression(C=c, max_iter=2000)
+        x = np.vstack([x_tune[idx], x_mix])
+        y = np.concatenate([y_tune[idx], y_mix])
+        weights = np.concatenate([np.ones(len(idx)), np.full(len(y_mix), w_mix)])
+        return model.fit(x, y, sample_weight=weights)
+
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    cv = {}
+    for c in C_GRID:
+        scores = np.zeros(len(y_tune))
+        for train, test in folds.split(x_tune, y_tune):
+            scores[test] = fitted(c, train).decision_function(x_tune[test])
+        cv[c] = metrics.classification_metrics(y_tune, scores, 0.0)["auroc"]
+    best = max(C_GRID, key=lambda c: cv[c])
+    model = fitted(best, np.arange(len(y_tune)))
+    coef = model.coef_[0]
+    head = SiteHead(mean, scale, coef[1:], float(coef[0]), float(model.intercept_[0]))
+    return head, {"C": best, "cv_auroc_by_C": {str(c): round(a, 4) for c, a in cv.items()}}
+
+
+def served_scores(
+    raw: np.ndarray, max_box: np.ndarray, fusion: Fusion | None, calibration: Calibration | None
+) -> np.ndarray:
+    """The served probability from raw classifier probabilities and best boxes."""
+    if fusion is not None:
+        return np.array([fusion.apply(p, m) for p, m in zip(raw, max_box, strict=True)])
+    return np.array([calibration.apply(p) if calibration else p for p in raw])
+
+
+def recalibrate(
+    raw: np.ndarray, run: Scored, base_fusion: Fusion | None, source: str
+) -> dict[str, Any]:
+    """Calibration, decision threshold, fusion (at the base weight) and verdict on `run`."""
+    labels = run.labels
+    platt = fit_platt(labels, list(raw), source)
+    calibrated = [platt.apply(p) for p in raw]
+    fields: dict[str, Any] = {
+        "calibration": platt,
+        "decision_threshold": metrics.youden_threshold(labels, calibrated),
+        "fusion": None,
+    }
+    served = np.asarray(calibrated)
+    if base_fusion is not None:
+        fused_raw = fused_score(raw, np.asarray(run.max_box), base_fusion.classifier_weight)
+        fused_platt = fit_platt(labels, list(fused_raw), source)
+        served = np.array([fused_platt.apply(v) for v in fused_raw])
+        fields["fusion"] = base_fusion.model_copy(
+            update={
+                "calibration": fused_platt,
+                "decision_threshold": metrics.youden_threshold(labels, served),
+                "chosen_on": f"the base card's weight; calibrated on {source}",
+                "verdict": None,
+            }
+        )
+    try:
+        verdict = fit_verdict(np.asarray(labels), served, source)
+    except ValueError:  # fewer than 10 of a class: the base card's verdict is not carried over
+        verdict = None
+    if fields["fusion"] is not None:
+        fields["fusion"] = fields["fusion"].model_copy(update={"verdict": verdict})
+    else:
+        fields["verdict"] = verdict
+    return fields
+
+
+def adapt(
+    folder: Path,
+    out: Path,
+    site_name: str | None = None,
+    minutes: float | None = None,
+    models_dir: Path = MODELS_DIR,
+    mix_limit: int = FRACATLAS_MIX,
+    val_limit: int | None = None,
+) -> dict[str, Any]:
+    """Adapt, guard, write OUT; the summary a site's physicist signs."""
+    deadline = time.monotonic() + 60 * minutes if minutes else None
+    site: SiteImages = load_site(folder)
+    name = site_name or Path(folder).name
+    plan = served_plan(models_dir)
+    site_run = score(plan, site.records, f"site ({len(site.records)})", deadline)
+    tune_idx, check_idx = split_tune_check(site_run.labels, site_run.patients)
+    tune, check = site_run.take(tune_idx), site_run.take(check_idx)
+    records = load_records()
+    rng = np.random.default_rng(0)
+    train = [r for r in records if r.split == "train"]
+    mix_records = [train[i] for i in sorted(rng.permutation(len(train))[:mix_limit])]
+    mix = score(plan, mix_records, "FracAtlas train mix", deadline)
+    # FracAtlas val images the site folder holds too (a proxy site made of them) stay out of
+    # the forgetting check: the head has seen them
+    site_ids = {r.image_id for r in site.records}
+    val_records = [r for r in records if r.split == "val" and r.image_id not in site_ids]
+    val = score(plan, val_records[:val_limit], "FracAtlas val")
+    head, head_fit = fit_head(tune, mix)
+    source = f"{name}: {len(tune.labels)} tune images ({sum(tune.labels)} fractured)"
+    base_fusion = plan.scoring.fusion
+
+    def adapted_raw(run: Scored) -> np.ndarray:
+        return head.apply(np.asarray(run.raw), np.stack(run.features))
+
+    adapted_fields = recalibrate(adapted_raw(tune), tune, base_fusion, source)
+    base_fields = recalibrate(np.asarray(tune.raw), tune, base_fusion, source)
+
+    def served(run: Scored, fields: dict[str, Any], raw: np.ndarray) -> np.ndarray:
+        return served_scores(raw, np.asarray(run.max_box), fields["fusion"], fields["calibration"])
+
+    site_pair = metrics.paired_auroc_difference(
+        check.labels, check.served, served(check, adapted_fields, adapted_raw(check))
+    )
+    val_pair = metrics.paired_auroc_difference(
+        val.labels, val.served, served(val, adapted_fields, adapted_raw(val))
+    )
+    passed = site_pair["b_better"] >= 0.95 and val_pair["delta"] >= -MAX_FRACATLAS_LOSS
+    reasons = []
+    if site_pair["b_better"] < 0.95:
+        reasons.append(
+            f"on the held-out site images the adapted AUROC beats the base in "
+            f"{site_pair['b_better']:.0%} of paired resamples (needs 95%)"
+        )
+    if val_pair["delta"] < -MAX_FRACATLAS_LOSS:
+        reasons.append(
+            f"on FracAtlas val it loses {-val_pair['delta']:.3f} AUROC (at most "
+            f"{MAX_FRACATLAS_LOSS} allowed)"
+        )
+    at_check = {}
+    for label, fields, raw in (
+        ("base_recalibrated", base_fields, np.asarray(check.raw)),
+        ("adapted", adapted_fields, adapted_raw(check)),
+    ):
+        s = served(check, fields, raw)
+        threshold = (
+            fields["fusion"].decision_threshold
+            if fields["fusion"]
+            else fields["decision_threshold"]
+        )
+        at_check[label] = metrics.bootstrap_classification(check.labels, s, threshold)
+    summary: dict[str, Any] = {
+        "site": name,
+        "images": len(site.records),
+        "skipped": site.skipped,
+        "tune_images": len(tune.labels),
+        "held_out_images": len(check.labels),
+        "held_out_fractured": int(sum(check.labels)),
+        "head": head_fit,
+        "held_out_site_auroc": site_pair,
+        "fracatlas_val_auroc": val_pair,
+        "held_out_site_at_threshold_ci95": at_check,
+        "adapted_shipped": passed,
+        "why_not": reasons,
+    }
+    write_models(
+        out,
+        models_dir,
+        plan,
+        site,
+        name,
+        head if passed else None,
+        adapted_fields if passed else base_fields,
+        tune,
+        summary,
+    )
+    return summary
+
+
+def write_models(
+    out: Path,
+    models_dir: Path,
+    plan: Plan,
+    site: SiteImages,
+    name: str,
+    head: SiteHead | None,
+    fields: dict[str, Any],
+    tune: Scored,
+    summary: dict[str, Any],
+) -> None:
+    """OUT: a copy of the models folder with the classifier card adapted (the head when it
+    ships, the recalibration always) and the detector's FP/image table refitted."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path in models_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, out / path.name)
+    clf, det = plan.classifier, plan.detector
+    card_path = out / f"{clf.name}.json"
+    card = json.loads(card_path.read_text())
+    for key in ("calibration", "fusion", "verdict"):
+        value = fields.get(key)
+        card[key] = value.model_dump(mode="json") if value is not None else None
+    card["decision_threshold"] = fields["decision_threshold"]
+    if card.get("familiarity") and clf.reference is not None:
+        # the site's images are what the adapted models are validated on: 95% of them pass
+        scores = clf.reference.score(np.stack(tune.features))
+        card["familiarity"]["threshold"] = round(float(np.quantile(scores, 0.95)), 6)
+        card["familiarity"]["threshold_rule"] = f"95% quantile of {name}'s tune images"
+    adaptation: dict[str, Any] = {
+        "site": name,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "images": len(site.records),
+        "fractured": int(sum(r.fractured for r in site.records)),
+        "images_digest": site.digest,
+        "base": {
+            m.role: {"name": m.name, "version": m.version, "sha256": m.card.sha256}
+            for m in (plan.cropper, clf, det)
+        },
+        "method": "last-layer logistic regression on the base logit and pooled features"
+        if head is not None
+        else "recalibration only (the adapted last layer did not pass the guard)",
+        "figures": summary,
+    }
+    if head is not None:
+        head_file = f"{clf.name}.site-head.npz"
+        head.save(out / head_file)
+        adaptation |= {"file": head_file, "sha256": sha256_of(out / head_file)}
+    card["site_adaptation"] = SiteAdaptation.model_validate(adaptation).model_dump(mode="json")
+    card = {k: v for k, v in card.items() if v is not None}
+    validate_card(card, card_path.name)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    if any(len(g) for g in tune.gts):  # boxes known: the site's own FP/image table
+        det_path = out / f"{det.name}.json"
+        det_card = json.loads(det_path.read_text())
+        froc = metrics.froc(tune.preds, tune.gts)
+        det_card["operating_points"] = froc_operating_points({"froc_table": froc.table()})
+        det_card["operating_points_rule"] = f"FROC on {name}'s tune images, IoU >= 0.5"
+        validate_card(det_card, det_path.name)
+        det_path.write_text(json.dumps(det_card, indent=2) + "\n")
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The comparison a site's physicist signs, in plain text."""
+    s, v = summary["held_out_site_auroc"], summary["fracatlas_val_auroc"]
+
+    def row(label: str, pair: dict[str, Any]) -> str:
+        lo, hi = pair["delta_ci95"]
+        return (
+            f"{label:<34} {pair['auroc_a']:.3f}   {pair['auroc_b']:.3f}   "
+            f"{pair['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}]  n={pair['n']}"
+        )
+
+    lines = [
+        f"site {summary['site']}: {summary['images']} images ({len(summary['skipped'])} skipped), "
+        f"{summary['tune_images']} tune, {summary['held_out_images']} held out",
+        f"{'AUROC':<34} base    adapted  difference [95% CI]",
+        row("held-out site images", s),
+        row("FracAtlas val", v),
+        "adapted models shipped"
+        if summary["adapted_shipped"]
+        else "adapted models NOT shipped: "
+        + "; ".join(summary["why_not"])
+        + " (OUT holds the base models, recalibrated on the site)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training adapt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--folder", type=Path, required=True, help="the site's labelled images")
+    parser.add_argument("--out", type=Path, required=True, help="the adapted models folder")
+    parser.add_argument("--site", help="the site's name in the cards (default: the folder's)")
+    parser.add_argument("--minutes", type=float, help="give up when scoring takes longer")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    args = parser.parse_args(argv)
+    if args.out.resolve() == args.models_dir.resolve():
+        parser.error("--out must be another folder than the models it adapts")
+    summary = adapt(args.folder, args.out, args.site, args.minutes, args.models_dir)
+    (args.out / "adaptation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(table(summary), flush=True)
+    return 0
