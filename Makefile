@@ -70,15 +70,15 @@ system-deps:
 	else echo "not root or no apt: $(DEBIAN_PACKAGES) not installed, their tests will skip"; fi
 
 lint: install-test
-	$(BIN)/ruff check app training research tests bench
-	$(BIN)/ruff format --check app training research tests bench
+	$(BIN)/ruff check app training research tools tests bench
+	$(BIN)/ruff format --check app training research tools tests bench
 
 test: lint system-deps
 	$(BIN)/python -m pytest -q
 
 format: install-test
-	$(BIN)/ruff check --fix app training research tests bench
-	$(BIN)/ruff format app training research tests bench
+	$(BIN)/ruff check --fix app training research tools tests bench
+	$(BIN)/ruff format app training research tools tests bench
 
 # Retrain every shipped model from its recipe and promote it into models/ (CPU: many hours;
 # see README). Each run writes runs/<name>/export first (with test figures: the shipped model is
@@ -98,7 +98,7 @@ train: install-test
 
 # README pictures, taken by the browser tests (a real chromium on the real pages).
 screenshots: install-test system-deps
-	$(BIN)/python -m pytest -q tests/app/test_viewer.py tests/training/test_report.py
+	$(BIN)/python -m pytest -q tests/app/api/test_viewer.py tests/training/test_report.py
 	mkdir -p docs && cp reports/viewer.png reports/report.png docs/
 
 # The README's numbers (models table from the cards, the sample answer from the service).

@@ -12,7 +12,7 @@ import httpx
 from fastapi import FastAPI
 
 from app.admission import Admission
-from app.api.auth import ApiKeyMiddleware
+from app.api.auth import ApiKeyMiddleware, open_paths
 from app.api.errors import install_handlers
 from app.api.middleware import LimitsAndMetricsMiddleware
 from app.api.routes import dicomweb, health, metrics, models, predict, viewer
@@ -51,6 +51,43 @@ def destination_sender(settings: Settings) -> Sender | None:
             settings.dimse_destination, settings.dimse_ae_title, settings.delivery_timeout_s
         )
     return None
+
+
+def document_bearer_auth(app: FastAPI, open_to_all: tuple[str, ...]) -> None:
+    """The OpenAPI schema as the key middleware enforces it: a bearer scheme, and on every
+    route but the open ones its requirement and the 401 it answers without a key."""
+    from fastapi.openapi.utils import get_openapi
+
+    from app.api.schemas import ERROR_MODELS
+
+    def schema() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = spec.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearerAuth"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of FRACTURE_API_KEYS",
+        }
+        components.setdefault("schemas", {})["Error401"] = ERROR_MODELS[401].model_json_schema()
+        for path, operations in spec["paths"].items():
+            if path in open_to_all:
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"bearerAuth": []}]
+                operation["responses"]["401"] = {
+                    "description": "missing or wrong API key",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error401"}}
+                    },
+                }
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = schema  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -122,6 +159,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (predict, viewer, dicomweb, models, health, metrics):
         app.include_router(module.router)
+    if settings.api_keys:
+        document_bearer_auth(app, open_paths(settings.metrics_public))
     app.add_middleware(
         ApiKeyMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public
     )

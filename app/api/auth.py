@@ -22,6 +22,11 @@ OPEN_PATHS = (
 )
 
 
+def open_paths(metrics_public: bool) -> tuple[str, ...]:
+    """The paths served without a key."""
+    return OPEN_PATHS + (("/metrics",) if metrics_public else ())
+
+
 def key_id(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -30,7 +35,7 @@ class ApiKeyMiddleware:
     def __init__(self, app: Any, keys: list[str], metrics_public: bool):
         self.app = app
         self.keys = [k.encode() for k in keys]
-        self.open_paths = OPEN_PATHS + (("/metrics",) if metrics_public else ())
+        self.open_paths = open_paths(metrics_public)
 
     def match(self, presented: bytes) -> str | None:
         """The id of the key presented, checking every key in constant time."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from app.inference.answers import StoredStudyAnswer
 
@@ -18,19 +18,63 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="one human sentence")
 
 
+# Every `error` code the service sends, by status: what a client branches on (README, Error codes).
+ERROR_CODES: dict[int, tuple[str, ...]] = {
+    400: ("empty_body", "empty_file", "no_files", "no_instances", "invalid_multipart"),
+    401: ("unauthorized",),
+    404: ("unknown_study", "not_found"),
+    408: ("request_timeout",),
+    413: ("body_too_large", "image_too_large", "too_many_images", "too_large"),
+    415: ("unsupported_media_type",),
+    422: (
+        "undecodable_image",
+        "undecodable_pixel_data",
+        "invalid_dicom",
+        "no_pixel_data",
+        "truncated_image",
+        "dimensions_exceed_data",
+        "no_anatomy",
+        "unsupported_modality",
+        "multi_frame_unsupported",
+        "unsupported_photometric",
+        "out_of_scope",
+        "mixed_studies",
+        "unknown_classifier",
+        "unknown_detector",
+        "invalid_operating_point",
+        "invalid_parameter",
+    ),
+    503: ("not_ready", "overloaded", "intake_full"),
+}
+ERROR_TEXT = {
+    400: "malformed request",
+    401: "missing or wrong API key (only when FRACTURE_API_KEYS is set)",
+    404: "not found",
+    408: "request body too slow",
+    413: "too large",
+    415: "unsupported media type",
+    422: "valid syntax, unusable content (see `error`)",
+    503: "not ready or overloaded; retry after Retry-After seconds",
+}
+
+
+def _error_model(status: int) -> type[BaseModel]:
+    """ErrorBody with `error` as the enum of the codes this status carries."""
+    codes = ERROR_CODES[status]
+    return create_model(
+        f"Error{status}",
+        __doc__=f"A {status} answer: {ERROR_TEXT[status]}.",
+        error=(Literal[codes], Field(description="stable machine-readable code")),  # type: ignore[valid-type]
+        detail=(str, Field(description="one human sentence")),
+    )
+
+
+ERROR_MODELS = {status: _error_model(status) for status in ERROR_CODES}
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: each status documented with the ErrorBody shape."""
-    text = {
-        400: "malformed request",
-        401: "missing or wrong API key",
-        404: "not found",
-        408: "request body too slow",
-        413: "too large",
-        415: "unsupported media type",
-        422: "valid syntax, unusable content (see `error`)",
-        503: "not ready or overloaded",
-    }
-    return {s: {"model": ErrorBody, "description": text.get(s, "error")} for s in statuses}
+    """`responses=` for a route: each status documented with its error codes as an enum."""
+    return {s: {"model": ERROR_MODELS[s], "description": ERROR_TEXT[s]} for s in statuses}
 
 
 class Live(BaseModel):

@@ -1,11 +1,13 @@
 // The viewer: picks or drops images, asks /v1/preview for each (the image as the service decoded
-// it) and /v1/predict for the study, draws crop boxes and detections, and asks again when the
-// operating point moves. The API key stays in this page's memory only.
+// it) and /v1/predict for the study, and draws each image as large as the screen allows with its
+// detections. A reader zooms (wheel, + and -), pans (drag), sets window and level (shift-drag,
+// or w/W and l/L), hides the overlays (o), resets the view (0) and steps through the study (n, p).
+// The API key stays in this page's memory only.
 "use strict";
 
-const state = { files: [], previews: [], answer: null, busy: 0 };
+const state = { files: [], previews: [], answer: null, busy: 0, overlays: true, current: 0 };
+const views = []; // per card: { canvas, image, result, zoom, ox, oy, window, level }
 const $ = (id) => document.getElementById(id);
-const MAX_SIDE = 560;
 
 function headers() {
   const key = $("key").value.trim();
@@ -26,11 +28,12 @@ async function errorText(response) {
   }
 }
 
+// A file's preview, or null when the service cannot decode it (its answer says why).
 async function preview(file) {
   const form = new FormData();
   form.append("files", file, file.name);
   const r = await fetch("/v1/preview", { method: "POST", body: form, headers: headers() });
-  if (!r.ok) throw new Error(`${file.name}: ${await errorText(r)}`);
+  if (!r.ok) return null;
   const blob = await r.blob();
   const image = new Image();
   image.src = URL.createObjectURL(blob);
@@ -39,6 +42,7 @@ async function preview(file) {
     image,
     width: Number(r.headers.get("X-Image-Width")),
     height: Number(r.headers.get("X-Image-Height")),
+    patient: r.headers.get("X-Patient-Key") || "",
   };
 }
 
@@ -55,39 +59,194 @@ async function predict() {
   return r.json();
 }
 
-function drawImage(card, view, result) {
-  const canvas = card.querySelector("canvas");
-  const scale = Math.min(1, MAX_SIDE / Math.max(view.width, view.height));
-  canvas.width = Math.round(view.width * scale);
-  canvas.height = Math.round(view.height * scale);
+// --- drawing ----------------------------------------------------------------------------------
+
+// The grey preview through the reader's window and level (0-255 units), once per change.
+function windowed(view) {
+  const { image } = view;
+  if (view.cache && view.cache.window === view.window && view.cache.level === view.level) {
+    return view.cache.canvas;
+  }
+  const off = document.createElement("canvas");
+  off.width = image.naturalWidth;
+  off.height = image.naturalHeight;
+  const ctx = off.getContext("2d");
+  ctx.drawImage(image, 0, 0);
+  if (view.window !== 255 || view.level !== 127.5) {
+    const data = ctx.getImageData(0, 0, off.width, off.height);
+    const lut = new Uint8ClampedArray(256);
+    const low = view.level - view.window / 2;
+    for (let v = 0; v < 256; v++) lut[v] = ((v - low) / view.window) * 255;
+    const px = data.data;
+    for (let i = 0; i < px.length; i += 4) {
+      const g = lut[px[i]];
+      px[i] = g;
+      px[i + 1] = g;
+      px[i + 2] = g;
+    }
+    ctx.putImageData(data, 0, 0);
+  }
+  view.cache = { window: view.window, level: view.level, canvas: off };
+  return off;
+}
+
+// Label rectangles never overlap one another nor the box they name: above the box, else below,
+// else moved down until free.
+function placeLabel(ctx, text, box, placed, bounds) {
+  const w = ctx.measureText(text).width + 6;
+  const h = parseInt(ctx.font, 10) + 4;
+  const [x1, y1, , y2] = box;
+  const x = Math.min(Math.max(0, x1), bounds.width - w);
+  const tries = [y1 - h - 2, y2 + 2];
+  for (let y = y2 + 2; y < bounds.height; y += h) tries.push(y);
+  for (const y of tries) {
+    const r = { x, y, w, h };
+    const inside = y >= 0 && y + h <= bounds.height;
+    const clear = placed.every((p) => r.x + r.w <= p.x || p.x + p.w <= r.x || r.y + r.h <= p.y || p.y + p.h <= r.y);
+    const offBox = y + h <= y1 || y >= y2;
+    if (inside && clear && offBox) {
+      placed.push(r);
+      return r;
+    }
+  }
+  return null; // no free place: the box stays unlabelled rather than covered
+}
+
+function draw(view) {
+  const { canvas, result } = view;
   const ctx = canvas.getContext("2d");
-  ctx.drawImage(view.image, 0, 0, canvas.width, canvas.height);
-  const line = Math.max(2, Math.round(canvas.width / 250));
-  const [cx1, cy1, cx2, cy2] = result.crop_box.map((v) => v * scale);
-  ctx.setLineDash([6, 4]);
-  ctx.strokeStyle = "#2ecc71";
-  ctx.lineWidth = line;
-  ctx.strokeRect(cx1, cy1, cx2 - cx1, cy2 - cy1);
-  ctx.setLineDash([]);
-  ctx.font = `${Math.max(12, Math.round(canvas.width / 35))}px system-ui, sans-serif`;
-  let drawn = 0;
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  // frame pixels -> canvas pixels: fit, then the reader's zoom and pan
+  const fit = Math.min(canvas.width / view.frameW, canvas.height / view.frameH);
+  const s = fit * view.zoom;
+  ctx.setTransform(s, 0, 0, s, view.ox, view.oy);
+  ctx.drawImage(windowed(view), 0, 0, view.frameW, view.frameH);
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  canvas.dataset.zoom = view.zoom.toFixed(2);
+  canvas.dataset.window = String(Math.round(view.window));
+  canvas.dataset.level = String(Math.round(view.level));
+  canvas.dataset.overlays = String(state.overlays);
+  if (!state.overlays) return;
+  const at = (x, y) => [x * s + view.ox, y * s + view.oy];
+  const line = Math.max(2, Math.round(canvas.width / 400));
+  const [cx1, cy1, cx2, cy2] = result.crop_box;
+  const crops = cx1 > 0 || cy1 > 0 || cx2 < view.frameW || cy2 < view.frameH;
+  if (crops) { // drawn only when it crops: the whole image needs no frame
+    const [a, b] = at(cx1, cy1);
+    const [c, d] = at(cx2, cy2);
+    ctx.setLineDash([6, 4]);
+    ctx.strokeStyle = "#2ecc71";
+    ctx.lineWidth = line;
+    ctx.strokeRect(a, b, c - a, d - b);
+    ctx.setLineDash([]);
+  }
+  canvas.dataset.crop = String(crops);
+  ctx.font = `${Math.max(13, Math.round(canvas.width / 60))}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  const placed = [];
+  let labelled = 0;
   for (const det of result.detections) {
-    const [x1, y1, x2, y2] = det.box.map((v) => v * scale);
+    const [x1, y1] = at(det.box[0], det.box[1]);
+    const [x2, y2] = at(det.box[2], det.box[3]);
     ctx.strokeStyle = "#f1c40f";
+    ctx.lineWidth = line;
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
     const label = `fracture ${det.score.toFixed(2)}`;
-    const ty = y1 > 18 ? y1 - 4 : y2 + 14;
-    ctx.lineWidth = 3;
-    ctx.strokeStyle = "#000";
-    ctx.strokeText(label, x1, ty);
+    const r = placeLabel(ctx, label, [x1, y1, x2, y2], placed, canvas);
+    if (!r) continue;
+    ctx.fillStyle = "rgba(0,0,0,0.7)";
+    ctx.fillRect(r.x, r.y, r.w, r.h);
     ctx.fillStyle = "#f1c40f";
-    ctx.fillText(label, x1, ty);
-    ctx.lineWidth = line;
-    drawn += 1;
+    ctx.fillText(label, r.x + 3, r.y + 2);
+    labelled += 1;
   }
-  card.dataset.boxes = String(drawn);
-  card.dataset.probability = String(result.fracture_probability);
+  canvas.dataset.labels = String(labelled);
+  canvas.dataset.labelRects = JSON.stringify(placed.map((p) => [p.x, p.y, p.w, p.h]));
 }
+
+function attach(view) {
+  const { canvas } = view;
+  let drag = null;
+  canvas.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    zoomAt(view, e.deltaY < 0 ? 1.25 : 0.8, e.offsetX, e.offsetY);
+  });
+  canvas.addEventListener("pointerdown", (e) => {
+    drag = { x: e.clientX, y: e.clientY, shift: e.shiftKey, w: view.window, l: view.level };
+    canvas.setPointerCapture(e.pointerId);
+    select(view.index);
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!drag) return;
+    const dx = e.clientX - drag.x;
+    const dy = e.clientY - drag.y;
+    if (drag.shift) { // window with the horizontal motion, level with the vertical
+      view.window = Math.min(255, Math.max(4, drag.w + dx));
+      view.level = Math.min(255, Math.max(0, drag.l + dy));
+    } else {
+      view.ox += e.movementX;
+      view.oy += e.movementY;
+    }
+    draw(view);
+  });
+  canvas.addEventListener("pointerup", () => { drag = null; });
+}
+
+function zoomAt(view, factor, x, y) {
+  const zoom = Math.min(16, Math.max(1, view.zoom * factor));
+  const k = zoom / view.zoom;
+  view.ox = x - (x - view.ox) * k;
+  view.oy = y - (y - view.oy) * k;
+  view.zoom = zoom;
+  if (zoom === 1) reset(view, false);
+  draw(view);
+}
+
+function reset(view, wl = true) {
+  const fit = Math.min(view.canvas.width / view.frameW, view.canvas.height / view.frameH);
+  view.zoom = 1;
+  view.ox = (view.canvas.width - view.frameW * fit) / 2;
+  view.oy = (view.canvas.height - view.frameH * fit) / 2;
+  if (wl) {
+    view.window = 255;
+    view.level = 127.5;
+  }
+}
+
+function select(index) {
+  if (!views.length) return;
+  state.current = (index + views.length) % views.length;
+  views.forEach((v, i) => v.card.classList.toggle("current", i === state.current));
+  document.body.dataset.current = String(state.current);
+}
+
+document.addEventListener("keydown", (e) => {
+  if (e.target instanceof HTMLInputElement || !views.length) return;
+  const view = views[state.current];
+  const c = view.canvas;
+  const actions = {
+    o: () => { state.overlays = !state.overlays; views.forEach(draw); },
+    "+": () => zoomAt(view, 1.25, c.width / 2, c.height / 2),
+    "=": () => zoomAt(view, 1.25, c.width / 2, c.height / 2),
+    "-": () => zoomAt(view, 0.8, c.width / 2, c.height / 2),
+    0: () => { reset(view); draw(view); },
+    w: () => { view.window = Math.max(4, view.window * 0.8); draw(view); },
+    W: () => { view.window = Math.min(255, view.window * 1.25); draw(view); },
+    l: () => { view.level = Math.max(0, view.level - 8); draw(view); },
+    L: () => { view.level = Math.min(255, view.level + 8); draw(view); },
+    n: () => { select(state.current + 1); views[state.current].card.scrollIntoView(); },
+    p: () => { select(state.current - 1); views[state.current].card.scrollIntoView(); },
+  };
+  const act = actions[e.key];
+  if (act) {
+    e.preventDefault();
+    act();
+  }
+});
+
+// --- the answer -------------------------------------------------------------------------------
 
 // The three-level verdict in a reader's words, and the class that colours it.
 const VERDICT = {
@@ -115,16 +274,23 @@ function render() {
   if (answer.study.out_of_distribution) {
     study.textContent += " — some images are outside validated conditions: read the answer with care";
   }
+  for (const skipped of answer.not_analysed || []) {
+    const name = skipped.filename || `file ${skipped.index + 1}`;
+    study.textContent += ` — ${name} not analysed: ${skipped.detail}`;
+  }
   study.dataset.fracture = String(answer.study.fracture);
   study.dataset.verdict = answer.study.verdict;
+  study.dataset.notAnalysed = String((answer.not_analysed || []).length);
   const box = $("images");
   box.replaceChildren();
+  views.length = 0;
+  const side = Math.max(320, Math.min(window.innerWidth - 64, window.innerHeight - 120, 1400));
   answer.images.forEach((result, i) => {
     const card = document.createElement("article");
     card.className = "card";
     card.dataset.index = String(i);
     const title = document.createElement("h2");
-    title.textContent = result.filename || `image ${i + 1}`;
+    title.textContent = result.filename || `image ${result.index + 1}`;
     const verdict = document.createElement("p");
     const level = VERDICT[result.verdict];
     verdict.className = `verdict ${level.css}`;
@@ -136,17 +302,38 @@ function render() {
       (result.out_of_distribution ? " — outside validated conditions" : "");
     verdict.dataset.outOfDistribution = String(Boolean(result.out_of_distribution));
     const canvas = document.createElement("canvas");
+    const previewOf = state.previews[result.index];
+    canvas.width = side;
+    canvas.height = Math.round(side * Math.min(1.4, result.height / result.width));
     const legend = document.createElement("p");
     legend.className = "legend";
-    legend.innerHTML = '<span class="crop">- - bone crop</span> · <span class="box">□ detection</span>';
+    legend.textContent =
+      "wheel or +/- zoom · drag pan · shift-drag or w/W l/L window and level · o overlays · 0 reset · n/p next/previous";
     const notes = document.createElement("p");
     notes.className = "notes";
     notes.textContent = result.notes.join("; ");
     card.append(title, verdict, canvas, legend, notes);
     box.append(card);
-    drawImage(card, state.previews[i], result);
+    card.dataset.boxes = String(result.detections.length);
+    card.dataset.probability = String(result.fracture_probability);
+    if (!previewOf) return;
+    const view = {
+      card, canvas, result, image: previewOf.image, index: views.length,
+      frameW: result.width, frameH: result.height, zoom: 1, ox: 0, oy: 0, window: 255, level: 127.5,
+    };
+    reset(view);
+    views.push(view);
+    attach(view);
+    draw(view);
   });
+  select(0);
   document.body.dataset.rendered = String(Number(document.body.dataset.rendered || 0) + 1);
+}
+
+// Files of several patients are refused by the service; say so before sending them.
+function mixedPatients() {
+  const keys = new Set(state.previews.filter((p) => p && p.patient).map((p) => p.patient));
+  return keys.size > 1;
 }
 
 async function analyse() {
@@ -157,6 +344,12 @@ async function analyse() {
     if (state.previews.length !== state.files.length) {
       state.previews = await Promise.all(state.files.map(preview));
     }
+    if (mixedPatients()) {
+      document.body.dataset.mixed = "true";
+      setStatus("these files belong to different patients: open one patient's study at a time", true);
+      return;
+    }
+    document.body.dataset.mixed = "false";
     state.answer = await predict();
     render();
     setStatus(`request ${state.answer.request_id}`);

@@ -22,6 +22,18 @@ from app.inference.preprocessing import stretch_grey
 from app.service import FractureService
 
 STATIC = Path(__file__).resolve().parents[2] / "viewer"
+# The page runs its own script and style only, sends its calls to this service only, draws blob:
+# previews, and may not be framed (clickjacking).
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 PREVIEW_LONG_SIDE = 1024
 router = APIRouter(tags=["viewer"])
 
@@ -33,7 +45,7 @@ router = APIRouter(tags=["viewer"])
     responses={200: {"content": {"text/html": {}}}},
 )
 async def viewer_page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+    return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
 
 @router.get(
@@ -46,10 +58,12 @@ async def viewer_asset(name: str) -> FileResponse:
     path = STATIC / name
     if name not in ("viewer.js", "viewer.css") or not path.is_file():
         raise ApiError(404, "not_found", f"no viewer file {name!r}")
-    return FileResponse(path)
+    return FileResponse(path, headers=PAGE_HEADERS)
 
 
-def preview_png(data: bytes, ctype: str | None, service: FractureService) -> tuple[bytes, int, int]:
+def preview_png(
+    data: bytes, ctype: str | None, service: FractureService
+) -> tuple[bytes, int, int, str]:
     s = service.settings
     image = decode(data, ctype, None, s.max_image_pixels, s.allowed_modalities)
     grey = (stretch_grey(image.pixels) * 255).astype(np.uint8)
@@ -59,7 +73,7 @@ def preview_png(data: bytes, ctype: str | None, service: FractureService) -> tup
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return buf.getvalue(), image.width, image.height
+    return buf.getvalue(), image.width, image.height, image.patient_key or ""
 
 
 @router.post(
@@ -78,7 +92,7 @@ def preview_png(data: bytes, ctype: str | None, service: FractureService) -> tup
 async def preview(request: Request, service: ServiceDep) -> Response:
     uploads = await read_uploads(request, 1)
     data, ctype, _ = uploads[0]
-    png, width, height = await run_in_threadpool(preview_png, data, ctype, service)
+    png, width, height, patient = await run_in_threadpool(preview_png, data, ctype, service)
     # Nothing is stored; the answer is for this browser only.
     return Response(
         png,
@@ -86,6 +100,8 @@ async def preview(request: Request, service: ServiceDep) -> Response:
         headers={
             "X-Image-Width": str(width),
             "X-Image-Height": str(height),
+            # a digest of PatientID (never the ID): the page warns before mixing patients
+            "X-Patient-Key": patient,
             "Cache-Control": "no-store",
         },
     )

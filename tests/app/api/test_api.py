@@ -72,7 +72,10 @@ def test_openapi_documents_every_answer_and_the_real_error_shape(app_client):
                     "content", {}
                 ):  # STOW-RS 409 answers in DICOM JSON, as PS3.18 says
                     schema = response["content"]["application/json"]["schema"]
-                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+                    assert schema == {"$ref": f"#/components/schemas/Error{status}"}, (path, status)
+    # error codes as an enum a client can branch on
+    codes = spec["components"]["schemas"]["Error422"]["properties"]["error"]["enum"]
+    assert {"out_of_scope", "mixed_studies", "undecodable_pixel_data"} <= set(codes)
     predict = spec["paths"]["/v1/predict"]["post"]["responses"]
     assert predict["200"]["content"]["application/json"]["schema"]["$ref"].endswith("StudyAnswer")
     image = spec["components"]["schemas"]["ImageResult"]["properties"]
@@ -516,3 +519,24 @@ def test_a_bad_file_in_a_study_is_refused_alone(app_client, test_split_images, d
     r = app_client.post("/v1/predict", files=files[1:])
     assert r.status_code == 422 and r.json()["error"] == "out_of_scope"
     assert "file 0 (chest.dcm)" in r.json()["detail"]
+
+
+def test_with_keys_the_contract_says_bearer_and_401(tmp_path):
+    """With FRACTURE_API_KEYS set the schema carries a bearer scheme, and every route but the
+    probes and the viewer page requires it and documents its 401; without keys, none."""
+    from fastapi.testclient import TestClient
+
+    from app.core.config import Settings
+    from app.main import create_app
+
+    keyed = create_app(Settings(api_keys=["k"], state_dir=tmp_path / "a"))
+    spec = TestClient(keyed).get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
+    assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    predict = spec["paths"]["/v1/predict"]["post"]
+    assert predict["security"] == [{"bearerAuth": []}] and "401" in predict["responses"]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+    assert spec["components"]["schemas"]["Error401"]["properties"]["error"]["const"] == (
+        "unauthorized"
+    )
+    open_spec = TestClient(create_app(Settings(state_dir=tmp_path / "b"))).get("/openapi.json")
+    assert "securitySchemes" not in open_spec.json().get("components", {})

@@ -37,7 +37,10 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
     service = ServiceProcess(free_port(), FRACTURE_API_KEYS=json.dumps([KEY]))
     try:
         base = str(service.http.base_url).rstrip("/")
-        assert service.http.get("/viewer").status_code == 200  # the page itself is open
+        page = service.http.get("/viewer")
+        assert page.status_code == 200  # the page itself is open
+        policy = page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
         with chromium(1400, 1800) as browser:
             browser.get(f"{base}/viewer")
             browser.find_element("id", "key").send_keys(KEY)
@@ -76,6 +79,35 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
             assert study.get_attribute("data-verdict") == answer["study"]["verdict"]
             browser.save_screenshot(str(tmp_path / "viewer-0.4.png"))
 
+            # A reader's second look: zoom, window, overlays, reset, next image, by mouse and keys.
+            canvas = cards[0].find_element("css selector", "canvas")
+
+            def data(name: str, element=canvas) -> str:
+                return element.get_attribute(f"data-{name}")
+
+            browser.execute_script(
+                "const c = arguments[0], r = c.getBoundingClientRect();"
+                "c.dispatchEvent(new WheelEvent('wheel', {deltaY: -100, clientX: r.left + r.width / 2,"
+                " clientY: r.top + r.height / 2, bubbles: true, cancelable: true}));",
+                canvas,
+            )
+            assert float(data("zoom")) > 1
+            body = browser.find_element("tag name", "body")
+            body.send_keys("w")
+            assert int(data("window")) < 255
+            body.send_keys("o")
+            assert data("overlays") == "false"
+            body.send_keys("o")
+            assert data("overlays") == "true"
+            body.send_keys("0")
+            assert float(data("zoom")) == 1 and int(data("window")) == 255
+            rects = json.loads(data("label-rects") or "[]")
+            for i, (x, y, w, h) in enumerate(rects):  # labels never cover one another
+                for x2, y2, w2, h2 in rects[i + 1 :]:
+                    assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
+            body.send_keys("n")
+            assert data("current", body) == "1"
+
             # Move the operating point: the page asks again and redraws.
             browser.execute_script(
                 "const s = document.getElementById('fp'); s.value = '0.1';"
@@ -87,6 +119,7 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
             for card, image in zip(cards, strict["images"], strict=True):
                 assert int(card.get_attribute("data-boxes")) == len(image["detections"])
             assert "0.1 false positives per image" in browser.find_element("id", "study").text
+            browser.execute_script("window.scrollTo(0, 0)")
             out = REPO / "reports" / "viewer.png"
             out.parent.mkdir(exist_ok=True)
             browser.save_screenshot(str(out))

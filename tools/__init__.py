@@ -1,0 +1,1 @@
+"""Tools a site runs against a running service (clients, no models of their own)."""
