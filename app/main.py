@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from app.admission import Admission
 from app.api.auth import ApiKeyMiddleware, open_paths
 from app.api.errors import install_handlers
+from app.api.identity import JwtVerifier
 from app.api.middleware import LimitsAndMetricsMiddleware
 from app.api.routes import dicomweb, health, metrics, models, predict, viewer
 from app.core.config import Settings, get_settings
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not settings.api_keys:
+        if not settings.api_keys and not settings.oidc_issuer:
             log.warning(
                 "no API key set (FRACTURE_API_KEYS): every endpoint is open to whoever reaches "
                 "this service"
@@ -159,10 +160,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (predict, viewer, dicomweb, models, health, metrics):
         app.include_router(module.router)
-    if settings.api_keys:
+    verifier = (
+        JwtVerifier(
+            settings.oidc_issuer,
+            settings.oidc_audience,
+            settings.oidc_jwks_url,
+            settings.oidc_jwks_ttl_s,
+        )
+        if settings.oidc_issuer
+        else None
+    )
+    if settings.api_keys or verifier is not None:
         document_bearer_auth(app, open_paths(settings.metrics_public))
     app.add_middleware(
-        ApiKeyMiddleware, keys=settings.api_keys, metrics_public=settings.metrics_public
+        ApiKeyMiddleware,
+        keys=settings.api_keys,
+        metrics_public=settings.metrics_public,
+        verifier=verifier,
     )
     app.add_middleware(LimitsAndMetricsMiddleware, service=service)
     return app

@@ -1,5 +1,6 @@
-"""API-key authentication (FRACTURE_API_KEYS): `Authorization: Bearer <key>` on every endpoint
-but the probes (and /metrics when FRACTURE_METRICS_PUBLIC). Pure ASGI, so a refused request's
+"""Authentication: `Authorization: Bearer <key>` with a static API key (FRACTURE_API_KEYS), or a
+JWT from the hospital's identity provider (FRACTURE_OIDC_ISSUER, app/api/identity.py), on every
+endpoint but the probes and the viewer page (and /metrics when FRACTURE_METRICS_PUBLIC). Pure ASGI, so a refused request's
 body is never read. Keys are compared in constant time and never logged; a key is known in logs
 and the audit trail by its id, the first 12 hex digits of its sha256."""
 
@@ -10,6 +11,7 @@ import hmac
 from typing import Any
 
 from app.api.errors import error_response
+from app.api.identity import InvalidTokenError, JwtVerifier
 from app.core.logs import caller
 
 PROBE_PATHS = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
@@ -32,10 +34,15 @@ def key_id(key: str) -> str:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: Any, keys: list[str], metrics_public: bool):
+    """Static API keys, and with an identity provider configured its bearer JWTs too."""
+
+    def __init__(
+        self, app: Any, keys: list[str], metrics_public: bool, verifier: JwtVerifier | None = None
+    ):
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.open_paths = open_paths(metrics_public)
+        self.verifier = verifier
 
     def match(self, presented: bytes) -> str | None:
         """The id of the key presented, checking every key in constant time."""
@@ -46,21 +53,34 @@ class ApiKeyMiddleware:
         return key_id(found) if found is not None else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
+        protected = bool(self.keys) or self.verifier is not None
+        if scope["type"] != "http" or not protected or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
-        identity = self.match(token.strip()) if scheme.lower() == b"bearer" else None
-        if identity is None:
-            detail = "missing API key" if not header else "the API key is not valid"
+        bearer = token.strip() if scheme.lower() == b"bearer" else b""
+        identity, who = self.match(bearer) if bearer else None, ""
+        detail = "missing API key or token" if not header else "the API key is not valid"
+        if identity is not None:
+            who = f"key:{identity}"
+        elif bearer.count(b".") == 2 and self.verifier is not None:
+            try:
+                claims = await self.verifier.verify(bearer.decode("ascii", "replace"))
+                who = f"sub:{claims['sub']}"
+            except InvalidTokenError as exc:
+                detail = str(exc)
+        if not who:
             response = error_response(
-                401, "unauthorized", detail, {"WWW-Authenticate": 'Bearer realm="fracture"'}
+                401,
+                "unauthorized",
+                detail,
+                {"WWW-Authenticate": 'Bearer realm="fracture", error="invalid_token"'},
             )
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["key_id"] = identity
-        token = caller.set(f"key:{identity}")
+        scope.setdefault("state", {})["key_id"] = who.split(":", 1)[1]
+        token = caller.set(who)
         try:
             await self.app(scope, receive, send)
         finally:

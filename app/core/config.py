@@ -145,6 +145,18 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python log level")
     log_json: bool = Field(True, description="one JSON object per log line (false: plain text)")
+    oidc_issuer: str | None = Field(
+        None,
+        description="the hospital identity provider's issuer: bearer JWTs it signed are accepted "
+        "beside the API keys (its `iss`)",
+    )
+    oidc_audience: str = Field(
+        "fracture-service", description="the `aud` a token must carry for this service"
+    )
+    oidc_jwks_url: str | None = Field(
+        None, description="where its signing keys are (default: the issuer's discovery document)"
+    )
+    oidc_jwks_ttl_s: float = Field(600.0, gt=0, description="how long its keys are cached")
     api_keys: list[str] = Field(
         default_factory=list,
         description="JSON list of API keys; when set, every endpoint but the probes needs "
