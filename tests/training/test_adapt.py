@@ -111,3 +111,32 @@ def test_a_site_head_keeps_the_base_when_it_learnt_nothing():
     assert np.allclose(
         head.apply(raw, np.random.default_rng(0).normal(size=(3, 4))), raw, atol=1e-6
     )
+
+
+def test_adapt_writes_a_folder_the_service_serves_with_its_provenance(tmp_path):
+    """A small proxy site (60 FracAtlas val images under another look) adapted end to end: OUT
+    loads as the service loads a models folder, its classifier card names the site, its images
+    and the base models, and the summary carries paired figures with intervals."""
+    from tests.conftest import FRACATLAS, need
+
+    need(FRACATLAS)
+    from app.inference.runtime import ModelRegistry
+    from research.site_proxy import write_site
+    from training.adapt import adapt, table
+
+    folder = write_site("all-rotate-512", tmp_path / "site", count=60)
+    out = tmp_path / "models-site"
+    summary = adapt(folder, out, "proxy", mix_limit=24, val_limit=24)
+    assert summary["images"] == 60 and summary["held_out_images"] + summary["tune_images"] == 60
+    low, high = summary["held_out_site_auroc"]["delta_ci95"]
+    assert low <= summary["held_out_site_auroc"]["delta"] <= high
+    assert "held-out site images" in table(summary)
+    registry = ModelRegistry(out)
+    registry.load_all("cpu", 1)
+    card = registry.models["classifier-mobilenetv2"].card
+    provenance = card.site_adaptation
+    assert provenance.site == "proxy" and provenance.images == 60
+    assert len(provenance.images_digest) == 64
+    assert provenance.base["classifier"]["name"] == "classifier-mobilenetv2"
+    assert (provenance.file is not None) == summary["adapted_shipped"]
+    assert card.calibration is not None  # recalibrated on the site either way

@@ -98,7 +98,9 @@ def test_tokens_are_checked_as_a_provider_means_them(provider, tmp_path):
     forger, _ = new_key("k1")  # the right kid, another key
     code, detail = status(c, token(forger, "k1"))
     assert code == 401 and "InvalidSignatureError" in detail
-    hmac_token = jwt.encode({"sub": "x"}, "a-shared-secret-of-32-bytes-long!", algorithm="HS256", headers={"kid": "k1"})
+    hmac_token = jwt.encode(
+        {"sub": "x"}, "a-shared-secret-of-32-bytes-long!", algorithm="HS256", headers={"kid": "k1"}
+    )
     assert status(c, hmac_token) == (401, "algorithm 'HS256' is not accepted")
     assert c.get("/metrics").status_code == 401
 
