@@ -48,6 +48,7 @@ class Collected:
     labels: list[int] = field(default_factory=list)
     inside: list[bool] = field(default_factory=list)
     ood: list[float] = field(default_factory=list)  # where the classifier carries a reference
+    raw: list[float] = field(default_factory=list)  # the classifier's own, before any fusion
     shown: list[Any] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -116,6 +117,7 @@ def collect(records: list[Record], plan: Plan, shift: str = "none", batch: int =
                 for b in gt
             ]
             out.probs.append(w.probability)
+            out.raw.append(w.classifier_probability)
             if w.ood_score is not None:
                 out.ood.append(w.ood_score)
             out.preds.append((w.boxes, w.scores))
@@ -123,7 +125,10 @@ def collect(records: list[Record], plan: Plan, shift: str = "none", batch: int =
             out.sizes.append((wd, h))
             out.labels.append(int(rec.fractured))
             if len(out.shown) < 12 and (len(gt) or len(out.shown) >= 8):
-                out.shown.append((w.image.pixels, gt, w.boxes[:3], w.scores[:3]))
+                frame = (w.image.width, w.image.height)
+                out.shown.append(
+                    (w.image.pixels, gt, w.boxes[:3], w.scores[:3], frame, rec.image_id)
+                )
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -197,7 +202,10 @@ def evaluate(
     max_box = best_box_scores(preds)
     # Xie et al.'s image score is the max box score; the mean of it and the classifier's
     # probability is reported beside both.
-    combined = [(p + m) / 2 for p, m in zip(probs, max_box, strict=True)]
+    # Fusions are made from the classifier's own probability, never from the served score (which
+    # is already fused when the card fuses)
+    raw = c.raw
+    combined = [(p + m) / 2 for p, m in zip(raw, max_box, strict=True)]
     result = {
         "n_images": len(records),
         "models": {m.role: f"{m.name} {m.version}" for m in (crp, clf, det)},
@@ -219,7 +227,7 @@ def evaluate(
         "combined_image_auroc": metrics.classification_metrics(labels, combined, 0.5)["auroc"],
         "fused_image_auroc": {
             f"{w} * classifier + {1 - w} * max box": metrics.classification_metrics(
-                labels, fused_score(np.asarray(probs), np.asarray(max_box), w).tolist(), 0.5
+                labels, fused_score(np.asarray(raw), np.asarray(max_box), w).tolist(), 0.5
             )["auroc"]
             for w in (0.0, 0.25, 0.5, 0.75, 1.0)
         },
@@ -272,7 +280,17 @@ def worst_cases(records: list[Record], c: Collected, shift: str, report_dir: Pat
             image, _ = decode_record(records[i], shift)
             boxes, scores = c.preds[i]
             top = scores >= max(0.05, float(scores.max()) if len(scores) else 1.0) - 1e-9
-            samples.append((image.pixels, c.gts[i], boxes[top][:3], scores[top][:3]))
+            frame = (image.width, image.height)
+            samples.append(
+                (
+                    image.pixels,
+                    c.gts[i],
+                    boxes[top][:3],
+                    scores[top][:3],
+                    frame,
+                    records[i].image_id,
+                )
+            )
         if samples:
             plots.detection_grid(samples, report_dir / f"{name}.png")
 

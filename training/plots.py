@@ -132,15 +132,23 @@ def froc_plot(
 
 
 def detection_grid(samples: Sequence[tuple], path: Path) -> Path:
-    """image with ground truth (red) and detections (cyan, with scores), 4 per row."""
+    """image with ground truth (red) and detections (cyan, with scores), 4 per row. A sample is
+    (grey, truth, boxes, scores) and optionally the (width, height) of the frame its boxes are
+    in (the image may be a reduced working copy: it is drawn stretched over that frame, so every
+    box lands on its region) and a title (the image id)."""
     plt = pyplot()
     cols = 4
     rows = max(1, -(-len(samples) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (grey, gt, boxes, scores) in zip(axes.flat, samples, strict=False):
-        ax.imshow(grey, cmap="gray")
+    for ax, sample in zip(axes.flat, samples, strict=False):
+        grey, gt, boxes, scores = sample[:4]
+        h, w = grey.shape[:2]
+        width, height = sample[4] if len(sample) > 4 and sample[4] else (w, h)
+        ax.imshow(grey, cmap="gray", extent=(0, width, height, 0))
+        if len(sample) > 5 and sample[5]:
+            ax.set_title(str(sample[5]), fontsize=8)
         for b in gt:
             _rect(ax, b, "red")
         for b, s in zip(boxes, scores, strict=True):

@@ -16,11 +16,11 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, request_id_of
+from app.api.deps import FpPerImage, ScoreThreshold, ServiceDep, request_id_of
 from app.api.schemas import Delivery, Findings, StowJson, errors
 from app.core.errors import ApiError
 from app.dicom.multipart import (
@@ -45,6 +45,42 @@ router = APIRouter(tags=["dicomweb"])
 
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 
+
+def _dicom_json_attribute(vr: str, description: str, value: dict) -> dict:
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {"vr": {"const": vr}, "Value": {"type": "array", "items": value}},
+    }
+
+
+# PS3.18 store response in DICOM JSON (PS3.18 F.2): what STOW-RS answers, typed for clients.
+_SOP_ITEM = {
+    "type": "object",
+    "properties": {
+        "00081150": _dicom_json_attribute("UI", "ReferencedSOPClassUID", {"type": "string"}),
+        "00081155": _dicom_json_attribute("UI", "ReferencedSOPInstanceUID", {"type": "string"}),
+        "00081197": _dicom_json_attribute(
+            "US",
+            "FailureReason: 0xA900 UID missing or not the study's, 0x0122 SOP class, modality or "
+            "body part not analysed here, 0xC000 cannot understand, 0xA700 out of resources",
+            {"type": "integer"},
+        ),
+    },
+}
+STORE_RESPONSE = {
+    "type": "object",
+    "properties": {
+        "00081190": _dicom_json_attribute(
+            "UR",
+            "RetrieveURL of the study's results (absolute under FRACTURE_PUBLIC_URL)",
+            {"type": "string"},
+        ),
+        "00081198": _dicom_json_attribute("SQ", "FailedSOPSequence", _SOP_ITEM),
+        "00081199": _dicom_json_attribute("SQ", "ReferencedSOPSequence", _SOP_ITEM),
+    },
+}
+_STORE = {"application/dicom+json": {"schema": STORE_RESPONSE}}
 STOW_DOC = {
     "requestBody": {
         "content": {
@@ -55,14 +91,18 @@ STOW_DOC = {
         "required": True,
     },
     "responses": {
-        "200": {"content": {"application/dicom+json": {}, "application/json": {}}},
+        "200": {
+            "description": "every instance stored and analysed; with Accept: application/json "
+            "our findings instead (request_id, studies: the answers, failed: a count)",
+            "content": {**_STORE, "application/json": {}},
+        },
         "202": {
             "description": "some instances stored, some failed (FailedSOPSequence)",
-            "content": {"application/dicom+json": {}},
+            "content": _STORE,
         },
         "409": {
             "description": "no instance stored (FailedSOPSequence says why)",
-            "content": {"application/dicom+json": {}},
+            "content": _STORE,
         },
     },
 }
@@ -227,12 +267,8 @@ def _json(
 async def store_instances(
     request: Request,
     service: ServiceDep,
-    fp_per_image: float | None = Query(
-        None, description="operating point (0.1 to 0.5, default 0.4)"
-    ),
-    score_threshold: float | None = Query(
-        None, description="detector threshold; overrides fp_per_image"
-    ),
+    fp_per_image: FpPerImage = None,
+    score_threshold: ScoreThreshold = None,
 ) -> Response:
     return await _store(request, service, None, fp_per_image, score_threshold)
 
@@ -247,8 +283,8 @@ async def store_study_instances(
     request: Request,
     service: ServiceDep,
     study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
-    fp_per_image: float | None = Query(None),
-    score_threshold: float | None = Query(None),
+    fp_per_image: FpPerImage = None,
+    score_threshold: ScoreThreshold = None,
 ) -> Response:
     return await _store(request, service, study_uid, fp_per_image, score_threshold)
 

@@ -8,7 +8,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServiceDep, request_id_of
+from app.api.deps import FpPerImage, ScoreThreshold, ServiceDep, request_id_of
 from app.api.schemas import errors
 from app.core.errors import ApiError
 from app.dicom.multipart import MultipartError, RelatedParser, TooManyPartsError, media_params
@@ -141,12 +141,8 @@ def _decode_all(
 async def predict(
     request: Request,
     service: ServiceDep,
-    fp_per_image: float | None = Query(
-        None, description="operating point in false positives per image, 0.1 to 0.5 (default 0.4)"
-    ),
-    score_threshold: float | None = Query(
-        None, description="detector score threshold; overrides fp_per_image"
-    ),
+    fp_per_image: FpPerImage = None,
+    score_threshold: ScoreThreshold = None,
     classifier: str | None = Query(None, description="classifier name (see /v1/models)"),
     detector: str | None = Query(None, description="detector name (see /v1/models)"),
 ) -> StudyAnswer:
