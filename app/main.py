@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -91,7 +92,19 @@ def document_bearer_auth(app: FastAPI, open_to_all: tuple[str, ...]) -> None:
     app.openapi = schema  # type: ignore[method-assign]
 
 
+# glibc's mallopt(M_ARENA_MAX, 2): by default every thread that allocates gets an arena of its
+# own (up to 8 per core), and the freed megabytes of decoding and numpy stay in each; two arenas
+# hold the service's RSS after the bench under 1 GiB. Python's own allocator is unaffected.
+M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(count: int = 2) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, count)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    limit_malloc_arenas()
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
     results = ResultStore(
