@@ -254,7 +254,8 @@ def evaluate(
     }
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
-        plots.roc_pr_plots(labels, probs, report_dir, "classifier")
+        # the file names stay `classifier_*`; the titles say what is plotted: the served score
+        plots.roc_pr_plots(labels, probs, report_dir, "classifier", "served fracture_probability")
         plots.confusion_plot(result["classifier"]["confusion_matrix"], report_dir, "classifier")
         plots.froc_plot(froc.fp_per_image, froc.recall, report_dir, "detector", froc.table())
         plots.detection_grid(shown, report_dir / "detections.png")

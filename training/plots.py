@@ -53,8 +53,15 @@ def _rect(ax, box, colour: str, label: str | None = None) -> None:
 
 
 def roc_pr_plots(
-    labels: Sequence[int], scores: Sequence[float], out_dir: Path, prefix: str
+    labels: Sequence[int],
+    scores: Sequence[float],
+    out_dir: Path,
+    prefix: str,
+    score_name: str | None = None,
 ) -> None:
+    """ROC and PR curves of `scores` into <prefix>_roc.png and <prefix>_pr.png, titled by the
+    score they plot (`score_name`, else the prefix)."""
+    title = score_name or prefix
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = pyplot()
@@ -64,14 +71,14 @@ def roc_pr_plots(
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(fpr, tpr)
         ax.plot([0, 1], [0, 1], "--", color="grey")
-        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{prefix} ROC")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"{title} ROC")
         fig.tight_layout()
         fig.savefig(out_dir / f"{prefix}_roc.png", dpi=100)
         plt.close(fig)
         prec, rec, _ = precision_recall_curve(y, s)
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(rec, prec)
-        ax.set(xlabel="recall", ylabel="precision", title=f"{prefix} PR")
+        ax.set(xlabel="recall", ylabel="precision", title=f"{title} PR")
         fig.tight_layout()
         fig.savefig(out_dir / f"{prefix}_pr.png", dpi=100)
         plt.close(fig)
@@ -82,8 +89,10 @@ def confusion_plot(cm: dict, out_dir: Path, prefix: str) -> None:
     grid = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
     fig, ax = plt.subplots(figsize=(3.5, 3.5))
     ax.imshow(grid, cmap="Blues")
+    dark = grid.max() / 2  # counts on the dark cells in white, on the light ones in black
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, str(v), ha="center", va="center")
+        colour = "white" if v > dark else "black"
+        ax.text(j, i, str(v), ha="center", va="center", color=colour, fontsize=12)
     ax.set(
         xticks=[0, 1],
         yticks=[0, 1],
@@ -109,14 +118,20 @@ def froc_plot(
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.step(fp_per_image, recall, where="post")
-    for row in points:
-        ax.plot(row["achieved_fp_per_image"], row["recall"], "o", color="tab:red", ms=4)
+    # the rows' labels in a column at the right, each joined to its point by a thin line: five
+    # rows between 0.1 and 0.5 FP/image sit too close on the curve to be labelled in place
+    marked = sorted(points, key=lambda r: r["recall"])
+    for k, row in enumerate(marked):
+        x, y = row["achieved_fp_per_image"], row["recall"]
+        ax.plot(x, y, "o", color="tab:red", ms=4)
         ax.annotate(
-            str(row["fp_per_image"]),
-            (row["achieved_fp_per_image"], row["recall"]),
+            f"{row['fp_per_image']} FP/image",
+            (x, y),
+            xytext=(0.98, 0.05 + 0.09 * k),
+            textcoords="axes fraction",
+            ha="right",
             fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
+            arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"},
         )
     ax.set(
         xscale="symlog",
