@@ -99,6 +99,18 @@ class IntakeJob:
     base_url: str
 
 
+def _insert_job(db, job: IntakeJob) -> None:  # noqa: ANN001 (SQLAlchemy connection)
+    db.execute(
+        insert(intake_table).values(
+            job_id=job.job_id,
+            created=time.time(),
+            fp_per_image=job.fp_per_image,
+            score_threshold=job.score_threshold,
+            base_url=job.base_url,
+        )
+    )
+
+
 @dataclass
 class StudyResult:
     result_id: str
@@ -266,38 +278,24 @@ class ResultStore:
         return dropped
 
     def accept(self, job: IntakeJob) -> None:
-        """Keep accepted instances until their analysis has stored its results."""
+        """Keep accepted instances until their analysis has stored its results (one commit:
+        the job and all its instances, as STOW-RS receives them)."""
         with self.engine.begin() as db:
-            db.execute(
-                insert(intake_table).values(
-                    job_id=job.job_id,
-                    created=time.time(),
-                    fp_per_image=job.fp_per_image,
-                    score_threshold=job.score_threshold,
-                    base_url=job.base_url,
+            _insert_job(db, job)
+            if job.instances:
+                db.execute(
+                    insert(intake_objects_table),
+                    [
+                        {"job_id": job.job_id, "seq": i, "data": data}
+                        for i, data in enumerate(job.instances)
+                    ],
                 )
-            )
-            db.execute(
-                insert(intake_objects_table),
-                [
-                    {"job_id": job.job_id, "seq": i, "data": data}
-                    for i, data in enumerate(job.instances)
-                ],
-            )
 
     def open_job(self, job: IntakeJob) -> None:
         """Start a job whose instances arrive one by one (a C-STORE association): each is kept
         by add_instance before it is acknowledged."""
         with self.engine.begin() as db:
-            db.execute(
-                insert(intake_table).values(
-                    job_id=job.job_id,
-                    created=time.time(),
-                    fp_per_image=job.fp_per_image,
-                    score_threshold=job.score_threshold,
-                    base_url=job.base_url,
-                )
-            )
+            _insert_job(db, job)
 
     def add_instance(self, job_id: str, seq: int, data: bytes) -> None:
         """Keep one accepted instance of an open job (committed when this returns)."""
