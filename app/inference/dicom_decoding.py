@@ -34,6 +34,22 @@ def inflated_dataset_limit(max_pixels: int) -> int:
     return 2 * max_pixels + (8 << 20)
 
 
+INFLATE_PIECE = 4 << 20
+
+
+def _inflated_size(body: bytes, limit: int) -> int:
+    """How many bytes a raw deflate stream inflates to, counted piece by piece and stopping
+    past `limit` (zlib.error for a broken stream)."""
+    import zlib
+
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, rest = 0, body
+    while rest and total <= limit:
+        total += len(inflater.decompress(rest, INFLATE_PIECE))
+        rest = inflater.unconsumed_tail
+    return total + (len(inflater.flush()) if total <= limit else 0)
+
+
 def _inflate_bounded(data: bytes, limit: int) -> bytes:
     """A Deflated Explicit VR Little Endian file rewritten as Explicit VR Little Endian, inflating
     at most `limit` bytes (413 past it); any other file is returned as it is."""
@@ -54,17 +70,18 @@ def _inflate_bounded(data: bytes, limit: int) -> bytes:
     if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return data
     body = data[fp.tell() :]
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = inflater.decompress(body, limit + 1)
+        # measured first in small pieces that are thrown away: a bomb is refused without ever
+        # holding what it inflates to (the service's peak memory stays where it was)
+        if _inflated_size(body, limit) > limit:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"the deflated dataset inflates past {limit} bytes, over the pixel limit",
+            )
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
     except zlib.error:
         raise ApiError(422, "invalid_dicom", "the deflated dataset cannot be inflated") from None
-    if len(inflated) > limit or inflater.unconsumed_tail:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"the deflated dataset inflates past {limit} bytes, over the pixel limit",
-        )
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = io.BytesIO()
     out.write(b"\0" * 128 + b"DICM")
