@@ -222,8 +222,9 @@ def _stow_response(
     request_id: str,
 ) -> Response:
     """The PS3.18 store response (DICOM JSON), or our JSON findings for `Accept:
-    application/json`. RetrieveURL is absolute under FRACTURE_PUBLIC_URL, else relative: never
-    built from the caller's Host header (a forged one would travel on in links)."""
+    application/json`. RetrieveURL is absolute (PS3.18): under FRACTURE_PUBLIC_URL, else the
+    address this server listens on, never the caller's Host header (a forged one would travel
+    on in the links)."""
     referenced = [
         _sop_item(str(a.header.SOPClassUID), str(a.header.SOPInstanceUID))
         for accepted in studies.values()
@@ -236,7 +237,7 @@ def _stow_response(
         return _json(body.model_dump(mode="json"), status)
     response = Dataset()
     if url_study or len(studies) == 1:
-        base = (service.settings.public_url or "").rstrip("/")
+        base = (service.settings.public_url or _listening_url(request)).rstrip("/")
         response.RetrieveURL = f"{base}/dicomweb/studies/{url_study or next(iter(studies))}"
     if failed:
         response.FailedSOPSequence = failed
@@ -248,6 +249,14 @@ def _stow_response(
         else {}
     )
     return _json(response.to_json_dict(), status, "application/dicom+json", headers)
+
+
+def _listening_url(request: Request) -> str:
+    """scheme://host:port of the socket this request came in on (ASGI `server`), which no
+    header can change."""
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    host = f"[{host}]" if ":" in str(host) else host
+    return f"{request.url.scheme}://{host}:{port}"
 
 
 def _json(

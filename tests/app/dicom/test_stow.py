@@ -197,7 +197,8 @@ def test_links_never_reflect_the_host_header(app_client):
     )
     assert r.status_code == 200
     assert "evil.example" not in r.text and "evil.example" not in r.headers.get("link", "")
-    assert r.json()["00081190"]["Value"][0] == f"/dicomweb/studies/{study}"
+    retrieve = r.json()["00081190"]["Value"][0]
+    assert retrieve.startswith("http://") and retrieve.endswith(f"/dicomweb/studies/{study}")
     findings = app_client.get(f"/dicomweb/studies/{study}/findings").json()
     assert findings["results_url"] == f"/dicomweb/studies/{study}"
 
