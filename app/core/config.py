@@ -181,7 +181,8 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None,
         description="the service's external base URL (e.g. https://fracture.example.org) for "
-        "RetrieveURL and results links; unset: links are paths relative to this host",
+        "RetrieveURL and results links; unset: links are paths on this host, RetrieveURL the "
+        "address the connection came in on",
     )
     dicomweb_destination: str | None = Field(
         None,
