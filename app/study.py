@@ -77,14 +77,12 @@ def refuse_unreadable(
     """Split off the images whose ood_score is beyond the classifier card's `refuse_above`: no
     radiograph the models can read (a screenshot, a photograph, a document). 422 out_of_scope
     when none is left."""
-    card = plan.classifier.card
-    limit = card.familiarity.refuse_above if card and card.familiarity else None
     kept, refused = [], []
     for i, w in enumerate(works):
-        if limit is not None and w.ood_score is not None and w.ood_score > limit:
+        if plan.scoring.unreadable(w.ood_score):
             detail = (
                 f"the image does not look like a radiograph the models can read (ood_score "
-                f"{w.ood_score:.3g} above {limit:.3g}): not analysed"
+                f"{w.ood_score:.3g} above {plan.scoring.ood_refuse_above:.3g}): not analysed"
             )
             index = i if w.index is None else w.index
             refused.append(

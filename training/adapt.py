@@ -41,13 +41,12 @@ from app.inference.model_card import (
     Fusion,
     SiteAdaptation,
     fused_score,
-    validate_card,
 )
 from app.inference.pipeline import ImageWork, run_study
 from app.inference.plan import Plan
 from app.inference.runtime import sha256_of
 from app.inference.site_head import SiteHead
-from training import metrics
+from training import export, metrics
 from training.calibrate import fit_platt
 from training.common import MODELS_DIR
 from training.data import Record, load_records
@@ -172,7 +171,7 @@ def fit_head(tune: Scored, mix: Scored) -> tuple[SiteHead, dict[str, Any]]:
     return head, {"C": best, "cv_auroc_by_C": {str(c): round(a, 4) for c, a in cv.items()}}
 
 
-def served_scores(
+def served_probability(
     raw: np.ndarray, max_box: np.ndarray, fusion: Fusion | None, calibration: Calibration | None
 ) -> np.ndarray:
     """The served probability from raw classifier probabilities and best boxes."""
@@ -255,7 +254,9 @@ def adapt(
     base_fields = recalibrate(np.asarray(tune.raw), tune, base_fusion, source)
 
     def served(run: Scored, fields: dict[str, Any], raw: np.ndarray) -> np.ndarray:
-        return served_scores(raw, np.asarray(run.max_box), fields["fusion"], fields["calibration"])
+        return served_probability(
+            raw, np.asarray(run.max_box), fields["fusion"], fields["calibration"]
+        )
 
     site_pair = metrics.paired_auroc_difference(
         check.labels, check.served, served(check, adapted_fields, adapted_raw(check))
@@ -365,16 +366,14 @@ def write_models(
         adaptation |= {"file": head_file, "sha256": sha256_of(out / head_file)}
     card["site_adaptation"] = SiteAdaptation.model_validate(adaptation).model_dump(mode="json")
     card = {k: v for k, v in card.items() if v is not None}
-    validate_card(card, card_path.name)
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    export.save_card(card_path, card)
     if any(len(g) for g in tune.gts):  # boxes known: the site's own FP/image table
         det_path = out / f"{det.name}.json"
         det_card = json.loads(det_path.read_text())
         froc = metrics.froc(tune.preds, tune.gts)
         det_card["operating_points"] = froc_operating_points({"froc_table": froc.table()})
         det_card["operating_points_rule"] = f"FROC on {name}'s tune images, IoU >= 0.5"
-        validate_card(det_card, det_path.name)
-        det_path.write_text(json.dumps(det_card, indent=2) + "\n")
+        export.save_card(det_path, det_card)
 
 
 def table(summary: dict[str, Any]) -> str:

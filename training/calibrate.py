@@ -30,10 +30,9 @@ from app.inference.model_card import (
     SiteClassifier,
     SiteDetector,
     fused_score,
-    validate_card,
 )
 from app.inference.plan import Plan
-from training import metrics
+from training import export, metrics
 from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.detection import froc_operating_points
@@ -196,8 +195,7 @@ def write_into_cards(
             )
             card.setdefault("metrics", {})["calibration"] = summary
         card.update(update)
-        validate_card(card, path.name)
-        path.write_text(json.dumps(card, indent=2) + "\n")
+        export.save_card(path, card)
 
 
 def main(argv: list[str]) -> int:

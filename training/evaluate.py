@@ -28,7 +28,7 @@ from app.inference.model_card import fused_score
 from app.inference.operating_point import from_fp_rate
 from app.inference.pipeline import ImageWork, run_study
 from app.inference.plan import Plan, resolve_plan
-from app.inference.runtime import ModelLoadError, ModelRegistry, OnnxModel, choose_providers
+from app.inference.runtime import ModelLoadError, ModelRegistry, choose_providers
 from training import metrics, plots, report
 from training.common import MODELS_DIR, REPO
 from training.data import Record, data_root, load_records, read_grey
@@ -69,14 +69,6 @@ def served_plan(
     for model in plan.models:
         model.load(choose_providers("cpu"), 0)
     return plan
-
-
-def served_models(
-    models_dir: Path, classifier: str | None, detector: str | None
-) -> tuple[OnnxModel, OnnxModel, OnnxModel]:
-    """Cropper, classifier and detector of served_plan."""
-    plan = served_plan(models_dir, classifier, detector)
-    return plan.cropper, plan.classifier, plan.detector
 
 
 def decode_record(rec: Record, shift: str) -> tuple[DecodedImage, np.ndarray]:

@@ -283,6 +283,14 @@ def ship_card(
     return card
 
 
+def save_card(path: Path, card: dict[str, Any]) -> Path:
+    """A card changed after training (calibration, verdict, familiarity, a site's adaptation)
+    written back, validated first against the schema the service loads it with."""
+    validate_card(card, path.name)
+    path.write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
 def write_card(onnx_path: Path, card: dict[str, Any]) -> Path:
     """Write <model>.json next to the ONNX file, with the file's sha256, after validating it
     against the schema the service loads it with (app.inference.model_card.CardError otherwise)."""

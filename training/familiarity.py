@@ -32,12 +32,12 @@ import numpy as np
 
 from app.inference.decoding import decode
 from app.inference.familiarity import FeatureReference
-from app.inference.model_card import Familiarity, validate_card
+from app.inference.model_card import Familiarity
 from app.inference.pipeline import ImageWork, classify_with_features, orient_crops, take_crops
 from app.inference.plan import Plan
 from app.inference.preprocessing import model_input
 from app.inference.runtime import OnnxModel, choose_providers, sha256_of
-from training import metrics
+from training import export, metrics
 from training.common import MODELS_DIR, REPO
 from training.data import Record, load_records
 from training.evaluate import decode_record, served_plan
@@ -224,8 +224,7 @@ def write_into_card(models_dir: Path, classifier: str, fitted: Path = OUT) -> Pa
         "crops: 5% of val flagged",
     ).model_dump(mode="json")
     card.setdefault("metrics", {})["familiarity"] = summary
-    validate_card(card, path.name)
-    path.write_text(json.dumps(card, indent=2) + "\n")
+    export.save_card(path, card)
     return path
 
 

@@ -347,12 +347,8 @@ VERDICT_LEVELS = ("fracture", "doubt", "no_fracture")
 
 
 def levels_of(scores: np.ndarray, verdict: Verdict) -> np.ndarray:
-    s = np.asarray(scores, dtype=float)
-    return np.where(
-        s >= verdict.fracture_from,
-        "fracture",
-        np.where(s < verdict.no_fracture_below, "no_fracture", "doubt"),
-    )
+    """Each score's level, by the card's own rule (Verdict.level, what the service answers)."""
+    return np.array([verdict.level(float(s)) for s in np.asarray(scores, dtype=float)])
 
 
 def verdict_rates(y: np.ndarray, level: np.ndarray) -> dict[str, float]:

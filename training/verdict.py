@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.model_card import Verdict, validate_card
+from app.inference.model_card import Verdict
+from training import export
 from training.common import MODELS_DIR
 from training.data import data_root, load_records
 from training.metrics import levels_of, verdict_figures, verdict_rates
@@ -121,8 +122,7 @@ def write_into_card(
     target["verdict"] = verdict.model_dump(mode="json")
     if figures is not None:
         card.setdefault("metrics", {})["verdict"] = figures
-    validate_card(card, path.name)
-    path.write_text(json.dumps(card, indent=2) + "\n")
+    export.save_card(path, card)
     return path
 
 

@@ -48,9 +48,9 @@ class FeatureReference:
         """Per row: squared Mahalanobis distance in the principal subspace plus the residual's
         squared norm over the residual variance, divided by the feature dimension."""
         x = np.asarray(features, dtype=np.float64) - self.mean
-        proj = x @ self.components.T
-        inside = (proj**2 / self.variances).sum(axis=1)
-        residual = (x**2).sum(axis=1) - (proj**2).sum(axis=1)
+        squares = (x @ self.components.T) ** 2
+        inside = (squares / self.variances).sum(axis=1)
+        residual = (x**2).sum(axis=1) - squares.sum(axis=1)
         outside = np.maximum(residual, 0.0) / self.residual_variance
         return (inside + outside) / x.shape[1]
 

@@ -23,9 +23,12 @@ def image_score_fusion(classifier: OnnxModel, detector: OnnxModel) -> Fusion | N
     return fusion if fusion is not None and fusion.applies_to(detector.card) else None
 
 
-def _ood_threshold(classifier: OnnxModel) -> float | None:
+def _ood_limits(classifier: OnnxModel) -> tuple[float | None, float | None]:
+    """The classifier card's familiarity thresholds: flag above, refuse above."""
     card = classifier.card
-    return card.familiarity.threshold if card and card.familiarity else None
+    if card is None or card.familiarity is None:
+        return None, None
+    return card.familiarity.threshold, card.familiarity.refuse_above
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Scoring:
     description: str
     verdict: Verdict | None = None
     ood_threshold: float | None = None  # the classifier card's familiarity threshold
+    ood_refuse_above: float | None = None  # beyond it: no radiograph the models can read
 
     @classmethod
     def of(cls, classifier: OnnxModel, detector: OnnxModel) -> Scoring:
@@ -54,7 +58,7 @@ class Scoring:
                 verdict.fracture_from if verdict else threshold,
                 f"{classifier.name}, calibrated",
                 verdict,
-                _ood_threshold(classifier),
+                *_ood_limits(classifier),
             )
         w = fusion.classifier_weight
         return cls(
@@ -62,7 +66,7 @@ class Scoring:
             fusion.verdict.fracture_from if fusion.verdict else fusion.decision_threshold,
             f"{w:g} x {classifier.name} + {1 - w:g} x max box of {detector.name}, calibrated",
             fusion.verdict,
-            _ood_threshold(classifier),
+            *_ood_limits(classifier),
         )
 
     def unfamiliar(self, ood_score: float | None) -> bool:
@@ -72,6 +76,11 @@ class Scoring:
             and self.ood_threshold is not None
             and ood_score > self.ood_threshold
         )
+
+    def unreadable(self, ood_score: float | None) -> bool:
+        """Whether an image scored this far is no radiograph the models can read (refused)."""
+        limit = self.ood_refuse_above
+        return ood_score is not None and limit is not None and ood_score > limit
 
     def level(self, probability: float) -> VerdictLevel:
         """fracture, doubt or no_fracture for one image's fracture_probability."""

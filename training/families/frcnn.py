@@ -86,6 +86,13 @@ def _freeze_batchnorm(module: Any, frozen_cls: Any) -> Any:
     return module
 
 
+# backbone name -> (its FPN body, the stage that ends each stride, their widths)
+IMAGENET_BODIES = {
+    IMAGENET_MOBILENET_V2: (imagenet_mobilenet_body, MOBILENET_STAGES, MOBILENET_STAGE_CHANNELS),
+    IMAGENET_EFFICIENTNET_LITE: (imagenet_lite_body, LITE_STAGES, LITE_STAGE_CHANNELS),
+}
+
+
 def build_model(recipe: dict[str, Any]) -> Any:
     """Faster R-CNN on a torchvision ResNet body with an FPN of `fpn_channels` and a two-layer
     box head of `box_head_dim` (narrower than torchvision's 256 / 1024: CPU training, small file)."""
@@ -98,29 +105,19 @@ def build_model(recipe: dict[str, Any]) -> Any:
 
     size = recipe["input_size"]
     channels = recipe.get("fpn_channels", 256)
-    if recipe["backbone"] == IMAGENET_MOBILENET_V2:
-        backbone = BackboneWithFPN(
-            imagenet_mobilenet_body(recipe),
-            return_layers=dict(MOBILENET_STAGES),
-            in_channels_list=MOBILENET_STAGE_CHANNELS,
-            out_channels=channels,
-        )
-    elif recipe["backbone"] == IMAGENET_EFFICIENTNET_LITE:
-        backbone = BackboneWithFPN(
-            imagenet_lite_body(recipe),
-            return_layers=dict(LITE_STAGES),
-            in_channels_list=LITE_STAGE_CHANNELS,
-            out_channels=channels,
-        )
-    else:
+    if recipe["backbone"] in IMAGENET_BODIES:  # converted ImageNet weights
+        make_body, stages, stage_channels = IMAGENET_BODIES[recipe["backbone"]]
+        body, return_layers = make_body(recipe), dict(stages)
+    else:  # a torchvision ResNet
         body = getattr(torchvision.models, recipe["backbone"])(weights=None)
         stage_channels = [body.inplanes // 8 * m for m in (1, 2, 4, 8)]  # 64..512 for resnet18
-        backbone = BackboneWithFPN(
-            body,
-            return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
-            in_channels_list=stage_channels,
-            out_channels=channels,
-        )
+        return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    backbone = BackboneWithFPN(
+        body,
+        return_layers=return_layers,
+        in_channels_list=list(stage_channels),
+        out_channels=channels,
+    )
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in recipe["anchor_sizes"]),
         aspect_ratios=((0.5, 1.0, 2.0),) * len(recipe["anchor_sizes"]),
