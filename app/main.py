@@ -17,13 +17,14 @@ from app.api.auth import ApiKeyMiddleware, open_paths
 from app.api.errors import install_handlers
 from app.api.identity import JwtVerifier
 from app.api.middleware import LimitsAndMetricsMiddleware
-from app.api.routes import dicomweb, health, metrics, models, predict, viewer
+from app.api.routes import dicomweb, feedback, health, metrics, models, predict, viewer
 from app.core.config import Settings, get_settings
 from app.core.logs import configure as configure_logging
 from app.core.metrics import Metrics
 from app.pacs.dimse import StoreReceiver
 from app.pacs.ingest import recover_intake
 from app.results.delivery import CStoreSender, Deliverer, Sender, StowSender
+from app.results.feedback import FeedbackStore
 from app.results.store import ResultStore, database_url, open_database
 from app.service import FractureService
 
@@ -107,11 +108,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     limit_malloc_arenas()
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
-    results = ResultStore(
-        open_database(database_url(settings.state_dir, settings.database_url)),
-        settings.result_retention_s,
+    engine = open_database(database_url(settings.state_dir, settings.database_url))
+    service = FractureService(
+        settings=settings,
+        metrics=Metrics(),
+        results=ResultStore(engine, settings.result_retention_s),
+        feedback=FeedbackStore(engine),
     )
-    service = FractureService(settings=settings, metrics=Metrics(), results=results)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -171,7 +174,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.fracture = service
     install_handlers(app)
-    for module in (predict, viewer, dicomweb, models, health, metrics):
+    for module in (predict, viewer, feedback, dicomweb, models, health, metrics):
         app.include_router(module.router)
     verifier = (
         JwtVerifier(

@@ -23,6 +23,7 @@ from app.inference.pipeline import ImageWork
 from app.inference.plan import Plan, resolve_plan
 from app.inference.runtime import ModelLoadError, ModelRegistry
 from app.results.delivery import Deliverer
+from app.results.feedback import FeedbackStore
 from app.results.store import ResultStore
 from app.study import refuse_unreadable, study_answer
 
@@ -42,6 +43,7 @@ class FractureService:
     not_ready_reason: str = "models are loading"
     admission: Admission = field(default_factory=lambda: Admission(2, 8))
     results: ResultStore | None = None
+    feedback: FeedbackStore | None = None
     deliverer: Deliverer | None = None
     batcher: StudyBatcher | None = None
 

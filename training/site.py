@@ -7,7 +7,10 @@ of DICOM, PNG and JPEG files with a manifest `manifest.csv`:
     wrist/0002.png,0,
 
 `path` is relative to the folder, `fractured` 0 or 1, `boxes` (optional) a JSON list of
-[x1, y1, x2, y2] in the pixels of the image as stored (after EXIF orientation for JPEG). Every
+[x1, y1, x2, y2] in the pixels of the image as stored (after EXIF orientation for JPEG). The
+manifest the service exports from readers' feedback (GET /v1/feedback/manifest.csv) names an
+image by `sop_instance_uid` (found among the folder's DICOM files) or by the file name it was
+uploaded under (found anywhere in the folder when `path` is not relative to it). Every
 problem is reported: a row that cannot be used is named, and the whole folder is refused only
 when what is left cannot adapt anything (fewer than MIN_IMAGES, or no fractured image).
 """
@@ -87,19 +90,23 @@ def _release_layout(folder: Path) -> tuple[list[Record], list[str]]:
 
 def _manifest(folder: Path) -> tuple[list[Record], list[str]]:
     records, skipped = [], []
+    finder = _Finder(folder)
     with open(folder / MANIFEST, newline="") as fh:
         reader = csv.DictReader(fh)
-        missing = {"path", "fractured"} - set(reader.fieldnames or [])
-        if missing:
-            raise SiteDataError(f"{folder / MANIFEST}: no column {', '.join(sorted(missing))}")
+        columns = set(reader.fieldnames or [])
+        if "fractured" not in columns or not columns & {"path", "sop_instance_uid"}:
+            raise SiteDataError(
+                f"{folder / MANIFEST}: the columns are path (or sop_instance_uid) and fractured"
+            )
         for line, row in enumerate(reader, start=2):
             name = (row.get("path") or "").strip()
-            where = f"{MANIFEST} line {line} ({name or 'no path'})"
+            uid = (row.get("sop_instance_uid") or "").strip()
+            where = f"{MANIFEST} line {line} ({name or uid or 'no path'})"
             label = (row.get("fractured") or "").strip()
             if label not in ("0", "1"):
                 raise SiteDataError(f"{where}: fractured must be 0 or 1, got {label!r}")
-            path = folder / name
-            if not name or not path.is_file():
+            path = finder.find(name, uid)
+            if path is None:
                 skipped.append(f"{where}: file missing")
                 continue
             try:
@@ -110,7 +117,7 @@ def _manifest(folder: Path) -> tuple[list[Record], list[str]]:
                 continue
             records.append(
                 Record(
-                    image_id=Path(name).stem,
+                    image_id=path.stem,
                     path=str(path),
                     split=None,
                     fractured=label == "1",
@@ -119,6 +126,51 @@ def _manifest(folder: Path) -> tuple[list[Record], list[str]]:
                 )
             )
     return records, skipped
+
+
+class _Finder:
+    """A manifest row's file: its path under the folder, else the one file of that name in the
+    folder's tree, else the DICOM file whose SOPInstanceUID the row names (headers read once)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._by_name: dict[str, list[Path]] | None = None
+        self._by_uid: dict[str, Path] | None = None
+
+    def find(self, name: str, uid: str) -> Path | None:
+        if name and (self.folder / name).is_file():
+            return self.folder / name
+        if name:
+            found = self.by_name().get(Path(name).name, [])
+            if len(found) == 1:
+                return found[0]
+        return self.by_uid().get(uid) if uid else None
+
+    def by_name(self) -> dict[str, list[Path]]:
+        if self._by_name is None:
+            self._by_name = {}
+            for p in sorted(self.folder.rglob("*")):
+                if p.is_file():
+                    self._by_name.setdefault(p.name, []).append(p)
+        return self._by_name
+
+    def by_uid(self) -> dict[str, Path]:
+        if self._by_uid is None:
+            import pydicom
+
+            self._by_uid = {}
+            for paths in self.by_name().values():
+                for p in paths:
+                    try:
+                        ds = pydicom.dcmread(
+                            p, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+                        )
+                    except Exception:  # noqa: BLE001 (not DICOM: PNG, JPEG, the manifest)
+                        continue
+                    uid = str(getattr(ds, "SOPInstanceUID", "") or "")
+                    if uid:
+                        self._by_uid.setdefault(uid, p)
+        return self._by_uid
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -62,6 +62,14 @@ class Metrics:
             ["classifier", "reason"],
             registry=r,
         )
+        # Readers' agreement with the verdict: a falling share is drift a score cannot show.
+        self.feedback = Counter(
+            "fracture_feedback",
+            "Readers' judgements of analysed images, by classifier and call "
+            "(agree, disagree, doubt_resolved, boxes_only)",
+            ["classifier", "call"],
+            registry=r,
+        )
         self.probability = Histogram(
             "fracture_image_probability",
             "Served fracture_probability per image, by classifier (drift of the score)",

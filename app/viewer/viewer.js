@@ -2,11 +2,14 @@
 // it) and /v1/predict for the study, and draws each image as large as the screen allows with its
 // detections. A reader zooms (wheel, + and -), pans (drag), sets window and level (shift-drag,
 // or w/W and l/L), hides the overlays (o), resets the view (0) and steps through the study (n, p).
-// The API key stays in this page's memory only.
+// A reading is saved per image (POST /v1/feedback): agree or disagree with the verdict (a, d; on
+// a doubt: fracture or no fracture), each box clicked through true / false / unjudged, missed
+// fractures drawn after m, saved with s. The API key stays in this page's memory only.
 "use strict";
 
 const state = { files: [], previews: [], answer: null, busy: 0, overlays: true, current: 0 };
-const views = []; // per card: { canvas, image, result, zoom, ox, oy, window, level }
+// per card: { canvas, image, result, zoom, ox, oy, window, level, call, judged, missed, drawing }
+const views = [];
 const $ = (id) => document.getElementById(id);
 
 function headers() {
@@ -60,6 +63,25 @@ async function predict() {
 }
 
 // --- drawing ----------------------------------------------------------------------------------
+
+// An event's position in canvas pixels (the canvas may be shown smaller than it is).
+function canvasPoint(canvas, e) {
+  const r = canvas.getBoundingClientRect();
+  return [
+    ((e.clientX - r.left) * canvas.width) / r.width,
+    ((e.clientY - r.top) * canvas.height) / r.height,
+  ];
+}
+
+function scaleOf(view) {
+  return Math.min(view.canvas.width / view.frameW, view.canvas.height / view.frameH) * view.zoom;
+}
+
+// Canvas pixels -> the image's own pixels (the frame the answer's boxes are in).
+function framePoint(view, x, y) {
+  const s = scaleOf(view);
+  return [(x - view.ox) / s, (y - view.oy) / s];
+}
 
 // The grey preview through the reader's window and level (0-255 units), once per change.
 function windowed(view) {
@@ -147,23 +169,53 @@ function draw(view) {
   ctx.textBaseline = "top";
   const placed = [];
   let labelled = 0;
-  for (const det of result.detections) {
-    const [x1, y1] = at(det.box[0], det.box[1]);
-    const [x2, y2] = at(det.box[2], det.box[3]);
-    ctx.strokeStyle = "#f1c40f";
+  const boxes = result.detections.map((det, i) => {
+    const judged = view.judged[i];
+    const colour = judged === true ? "#2ecc71" : judged === false ? "#e74c3c" : "#f1c40f";
+    const mark = judged === true ? " true" : judged === false ? " false" : "";
+    return { box: det.box, colour, dash: judged === false, label: `fracture ${det.score.toFixed(2)}${mark}` };
+  });
+  for (const box of view.missed) boxes.push({ box, colour: "#34d1ff", dash: false, label: "missed" });
+  if (view.sketch) boxes.push({ box: view.sketch, colour: "#34d1ff", dash: true, label: "" });
+  for (const b of boxes) {
+    const [x1, y1] = at(b.box[0], b.box[1]);
+    const [x2, y2] = at(b.box[2], b.box[3]);
+    ctx.strokeStyle = b.colour;
     ctx.lineWidth = line;
+    ctx.setLineDash(b.dash ? [8, 5] : []);
     ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
-    const label = `fracture ${det.score.toFixed(2)}`;
-    const r = placeLabel(ctx, label, [x1, y1, x2, y2], placed, canvas);
+    ctx.setLineDash([]);
+    if (!b.label) continue;
+    const r = placeLabel(ctx, b.label, [x1, y1, x2, y2], placed, canvas);
     if (!r) continue;
     ctx.fillStyle = "rgba(0,0,0,0.7)";
     ctx.fillRect(r.x, r.y, r.w, r.h);
-    ctx.fillStyle = "#f1c40f";
-    ctx.fillText(label, r.x + 3, r.y + 2);
+    ctx.fillStyle = b.colour;
+    ctx.fillText(b.label, r.x + 3, r.y + 2);
     labelled += 1;
   }
   canvas.dataset.labels = String(labelled);
   canvas.dataset.labelRects = JSON.stringify(placed.map((p) => [p.x, p.y, p.w, p.h]));
+}
+
+// A frame-pixel box from two frame points, kept inside the image.
+function boxFrom(view, [ax, ay], [bx, by]) {
+  const clamp = (v, hi) => Math.min(hi, Math.max(0, v));
+  return [
+    clamp(Math.min(ax, bx), view.frameW), clamp(Math.min(ay, by), view.frameH),
+    clamp(Math.max(ax, bx), view.frameW), clamp(Math.max(ay, by), view.frameH),
+  ].map((v) => Math.round(v * 10) / 10);
+}
+
+// A click on a detection steps its judgement: unjudged -> true -> false -> unjudged.
+function judgeAt(view, [x, y]) {
+  const hit = view.result.detections.findIndex(
+    (d) => x >= d.box[0] && x <= d.box[2] && y >= d.box[1] && y <= d.box[3],
+  );
+  if (hit < 0) return;
+  const now = view.judged[hit];
+  view.judged[hit] = now === undefined ? true : now === true ? false : undefined;
+  changed(view);
 }
 
 function attach(view) {
@@ -171,10 +223,15 @@ function attach(view) {
   let drag = null;
   canvas.addEventListener("wheel", (e) => {
     e.preventDefault();
-    zoomAt(view, e.deltaY < 0 ? 1.25 : 0.8, e.offsetX, e.offsetY);
+    const [x, y] = canvasPoint(canvas, e);
+    zoomAt(view, e.deltaY < 0 ? 1.25 : 0.8, x, y);
   });
   canvas.addEventListener("pointerdown", (e) => {
-    drag = { x: e.clientX, y: e.clientY, shift: e.shiftKey, w: view.window, l: view.level };
+    const at = canvasPoint(canvas, e);
+    drag = {
+      x: e.clientX, y: e.clientY, shift: e.shiftKey, w: view.window, l: view.level,
+      ox: view.ox, oy: view.oy, start: framePoint(view, ...at), moved: false,
+    };
     canvas.setPointerCapture(e.pointerId);
     select(view.index);
   });
@@ -182,16 +239,35 @@ function attach(view) {
     if (!drag) return;
     const dx = e.clientX - drag.x;
     const dy = e.clientY - drag.y;
-    if (drag.shift) { // window with the horizontal motion, level with the vertical
+    drag.moved = drag.moved || Math.abs(dx) + Math.abs(dy) > 3;
+    if (view.drawing) { // a missed fracture, in the image's own pixels
+      view.sketch = boxFrom(view, drag.start, framePoint(view, ...canvasPoint(canvas, e)));
+    } else if (drag.shift) { // window with the horizontal motion, level with the vertical
       view.window = Math.min(255, Math.max(4, drag.w + dx));
       view.level = Math.min(255, Math.max(0, drag.l + dy));
     } else {
-      view.ox += e.movementX;
-      view.oy += e.movementY;
+      const k = canvas.width / canvas.getBoundingClientRect().width;
+      view.ox = drag.ox + dx * k;
+      view.oy = drag.oy + dy * k;
     }
     draw(view);
   });
-  canvas.addEventListener("pointerup", () => { drag = null; });
+  canvas.addEventListener("pointerup", (e) => {
+    if (!drag) return;
+    if (view.drawing) {
+      const box = view.sketch;
+      view.sketch = null;
+      if (box && box[2] - box[0] >= 3 && box[3] - box[1] >= 3) {
+        view.missed.push(box);
+        setDrawing(view, false);
+        changed(view);
+      }
+      draw(view);
+    } else if (!drag.moved && !drag.shift) {
+      judgeAt(view, framePoint(view, ...canvasPoint(canvas, e)));
+    }
+    drag = null;
+  });
 }
 
 function zoomAt(view, factor, x, y) {
@@ -238,6 +314,10 @@ document.addEventListener("keydown", (e) => {
     L: () => { view.level = Math.min(255, view.level + 8); draw(view); },
     n: () => { select(state.current + 1); views[state.current].card.scrollIntoView(); },
     p: () => { select(state.current - 1); views[state.current].card.scrollIntoView(); },
+    a: () => setCall(view, true),
+    d: () => setCall(view, false),
+    m: () => setDrawing(view, !view.drawing),
+    s: () => saveReading(view),
   };
   const act = actions[e.key];
   if (act) {
@@ -245,6 +325,116 @@ document.addEventListener("keydown", (e) => {
     act();
   }
 });
+
+// --- the reader's reading ----------------------------------------------------------------------
+
+// What the two call buttons mean: agree / disagree with a fracture or no-fracture verdict, the
+// reader's own call on a doubt.
+function callWords(verdict) {
+  return verdict === "doubt" ? ["Fracture", "No fracture"] : ["Agree", "Disagree"];
+}
+
+function setCall(view, yes) {
+  view.call = view.call === yes ? null : yes;
+  changed(view);
+}
+
+function setDrawing(view, on) {
+  view.drawing = on;
+  view.canvas.style.cursor = on ? "crosshair" : "grab";
+  view.panel.draw.setAttribute("aria-pressed", String(on));
+}
+
+// Something in the reading changed: the buttons say so, and it is no longer saved.
+function changed(view) {
+  const [yes, no] = view.panel.calls;
+  yes.setAttribute("aria-pressed", String(view.call === true));
+  no.setAttribute("aria-pressed", String(view.call === false));
+  view.panel.undo.disabled = !view.missed.length;
+  view.panel.save.disabled = false;
+  view.panel.saved.textContent = "";
+  view.card.dataset.judged = JSON.stringify(view.judged.map((j) => (j === undefined ? null : j)));
+  view.card.dataset.missed = String(view.missed.length);
+  draw(view);
+}
+
+function readingOf(view) {
+  const r = view.result;
+  const answer = state.answer;
+  const body = {
+    request_id: answer.request_id,
+    image_index: r.index,
+    filename: r.filename,
+    sop_instance_uid: r.sop_instance_uid,
+    width: r.width,
+    height: r.height,
+    models: answer.models,
+    verdict: r.verdict,
+    fracture_probability: r.fracture_probability,
+    boxes: r.detections
+      .map((d, i) => ({ box: d.box, score: d.score, correct: view.judged[i] }))
+      .filter((b) => b.correct !== undefined),
+    missed: view.missed,
+  };
+  if (view.call !== null) {
+    if (r.verdict === "doubt") body.fractured = view.call;
+    else body.agree = view.call;
+  }
+  return body;
+}
+
+async function saveReading(view) {
+  const { saved } = view.panel;
+  saved.className = "saved";
+  try {
+    const r = await fetch("/v1/feedback", {
+      method: "POST",
+      body: JSON.stringify(readingOf(view)),
+      headers: { ...headers(), "Content-Type": "application/json" },
+    });
+    if (!r.ok) throw new Error(await errorText(r));
+    const stored = await r.json();
+    view.card.dataset.feedbackId = stored.feedback_id;
+    view.panel.save.disabled = true;
+    saved.textContent = "reading saved";
+  } catch (err) {
+    saved.className = "saved error";
+    saved.textContent = err.message;
+  }
+}
+
+function button(text, onClick, title) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function readingPanel(view) {
+  const [yesWords, noWords] = callWords(view.result.verdict);
+  const panel = document.createElement("div");
+  panel.className = "reading";
+  const label = document.createElement("span");
+  label.textContent = "Your reading:";
+  const yes = button(yesWords, () => setCall(view, true), "key a");
+  const no = button(noWords, () => setCall(view, false), "key d");
+  yes.className = "call";
+  no.className = "call";
+  const draw = button("Draw a missed fracture", () => setDrawing(view, !view.drawing), "key m, then drag");
+  const undo = button("Remove last drawn", () => { view.missed.pop(); changed(view); }, "");
+  const save = button("Save reading", () => saveReading(view), "key s");
+  const saved = document.createElement("span");
+  saved.className = "saved";
+  saved.setAttribute("role", "status");
+  const hint = document.createElement("span");
+  hint.className = "legend";
+  hint.textContent = "click a box: true, false, unjudged";
+  panel.append(label, yes, no, draw, undo, save, saved, hint);
+  view.panel = { calls: [yes, no], draw, undo, save, saved };
+  return panel;
+}
 
 // --- the answer -------------------------------------------------------------------------------
 
@@ -308,7 +498,7 @@ function render() {
     const legend = document.createElement("p");
     legend.className = "legend";
     legend.textContent =
-      "wheel or +/- zoom · drag pan · shift-drag or w/W l/L window and level · o overlays · 0 reset · n/p next/previous";
+      "wheel or +/- zoom · drag pan · shift-drag or w/W l/L window and level · o overlays · 0 reset · n/p next/previous · a/d your call · m draw · s save";
     const notes = document.createElement("p");
     notes.className = "notes";
     notes.textContent = result.notes.join("; ");
@@ -320,11 +510,14 @@ function render() {
     const view = {
       card, canvas, result, image: previewOf.image, index: views.length,
       frameW: result.width, frameH: result.height, zoom: 1, ox: 0, oy: 0, window: 255, level: 127.5,
+      call: null, judged: [], missed: [], drawing: false, sketch: null,
     };
+    card.insertBefore(readingPanel(view), legend);
     reset(view);
     views.push(view);
     attach(view);
-    draw(view);
+    changed(view);
+    view.panel.save.disabled = true; // nothing to save yet
   });
   select(0);
   document.body.dataset.rendered = String(Number(document.body.dataset.rendered || 0) + 1);

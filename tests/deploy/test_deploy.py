@@ -41,6 +41,7 @@ def served_metric_names() -> set[str]:
     m.flagged.labels("classifier-x", "out_of_distribution").inc()
     m.probability.labels("classifier-x").observe(0.5)
     m.ood_score.labels("classifier-x").observe(1.0)
+    m.feedback.labels("classifier-x", "agree").inc()
     text = generate_latest(m.registry).decode()
     return {
         line.split("{")[0].split(" ")[0]

@@ -42,6 +42,8 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
         policy = page.headers["content-security-policy"]
         assert "frame-ancestors 'none'" in policy and "script-src 'self'" in policy
         with chromium(1400, 1800) as browser:
+            from selenium.webdriver import ActionChains
+
             browser.get(f"{base}/viewer")
             browser.find_element("id", "key").send_keys(KEY)
             browser.find_element("id", "files").send_keys(f"{jpeg}\n{dicom}")
@@ -107,6 +109,51 @@ def test_viewer_draws_the_answer_and_follows_the_operating_point(tmp_path):
                     assert x + w <= x2 or x2 + w2 <= x or y + h <= y2 or y2 + h2 <= y
             body.send_keys("n")
             assert data("current", body) == "1"
+
+            # The reader's reading: agree, judge a box, draw a missed fracture, save; the
+            # service keeps it with the reader's key id and the answer's models.
+            body.send_keys("p")
+            first = answer["images"][0]
+            body.send_keys("a")
+            if first["detections"]:
+                dx, dy = browser.execute_script(
+                    "const v = views[0], s = scaleOf(v), r = v.canvas.getBoundingClientRect();"
+                    "const k = r.width / v.canvas.width, b = v.result.detections[0].box;"
+                    "return [((b[0] + b[2]) / 2 * s + v.ox) * k - r.width / 2,"
+                    " ((b[1] + b[3]) / 2 * s + v.oy) * k - r.height / 2];"
+                )
+                ActionChains(browser).move_to_element_with_offset(
+                    canvas, int(dx), int(dy)
+                ).click().perform()
+                assert True in json.loads(data("judged", cards[0]))
+            body.send_keys("m")
+            ActionChains(browser).move_to_element_with_offset(
+                canvas, -120, -120
+            ).click_and_hold().move_by_offset(60, 50).release().perform()
+            assert data("missed", cards[0]) == "1"
+            body.send_keys("s")
+            deadline = time.monotonic() + 20
+            while not data("feedback-id", cards[0]) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            page_request = browser.execute_script("return state.answer.request_id")
+            stored = service.http.get(
+                "/v1/feedback",
+                params={"request_id": page_request},
+                headers={"Authorization": f"Bearer {KEY}"},
+            ).json()["feedback"]
+            assert [f["feedback_id"] for f in stored] == [data("feedback-id", cards[0])]
+            reading = stored[0]
+            assert reading["reader"].startswith("key:") and KEY not in reading["reader"]
+            assert reading["models"] == answer["models"]
+            if first["verdict"] == "doubt":
+                assert reading["fractured"] is True
+            else:
+                assert reading["agree"] is True
+            ((x1, y1, x2, y2),) = reading["missed"]
+            assert 0 <= x1 < x2 <= first["width"] and 0 <= y1 < y2 <= first["height"]
+            assert [b["correct"] for b in reading["boxes"]] == (
+                [True] if first["detections"] else []
+            )
 
             # Move the operating point: the page asks again and redraws.
             browser.execute_script(
