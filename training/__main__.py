@@ -30,7 +30,7 @@ import yaml
 from app.core.errors import ApiError
 from app.inference.model_card import CardError
 from app.inference.runtime import ModelLoadError
-from training.common import MODELS_DIR, REPO, RUNS_DIR, load_recipe
+from training.common import MODELS_DIR, REPO, RUNS_DIR, DeviceError, load_recipe, resolve_device
 from training.families import FAMILIES
 from training.site import SiteDataError
 from training.weights import WeightsMismatchError
@@ -46,11 +46,12 @@ USER_ERRORS = (
     ModelLoadError,
     WeightsMismatchError,
     SiteDataError,
+    DeviceError,
 )
 
-# Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit and
-# whether the run measures the test split (--report-test).
-RUN_KEYS = {"cache", "limit", "report_test"}
+# Keys a run may set that recipes do not carry: the data cache, a smoke-run image limit,
+# whether the run measures the test split (--report-test) and the device (--device).
+RUN_KEYS = {"cache", "limit", "report_test", "device"}
 
 
 def parse_overrides(items: list[str], recipe_path: Path) -> dict:
@@ -147,6 +148,13 @@ def train_main(family: str, argv: list[str]) -> int:
         help="also measure the test split into the card: for the model about to ship, once",
     )
     parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where torch trains: auto = cuda where torch sees a GPU and the family trains "
+        "there, else cpu (the ONNX export is always made on the CPU)",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="print the recipe as the run would use it (file, then --set) and exit",
@@ -155,12 +163,16 @@ def train_main(family: str, argv: list[str]) -> int:
     overrides = parse_overrides(args.set, args.config)
     if args.report_test:
         overrides["report_test"] = True
+    family_module = importlib.import_module(module)
+    overrides["device"] = resolve_device(
+        str(overrides.get("device", args.device)), getattr(family_module, "DEVICES", ("cpu",))
+    )
     recipe = load_recipe(args.config, overrides)
     if args.print_config:
         print(yaml.safe_dump(recipe, sort_keys=False), end="")
         return 0
     out = args.out or RUNS_DIR / recipe["name"] / "export"
-    card = importlib.import_module(module).train(recipe, out)
+    card = family_module.train(recipe, out)
     print(json.dumps(card.get("metrics", {}), indent=2, default=str))
     print(f"wrote {out}; ship it with: python -m training promote {out}", file=sys.stderr)
     return 0

@@ -79,6 +79,29 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class DeviceError(ValueError):
+    """A device asked for that this machine or this family cannot train on."""
+
+
+def resolve_device(asked: str, supported: tuple[str, ...]) -> str:
+    """`--device`: auto (cuda where torch sees a GPU and the family trains there, else cpu),
+    cpu, or cuda (refused in one line where it cannot be had)."""
+    if asked == "auto":
+        return "cuda" if "cuda" in supported and pick_device() == "cuda" else "cpu"
+    if asked not in supported:
+        raise DeviceError(f"this family trains on {' or '.join(supported)} only, not {asked}")
+    if asked == "cuda" and pick_device() != "cuda":
+        raise DeviceError("--device cuda: torch sees no GPU on this machine")
+    return asked
+
+
+def training_device(recipe: dict[str, Any]) -> Any:
+    """The torch device a run trains on (the CLI's resolved `device`; cpu when unset)."""
+    import torch
+
+    return torch.device(recipe.get("device", "cpu"))
+
+
 def hardware() -> dict[str, Any]:
     import torch
 

@@ -134,3 +134,30 @@ def test_print_config_shows_the_merged_recipe_and_trains_nothing(tmp_path):
     assert recipe["finetune"]["full_epochs"] == 3 and recipe["family"] == "mobilenet"
     assert recipe["config"] == "training/configs/mobilenet.yaml"
     assert not (tmp_path / "never").exists()
+
+
+def test_device_is_resolved_before_anything_trains(tmp_path):
+    """auto picks the CPU where torch sees no GPU (or the family trains on the CPU only), and
+    the merged recipe says where the run would train; cuda that cannot be had is one line."""
+    import torch
+    import yaml
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "training", *argv, "--print-config"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+
+    cpu = run("frcnn", "--config", "training/configs/frcnn-mobilenet.yaml", "--device", "cpu")
+    assert cpu.returncode == 0 and yaml.safe_load(cpu.stdout)["device"] == "cpu", cpu.stderr
+    auto = run("cropper")  # the U-Net's loop runs on the CPU only
+    assert yaml.safe_load(auto.stdout)["device"] == "cpu"
+    refused = [run("cropper", "--device", "cuda")]
+    if not torch.cuda.is_available():
+        refused.append(run("mobilenet", "--device", "cuda"))
+    for out in refused:
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "cuda" in lines[0], out.stderr

@@ -38,7 +38,7 @@ def finetune(
         model = build_localising_model(backbone, feature_dim, feature_map)
     else:
         model = build_probability_model(backbone, feature_dim)
-    best = fit(model, data, cfg, log, on_start)
+    best = fit(model, data, cfg, log, on_start, device=common.training_device(recipe))
     ablation = calibrate(model, data, cfg)
     if ablation is not None:  # the Faster R-CNN family can start from this backbone
         torch.save(model.backbone.state_dict(), log.run_dir / "classifier_backbone.pt")

@@ -21,12 +21,17 @@ def served_scores(model: Any, x_u8: Any, spec: InputSpec, batch: int = 64) -> np
     import torch
 
     model.eval()
+    device = _device_of(model)
     with torch.no_grad():
         logits = [
-            torch.cat([model.logits(to_input(b, spec)) for b in v.split(batch)])[:, 0]
+            torch.cat([model.logits(to_input(b, spec).to(device)) for b in v.split(batch)])[:, 0]
             for v in views(x_u8, spec)
         ]
-        return torch.sigmoid(torch.stack(logits).mean(dim=0)).numpy()
+        return torch.sigmoid(torch.stack(logits).mean(dim=0)).cpu().numpy()
+
+
+def _device_of(model: Any) -> Any:
+    return next(model.parameters()).device
 
 
 def onnx_scores(onnx_path: Path, x_u8: Any, spec: InputSpec) -> np.ndarray:
@@ -45,16 +50,17 @@ def _head_outputs(model: Any, x_u8: Any, spec: InputSpec, flip: bool) -> np.ndar
     import torch
 
     model.eval()
+    device = _device_of(model)
     per_view = []
     with torch.no_grad():
         for v in views(x_u8, spec):  # mean over the card's views: linear, so fusion commutes
             rows = []
             for b in v.split(64):
-                x = to_input(b, spec)
+                x = to_input(b, spec).to(device)
                 image, cells = model.outputs(x.flip(-1) if flip else x)
                 rows.append(torch.stack([image, cells.amax(dim=(1, 2))], dim=1))
             per_view.append(torch.cat(rows))
-    return torch.stack(per_view).mean(dim=0).numpy()
+    return torch.stack(per_view).mean(dim=0).cpu().numpy()
 
 
 def choose_fusion(
@@ -94,11 +100,13 @@ def fit(
     cfg: dict[str, Any],
     log: common.RunLog,
     on_start: Any = None,
+    device: Any = "cpu",
 ) -> dict[str, Any]:
     """Linear probe, then the full fine-tune; the weights of the best val-AUROC epoch are loaded
     at the end. Checkpointed after every epoch (runs/<name>/finetune_last.pt): a killed run
     resumes at the next epoch. `on_start(model, x_train_u8, spec)` runs once before the first
-    epoch of a fresh run. Returns {"auroc", "epoch"} of the kept epoch."""
+    epoch of a fresh run; the epochs run on `device`, the model comes back on the CPU. Returns
+    {"auroc", "epoch"} of the kept epoch."""
     import torch
     import torch.nn.functional as F
 
@@ -109,7 +117,8 @@ def fit(
     groups = np.array(data.regions["train"]) if cfg.get("balance_by_region") else None
     pos = float(y_train.sum())
     negatives = (len(y_train) - pos) if not balance else pos * balance
-    pos_weight = torch.tensor(negatives / max(pos, 1.0))
+    device = torch.device(device)
+    pos_weight = torch.tensor(negatives / max(pos, 1.0), device=device)
     augment_args = {
         "strength": cfg.get("augment", "light"),
         "rotate_degrees": cfg.get("rotate_degrees", 15.0),
@@ -132,7 +141,7 @@ def fit(
         model.load_state_dict(state["model"])
     elif on_start is not None:
         on_start(model, x_train, spec)
-    model = model.to(memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)
     done = state["done"] if state else []
     best = state.get("best", {"auroc": -1.0, "state": None}) if state else {"auroc": -1.0}
     best.setdefault("state", None)
@@ -142,16 +151,16 @@ def fit(
             x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augment_args)
             return localisation_loss(
                 model,
-                to_input(x_u8, spec).contiguous(memory_format=memory_format),
-                y_train[idx],
-                masks,
+                to_input(x_u8, spec).to(device).contiguous(memory_format=memory_format),
+                y_train[idx].to(device),
+                masks.to(device),
                 pos_weight,
                 cfg.get("cell_pos_weight", 10.0),
             )
-        x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec)
+        x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec).to(device)
         return F.binary_cross_entropy_with_logits(
             model.logits(x.contiguous(memory_format=memory_format))[:, 0],
-            y_train[idx],
+            y_train[idx].to(device),
             pos_weight=pos_weight,
         )
 
@@ -191,7 +200,7 @@ def fit(
                 best = {
                     "auroc": val_auroc,
                     "epoch": epoch,
-                    "state": {k: v.clone() for k, v in model.state_dict().items()},
+                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 }
             common.end_epoch(
                 log,
@@ -212,7 +221,7 @@ def fit(
         common.save_checkpoint(ckpt_path, model=model.state_dict(), done=done, best=best)
     if best["state"] is not None:  # keep the epoch with the best val AUROC
         model.load_state_dict(best["state"])
-    model.to(memory_format=torch.contiguous_format)
+    model.to("cpu", memory_format=torch.contiguous_format)  # exported and scored on the CPU
     return {"auroc": best["auroc"], "epoch": best.get("epoch")}
 
 

@@ -80,6 +80,10 @@ def insert_bam(net: Any, reduction: int = 16, dilation: int = 4) -> Any:
     return net
 
 
+# where --device may put the training loop (training/__main__.py; the fit in training.classifier)
+DEVICES = ("cpu", "cuda")
+
+
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     run = common.start_run(recipe)  # seeded before the attention modules are initialised
     backbone, source = mobilenet.build_backbone(recipe)

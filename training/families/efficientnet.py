@@ -16,6 +16,9 @@ from typing import Any
 from training import classifier, common, efficientnet_lite
 from training.families.mobilenet import calibrate_on_crops
 
+# where --device may put the training loop (training/__main__.py; the fit in training.classifier)
+DEVICES = ("cpu", "cuda")
+
 
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     run = common.start_run(recipe)  # seeded before any weight is initialised

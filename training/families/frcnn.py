@@ -253,6 +253,10 @@ def _tensors(items: list, spec: InputSpec, use_boxes: bool) -> list[tuple[Any, A
     return out
 
 
+# where --device may put the training loop (training/__main__.py)
+DEVICES = ("cpu", "cuda")
+
+
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     import torch
 
@@ -283,6 +287,8 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         )
     if continued:
         init = f"{init}; continued from {continued}"
+    device = common.training_device(recipe)
+    model.to(device)  # before the resume: the optimiser's state follows its parameters' device
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
     strength = recipe.get("augment")
     # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
@@ -308,9 +314,12 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
                         img, boxes, rng, rot90_p, photometric, **tilt, **shifts
                     )
                 img = img.float().div(255).expand(3, -1, -1)
-                images.append(img)
+                images.append(img.to(device))
                 targets.append(
-                    {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+                    {
+                        "boxes": boxes.to(device),
+                        "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
+                    }
                 )
             loss = sum(model(images, targets).values())
             opt.zero_grad()
@@ -327,6 +336,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             stateful={"model": model, "opt": opt, "sched": sched},
         )
 
+    model.to("cpu")  # exported and checked on the CPU
     onnx_path = export_graph(model, recipe, out_dir / f"{recipe['name']}.onnx")
     parity = _parity(model, onnx_path, _probes(items), spec)
     output = {

@@ -57,6 +57,10 @@ def train_with(
     )
 
 
+# where --device may put the training loop (training/__main__.py; the fit in training.classifier)
+DEVICES = ("cpu", "cuda")
+
+
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     run = common.start_run(recipe)  # seeded before any weight is initialised
     backbone, source = build_backbone(recipe)

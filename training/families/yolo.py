@@ -57,6 +57,10 @@ def write_dataset(
     return data_yaml
 
 
+# where --device may put the training loop (training/__main__.py)
+DEVICES = ("cpu", "cuda")
+
+
 def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str, Any]:
     run = common.start_run(recipe)
     log, items, run_dir = run.log, run.items, run.run_dir
@@ -91,7 +95,7 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
             name="ultralytics",
             exist_ok=True,
             seed=recipe["seed"],
-            device=common.pick_device() if common.pick_device() == "cpu" else 0,
+            device="cpu" if recipe.get("device", "cpu") == "cpu" else 0,
             pretrained=bool(recipe.get("init_weights")),
             plots=False,
             verbose=False,
