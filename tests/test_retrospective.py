@@ -1,10 +1,13 @@
 """The retrospective runner: a nested folder through the service, one CSV row per file (refused
-files with their error), resumed where a first run stopped."""
+files with their error), resumed where a first run stopped; with --sr, DICOM through STOW-RS and
+each analysis' own SR saved."""
 
 from __future__ import annotations
 
 import csv
 import shutil
+
+import pydicom
 
 from tools.retrospective import run
 
@@ -31,3 +34,28 @@ def test_a_folder_goes_through_and_a_second_run_resumes(
     assert second["sent"] == 1 and second["skipped_as_done"] == 3
     with open(out, newline="") as fh:
         assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_sr_sends_dicom_through_stow_and_keeps_each_analysis_results(
+    app_client, tmp_path, test_split_images, dicom_dir
+):
+    folder = tmp_path / "month"
+    folder.mkdir()
+    shutil.copy(test_split_images[0], folder / "one.jpg")
+    shutil.copy(dicom_dir / "RG3_UNC.dcm", folder / "wrist.dcm")
+    sr_dir = tmp_path / "sr"
+    out = tmp_path / "audit.csv"
+    counts = run(folder, out, app_client, concurrency=1, sr_dir=sr_dir)
+    assert counts["analysed"] == 2 and counts["result_objects"] >= 1
+    with open(out, newline="") as fh:
+        rows = {r["path"]: r for r in csv.DictReader(fh)}
+    source = pydicom.dcmread(dicom_dir / "RG3_UNC.dcm", stop_before_pixels=True)
+    assert rows["wrist.dcm"]["verdict"] in ("fracture", "doubt", "no_fracture")
+    saved = sorted((sr_dir / source.StudyInstanceUID).glob("*.dcm"))
+    modalities = {pydicom.dcmread(p).Modality for p in saved}
+    assert "SR" in modalities
+    assert not (sr_dir / "one.jpg").exists() and len(list(sr_dir.iterdir())) == 1
+    # an analysis that is not this study's: 404; a result_id that is no id: 422
+    study = f"/dicomweb/studies/{source.StudyInstanceUID}"
+    assert app_client.get(study, params={"result_id": "0" * 12}).status_code == 404
+    assert app_client.get(study, params={"result_id": "../x"}).status_code == 422

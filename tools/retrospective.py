@@ -8,6 +8,13 @@ name) is posted to /v1/predict on its own, `--concurrency` at a time, and its an
 row (appended and flushed as it comes, so an interrupted run loses nothing and a second run
 skips what is written). A refused file is a row with its error code; a busy service (503) is
 asked again after its Retry-After. Progress goes to stderr every `--every` files, TTY or not.
+
+With `--sr DIR`, DICOM files go in through STOW-RS instead (the door a PACS uses), and the
+service's DICOM results of each one's analysis, the Structured Report and the secondary
+captures, are fetched by WADO-RS into DIR/<StudyInstanceUID>/<result_id>-<n>.dcm; PNG and JPEG
+files, which carry no UIDs to report on, still go to /v1/predict.
+
+    python -m tools.retrospective /data/2026-11 --out audit.csv --sr audit-sr/
 """
 
 from __future__ import annotations
@@ -81,6 +88,10 @@ def row_of(rel: str, response: httpx.Response) -> dict[str, Any]:
     with contextlib.suppress(ValueError):
         body = response.json()
     row: dict[str, Any] = {"path": rel, "status": response.status_code}
+    if "studies" in body:  # a STOW-RS answer: this one instance's study
+        if not body["studies"]:
+            return row | {"error": "stow_refused", "request_id": body.get("request_id")}
+        body = body["studies"][0]
     if response.status_code != 200:
         return row | {"error": body.get("error", "http_error")}
     image = body["images"][0] if body.get("images") else {}
@@ -99,17 +110,53 @@ def row_of(rel: str, response: httpx.Response) -> dict[str, Any]:
     }
 
 
-def post(client: httpx.Client, path: Path, ctype: str, params: dict[str, str]) -> httpx.Response:
-    """One file to /v1/predict; a 503 is asked again after its Retry-After."""
+BOUNDARY = "retrospective-instance-boundary"
+
+
+def post(
+    client: httpx.Client, path: Path, ctype: str, params: dict[str, str], stow: bool = False
+) -> httpx.Response:
+    """One file to /v1/predict, or a DICOM file to STOW-RS; a 503 is asked again after its
+    Retry-After."""
     data = path.read_bytes()
-    for attempt in range(RETRIES + 1):
-        response = client.post(
-            "/v1/predict", content=data, headers={"content-type": ctype}, params=params
+    url, headers = "/v1/predict", {"content-type": ctype}
+    if stow and ctype == "application/dicom":
+        url = "/dicomweb/studies"
+        headers = {
+            "content-type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+            "accept": "application/json",
+        }
+        data = (
+            f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + data
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
         )
+    for attempt in range(RETRIES + 1):
+        response = client.post(url, content=data, headers=headers, params=params)
         if response.status_code != 503 or attempt == RETRIES:
             return response
         time.sleep(min(60.0, float(response.headers.get("retry-after", 2))))
     return response
+
+
+def save_results(client: httpx.Client, response: httpx.Response, sr_dir: Path) -> int:
+    """The SR and captures of the analysis a STOW-RS answer names, as Part 10 files; how many."""
+    from app.dicom.multipart import RelatedParser, media_params
+
+    studies = (response.json().get("studies") or []) if response.status_code < 300 else []
+    saved = 0
+    for study in studies:
+        uid, result_id = study["study"]["study_instance_uid"], study["result_id"]
+        got = client.get(f"/dicomweb/studies/{uid}", params={"result_id": result_id})
+        got.raise_for_status()
+        parser = RelatedParser(media_params(got.headers["content-type"])[1]["boundary"], 1000)
+        parser.feed(got.content)
+        folder = sr_dir / uid
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, part in enumerate(parser.finish()):
+            (folder / f"{result_id}-{i}.dcm").write_bytes(part.body)
+            saved += 1
+    return saved
 
 
 def run(
@@ -119,24 +166,36 @@ def run(
     concurrency: int = 2,
     params: dict[str, str] | None = None,
     every: int = 20,
+    sr_dir: Path | None = None,
 ) -> dict[str, int]:
-    """Post every file not yet in `out`; the counts of this run."""
+    """Post every file not yet in `out` (DICOM through STOW-RS with its results saved under
+    `sr_dir` when given); the counts of this run."""
     skip = done_already(out)
     todo = [(p, c) for p, c in studies(folder) if str(p.relative_to(folder)) not in skip]
     new_file = not out.exists()
     counts = {"sent": 0, "analysed": 0, "refused": 0, "skipped_as_done": len(skip)}
+    if sr_dir is not None:
+        counts["result_objects"] = 0
+
+    def send(item: tuple[Path, str]) -> tuple[Path, httpx.Response, int]:
+        path, ctype = item
+        response = post(client, path, ctype, params or {}, stow=sr_dir is not None)
+        saved = save_results(client, response, sr_dir) if sr_dir is not None else 0
+        return path, response, saved
+
     started = time.monotonic()
     with open(out, "a", newline="") as fh, ThreadPoolExecutor(concurrency) as pool:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         if new_file:
             writer.writeheader()
-        answers = pool.map(lambda pc: (pc[0], post(client, pc[0], pc[1], params or {})), todo)
-        for path, response in answers:
+        for path, response, saved in pool.map(send, todo):
             row = row_of(str(path.relative_to(folder)), response)
             writer.writerow(row)
             fh.flush()  # a kill loses at most the files in flight: a rerun sends them again
             counts["sent"] += 1
-            counts["analysed" if row["status"] == 200 else "refused"] += 1
+            counts["analysed" if not row.get("error") else "refused"] += 1
+            if sr_dir is not None:
+                counts["result_objects"] += saved
             if counts["sent"] % every == 0 or counts["sent"] == len(todo):
                 rate = counts["sent"] / max(time.monotonic() - started, 1e-9)
                 print(
@@ -161,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--fp-per-image", help="the operating point (default: the service's)")
     parser.add_argument("--every", type=int, default=20, help="a progress line every N files")
+    parser.add_argument(
+        "--sr",
+        type=Path,
+        metavar="DIR",
+        help="send DICOM through STOW-RS and save each analysis' SR and captures under DIR",
+    )
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         print(
@@ -174,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with httpx.Client(base_url=args.url, headers=headers, timeout=300) as client:
             client.get("/healthz").raise_for_status()
-            counts = run(args.folder, args.out, client, args.concurrency, params, args.every)
+            counts = run(
+                args.folder, args.out, client, args.concurrency, params, args.every, args.sr
+            )
     except httpx.HTTPError as exc:
         print(f"python -m tools.retrospective: error: {args.url}: {exc}", file=sys.stderr)
         return 2

@@ -189,15 +189,13 @@ class ResultStore:
                 )
         return result
 
-    def get(self, study_uid: str) -> StudyResult | None:
-        """The latest result of a study."""
+    def get(self, study_uid: str, result_id: str | None = None) -> StudyResult | None:
+        """The latest result of a study, or the one analysis `result_id` of it."""
+        query = select(results_table).where(results_table.c.study_uid == study_uid)
+        if result_id is not None:
+            query = query.where(results_table.c.result_id == result_id)
         with self.engine.connect() as db:
-            row = db.execute(
-                select(results_table)
-                .where(results_table.c.study_uid == study_uid)
-                .order_by(results_table.c.created.desc())
-                .limit(1)
-            ).first()
+            row = db.execute(query.order_by(results_table.c.created.desc()).limit(1)).first()
             return self._load(db, row) if row is not None else None
 
     def count(self, study_uid: str) -> int:

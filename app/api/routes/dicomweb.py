@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
@@ -298,13 +298,27 @@ async def store_study_instances(
     return await _store(request, service, study_uid, fp_per_image, score_threshold)
 
 
-async def _result_or_404(service: FractureService, study_uid: str) -> StudyResult:
-    result = await asyncio.to_thread(service.results.get, study_uid)
+# One analysis of a study (its result_id, as STOW-RS answered it) rather than the latest.
+ResultId = Annotated[
+    str | None,
+    Query(
+        pattern="^[0-9a-f]{8,32}$",
+        description="one analysis of the study (result_id); default: the latest",
+    ),
+]
+
+
+async def _result_or_404(
+    service: FractureService, study_uid: str, result_id: str | None = None
+) -> StudyResult:
+    result = await asyncio.to_thread(service.results.get, study_uid, result_id)
     if result is None:
         raise ApiError(
             404,
             "unknown_study",
-            "no results for this study here (never analysed, or past retention)",
+            "no results for this study here (never analysed, or past retention)"
+            if result_id is None
+            else "no such analysis of this study here (or past retention)",
         )
     return result
 
@@ -322,9 +336,11 @@ async def _result_or_404(service: FractureService, study_uid: str) -> StudyResul
     },
 )
 async def retrieve_results(
-    service: ServiceDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    service: ServiceDep,
+    study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
+    result_id: ResultId = None,
 ) -> Response:
-    result = await _result_or_404(service, study_uid)
+    result = await _result_or_404(service, study_uid, result_id)
     body, ctype = build_related(result.instances)
     return Response(body, media_type=ctype.split(";")[0], headers={"content-type": ctype})
 
@@ -336,9 +352,11 @@ async def retrieve_results(
     responses=errors(404, 422),
 )
 async def study_findings(
-    service: ServiceDep, study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64)
+    service: ServiceDep,
+    study_uid: str = Path(..., pattern=UID_PATTERN, max_length=64),
+    result_id: ResultId = None,
 ) -> Findings:
-    result = await _result_or_404(service, study_uid)
+    result = await _result_or_404(service, study_uid, result_id)
     return Findings(
         **result.findings.model_dump(),
         delivery=Delivery(
