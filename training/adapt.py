@@ -40,14 +40,13 @@ from app.inference.model_card import (
     Calibration,
     Fusion,
     SiteAdaptation,
-    fused_score,
 )
 from app.inference.pipeline import ImageWork, run_study
 from app.inference.plan import Plan
 from app.inference.runtime import sha256_of
 from app.inference.site_head import SiteHead
 from training import export, metrics
-from training.calibrate import fit_platt
+from training.calibrate import fit_scores
 from training.common import MODELS_DIR
 from training.data import Record, load_records
 from training.detection import froc_operating_points
@@ -183,37 +182,33 @@ def served_probability(
 def recalibrate(
     raw: np.ndarray, run: Scored, base_fusion: Fusion | None, source: str
 ) -> dict[str, Any]:
-    """Calibration, decision threshold, fusion (at the base weight) and verdict on `run`."""
-    labels = run.labels
-    platt = fit_platt(labels, list(raw), source)
-    calibrated = [platt.apply(p) for p in raw]
-    fields: dict[str, Any] = {
-        "calibration": platt,
-        "decision_threshold": metrics.youden_threshold(labels, calibrated),
-        "fusion": None,
-    }
-    served = np.asarray(calibrated)
-    if base_fusion is not None:
-        fused_raw = fused_score(raw, np.asarray(run.max_box), base_fusion.classifier_weight)
-        fused_platt = fit_platt(labels, list(fused_raw), source)
-        served = np.array([fused_platt.apply(v) for v in fused_raw])
-        fields["fusion"] = base_fusion.model_copy(
-            update={
-                "calibration": fused_platt,
-                "decision_threshold": metrics.youden_threshold(labels, served),
-                "chosen_on": f"the base card's weight; calibrated on {source}",
-                "verdict": None,
-            }
-        )
+    """Calibration, decision threshold, fusion (at the base weight) and verdict on `run`, fitted
+    as `calibrate` fits them."""
+    fit = fit_scores(
+        run.labels,
+        raw,
+        np.asarray(run.max_box),
+        source,
+        base_fusion.classifier_weight if base_fusion else None,
+        (base_fusion.detector, base_fusion.detector_sha256) if base_fusion else None,
+        f"the base card's weight; calibrated on {source}",
+    )
     try:
-        verdict = fit_verdict(np.asarray(labels), served, source)
+        verdict = fit_verdict(np.asarray(run.labels), fit.served, source)
     except ValueError:  # fewer than 10 of a class: the base card's verdict is not carried over
         verdict = None
-    if fields["fusion"] is not None:
-        fields["fusion"] = fields["fusion"].model_copy(update={"verdict": verdict})
-    else:
-        fields["verdict"] = verdict
-    return fields
+    if fit.fusion is not None:
+        return {
+            "calibration": fit.calibration,
+            "decision_threshold": fit.decision_threshold,
+            "fusion": fit.fusion.model_copy(update={"verdict": verdict}),
+        }
+    return {
+        "calibration": fit.calibration,
+        "decision_threshold": fit.decision_threshold,
+        "fusion": None,
+        "verdict": verdict,
+    }
 
 
 def adapt(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,49 @@ def fit_platt(labels: list[int], probs: list[float], fitted_on: str) -> Calibrat
 FUSION_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 
+@dataclass
+class ScoreFit:
+    """What labelled images decide about the served score: the classifier's Platt calibration and
+    Youden threshold, and at a fusion weight below 1 the fused score's own (a Fusion)."""
+
+    calibration: Calibration
+    decision_threshold: float
+    calibrated: np.ndarray  # the classifier's calibrated probability on the fitted images
+    fusion: Fusion | None = None
+    served: np.ndarray = field(default_factory=lambda: np.zeros(0))  # what the service answers
+
+
+def fit_scores(
+    labels: list[int],
+    raw: np.ndarray,
+    max_box: np.ndarray,
+    fitted_on: str,
+    weight: float | None = None,
+    detector: tuple[str, str] | None = None,
+    chosen_on: str = "",
+) -> ScoreFit:
+    """Calibration and threshold of the classifier's raw probability on these images; with a
+    `weight` below 1 and the `detector` (name, sha256) whose best boxes `max_box` are, the fused
+    score's calibration and threshold too. calibrate and adapt both fit through this."""
+    platt = fit_platt(labels, list(raw), fitted_on)
+    calibrated = np.array([platt.apply(p) for p in raw])
+    fit = ScoreFit(platt, metrics.youden_threshold(labels, list(calibrated)), calibrated)
+    fit.served = calibrated
+    if weight is not None and weight < 1.0 and detector is not None:
+        fused_raw = fused_score(np.asarray(raw), np.asarray(max_box), weight)
+        fused_platt = fit_platt(labels, list(fused_raw), fitted_on)
+        fit.served = np.array([fused_platt.apply(v) for v in fused_raw])
+        fit.fusion = Fusion(
+            detector=detector[0],
+            detector_sha256=detector[1],
+            classifier_weight=weight,
+            calibration=fused_platt,
+            decision_threshold=metrics.youden_threshold(labels, list(fit.served)),
+            chosen_on=chosen_on,
+        )
+    return fit
+
+
 def calibrate(
     records: list,
     models_dir: Path,
@@ -86,12 +130,10 @@ def calibrate(
     plan = Plan.of(plan.cropper, clf, det, plan.point, plan.orienter, plan.options)
     run = collect(records, plan)
     fitted_on = f"{source}: {len(records)} images through the served pipeline"
-    platt = fit_platt(run.labels, run.probs, fitted_on)
-    calibrated = [platt.apply(p) for p in run.probs]
-    threshold = metrics.youden_threshold(run.labels, calibrated)
     probs = np.asarray(run.probs, dtype=float)
     max_box = np.array(best_box_scores(run.preds))
-    fusion, fusion_summary, aurocs = None, None, {}
+    fusion_summary, aurocs = None, {}
+    weight, chosen_on = None, ""
     if fuse or shipped or asked is not None:
         if shipped:
             weight, chosen_on = shipped.classifier_weight, shipped.chosen_on
@@ -116,28 +158,27 @@ def calibrate(
             under = "".join(f" and under --shift {shift}" for shift in fuse_shifts)
             under += " (mean)" if fuse_shifts else ""
             chosen_on = f"highest AUROC of {list(FUSION_WEIGHTS)} on {fitted_on}{under}"
-        if weight < 1.0:
-            raw = fused_score(probs, max_box, weight).tolist()
-            fused_platt = fit_platt(run.labels, raw, fitted_on)
-            fused = [fused_platt.apply(v) for v in raw]
-            fusion = Fusion(
-                detector=det.name,
-                detector_sha256=det.card.sha256,
-                classifier_weight=weight,
-                calibration=fused_platt,
-                decision_threshold=metrics.youden_threshold(run.labels, fused),
-                chosen_on=chosen_on,
-            )
-            fusion_summary = {
-                "versus_classifier_alone": metrics.paired_auroc_difference(
-                    run.labels, calibrated, fused
-                ),
-                "brier_calibrated": float(np.mean((np.asarray(fused) - run.labels) ** 2)),
-                "mean_auroc_by_weight": {str(w): a for w, a in aurocs.items()},
-                "at_threshold": metrics.classification_metrics(
-                    run.labels, fused, fusion.decision_threshold
-                ),
-            }
+    fit = fit_scores(
+        run.labels, probs, max_box, fitted_on, weight, (det.name, det.card.sha256), chosen_on
+    )
+    platt, threshold, calibrated, fusion = (
+        fit.calibration,
+        fit.decision_threshold,
+        fit.calibrated,
+        fit.fusion,
+    )
+    if fusion is not None:
+        fused = fit.served
+        fusion_summary = {
+            "versus_classifier_alone": metrics.paired_auroc_difference(
+                run.labels, calibrated, fused
+            ),
+            "brier_calibrated": float(np.mean((np.asarray(fused) - run.labels) ** 2)),
+            "mean_auroc_by_weight": {str(w): a for w, a in aurocs.items()},
+            "at_threshold": metrics.classification_metrics(
+                run.labels, fused, fusion.decision_threshold
+            ),
+        }
     froc = metrics.froc(run.preds, run.gts)
     table = froc_operating_points({"froc_table": froc.table()})
     site = SiteCalibration(
