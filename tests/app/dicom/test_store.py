@@ -126,6 +126,40 @@ def test_results_are_never_replaced_and_survive_a_new_process(url: str):
     assert again.get("1.2.3").findings.study.fracture_probability == pytest.approx(0.7)
 
 
+def test_readings_are_kept_and_the_latest_per_image_exported(url: str):
+    from app.results.feedback import FeedbackStore, Reading
+
+    def reading(key: str, **judgement) -> Reading:
+        return Reading.model_validate(
+            {
+                "request_id": "r1",
+                "image_index": 0,
+                "sop_instance_uid": key,
+                "width": 100,
+                "height": 80,
+                "models": answer("1.2.3", "a").models.model_dump(),
+                "verdict": "fracture",
+                "fracture_probability": 0.8,
+                **judgement,
+            }
+        )
+
+    store = FeedbackStore(open_database(url))
+    store.add(reading("1.2.3.1", agree=True, missed=[[1, 2, 30, 40]]), "key:abc")
+    time.sleep(0.01)
+    store.add(reading("1.2.3.1", agree=False), "sub:reader-2")  # a second reader's call
+    store.add(reading("1.2.3.2", boxes=[{"box": [1, 1, 9, 9], "correct": False}]), "")
+    again = FeedbackStore(open_database(url))  # a restarted process
+    assert again.count() == 3
+    assert [f.reader for f in again.list(request_id="r1")] == [
+        "key:abc",
+        "sub:reader-2",
+        "anonymous",
+    ]
+    latest = again.latest_per_image()  # the box-only reading gives no label: not exported
+    assert [(f.sop_instance_uid, f.reader_label) for f in latest] == [("1.2.3.1", False)]
+
+
 def test_retention_drops_and_counts_the_undelivered(url: str, caplog):
     store = ResultStore(open_database(url), retention_s=0.05)
     store.add("1.2.4", answer("1.2.4", "c"), [b"x"], "c")
