@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +98,19 @@ def main() -> None:
         write_site(args.shift, site_dir)
     site = load_site(site_dir)
     plan = served_plan(args.models_dir)
-    everything = score(plan, site.records, f"site ({len(site.records)})")
-    train = [r for r in load_records() if r.split == "train"]
-    rng = np.random.default_rng(0)
-    mix = score(
-        plan,
-        [train[i] for i in sorted(rng.permutation(len(train))[:FRACATLAS_MIX])],
-        "FracAtlas train mix",
-    )
+    scored = args.out / "scored.pkl"  # the served pipeline's answers, reused by a rerun
+    if scored.is_file():
+        everything, mix = pickle.loads(scored.read_bytes())
+    else:
+        everything = score(plan, site.records, f"site ({len(site.records)})")
+        train = [r for r in load_records() if r.split == "train"]
+        rng = np.random.default_rng(0)
+        mix = score(
+            plan,
+            [train[i] for i in sorted(rng.permutation(len(train))[:FRACATLAS_MIX])],
+            "FracAtlas train mix",
+        )
+        scored.write_bytes(pickle.dumps((everything, mix)))
     labels = np.asarray(everything.labels)
     test_idx = stratified(labels, round(TEST_SHARE * len(labels)), np.random.default_rng(1))
     pool_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
@@ -118,9 +124,8 @@ def main() -> None:
         )
     )
     points = []
-    for size in SIZES:
-        if size > len(pool_idx):
-            continue
+    # the last point is the whole pool when it holds fewer than the largest size
+    for size in sorted({min(size, len(pool_idx)) for size in SIZES}):
         for repeat in range(REPEATS if size < len(pool_idx) else 1):
             draw = stratified(labels[pool_idx], size, np.random.default_rng(100 + repeat))
             tune = everything.take(pool_idx[draw])

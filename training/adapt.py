@@ -29,7 +29,9 @@ import argparse
 import datetime as dt
 import json
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ from training.verdict import fit_verdict
 HOLD_OUT = 0.3
 FRACATLAS_MIX = 600  # FracAtlas train images the head also sees
 MAX_FRACATLAS_LOSS = 0.01
+SHIP_CERTAINTY = 0.95  # share of paired resamples in which an adaptation must beat the base
+MAX_FRACATLAS_RECALL_LOSS = 0.03  # the detector's: FROC recall at DETECTOR_FP_RATE on val
+DETECTOR_FP_RATE = 0.4
 C_GRID = (0.003, 0.01, 0.03, 0.1)
 
 
@@ -83,8 +88,15 @@ class Scored:
         return out
 
 
-def score(plan: Plan, records: list[Record], what: str, deadline: float | None = None) -> Scored:
-    """Run the served pipeline (every box down to the plan's floor) on `records`."""
+def score(
+    plan: Plan,
+    records: list[Record],
+    what: str,
+    deadline: float | None = None,
+    on_work: Callable[[Record, ImageWork, np.ndarray], None] | None = None,
+) -> Scored:
+    """Run the served pipeline (every box down to the plan's floor) on `records`; `on_work`
+    sees each analysed image with its truth boxes in frame pixels (while its crop exists)."""
     out = Scored()
     for start in progress(range(0, len(records), 8), what):
         if deadline is not None and time.monotonic() > deadline:
@@ -111,6 +123,8 @@ def score(plan: Plan, records: list[Record], what: str, deadline: float | None =
             out.gts.append(b * np.array([wd, h, wd, h], np.float32))
             out.labels.append(int(rec.fractured))
             out.patients.append(w.image.patient_key)
+            if on_work is not None:
+                on_work(rec, w, out.gts[-1])
     return out
 
 
@@ -211,6 +225,116 @@ def recalibrate(
     }
 
 
+@dataclass
+class DetectorAdaptation:
+    """The fine-tuned detector (site_detector.fine_tune), its guard's figures, and the served
+    pipeline's answers with it; `onnx` only when it passed its guard."""
+
+    summary: dict[str, Any]
+    passed: bool = False
+    onnx: bytes | None = None
+    sha256: str = ""
+    site: Scored | None = None
+    val: Scored | None = None
+
+
+def adapt_detector(
+    plan: Plan,
+    models_dir: Path,
+    name: str,
+    records: tuple[list[Record], list[Record]],
+    pairs: tuple[list[Any], list[Any]],
+    split: tuple[np.ndarray, np.ndarray],
+    base: tuple[Scored, Scored],
+    epochs: int,
+    deadline: float | None,
+) -> DetectorAdaptation:
+    """Fine-tune the served detector on the tune images' crops, score the site and FracAtlas
+    val with it, and guard it as the classifier is guarded: lesion recall at the 0.4 FP/image
+    threshold fitted on the tune images, on the held-out site images (paired bootstrap, 95%),
+    and FracAtlas val's FROC recall at 0.4 FP/image no more than MAX_FRACATLAS_RECALL_LOSS lower."""
+    from training.site_detector import fine_tune
+
+    (site_records, val_records), (tune_idx, check_idx), (site_run, val) = records, split, base
+    site_pairs_all, mix_pairs = pairs
+    det = plan.detector
+    assert det.card is not None
+    chosen = [site_pairs_all[i] for i in tune_idx if site_pairs_all[i] is not None]
+    positives = [p for p in chosen if len(p[1])]
+    negatives = [p for p in chosen if not len(p[1])]
+    if not positives:
+        return DetectorAdaptation({"skipped": "no fracture boxes among the tune images"})
+    share = float(det.card.recipe.get("negatives_per_positive", 0.25))
+    keep = np.random.default_rng(0).permutation(len(negatives))[: round(share * len(positives))]
+    site_pairs = positives + [negatives[i] for i in sorted(keep)]
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "site"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for path in models_dir.iterdir():
+            if path.is_file():
+                shutil.copy2(path, work / path.name)
+        fit = fine_tune(
+            det,
+            site_pairs,
+            [p for p in mix_pairs if p is not None],
+            epochs,
+            work / det.card.file,
+            f"adapt-{slug}",
+            deadline,
+        )
+        sha = sha256_of(work / det.card.file)
+        card_path = work / f"{det.name}.json"
+        export.save_card(card_path, {**json.loads(card_path.read_text()), "sha256": sha})
+        clf_path = work / f"{plan.classifier.name}.json"
+        clf_card = json.loads(clf_path.read_text())
+        if clf_card.get("fusion", {}).get("detector") == det.name:  # its max box still counts
+            clf_card["fusion"]["detector_sha256"] = sha
+            export.save_card(clf_path, clf_card)
+        tuned_plan = served_plan(work)
+        site2 = score(tuned_plan, site_records, "site, fine-tuned detector", deadline)
+        val2 = score(tuned_plan, val_records, "FracAtlas val, fine-tuned detector")
+        onnx = (work / det.card.file).read_bytes()
+    tune, check = site_run.take(tune_idx), site_run.take(check_idx)
+    tune2, check2 = site2.take(tune_idx), site2.take(check_idx)
+    thresholds = [
+        metrics.froc(run.preds, run.gts).operating_point(DETECTOR_FP_RATE)["threshold"]
+        for run in (tune, tune2)
+    ]
+    site_pair = metrics.paired_recall_difference(
+        check.gts, check.preds, thresholds[0], check2.preds, thresholds[1]
+    )
+    val_recall = [
+        metrics.froc(run.preds, run.gts).recall_at(DETECTOR_FP_RATE) for run in (val, val2)
+    ]
+    reasons = []
+    if site_pair["b_better"] < SHIP_CERTAINTY:
+        reasons.append(
+            f"on the held-out site images its lesion recall beats the base in "
+            f"{site_pair['b_better']:.0%} of paired resamples (needs {SHIP_CERTAINTY:.0%})"
+        )
+    if val_recall[1] - val_recall[0] < -MAX_FRACATLAS_RECALL_LOSS:
+        reasons.append(
+            f"on FracAtlas val its recall at {DETECTOR_FP_RATE} FP/image falls "
+            f"{val_recall[0] - val_recall[1]:.3f} (at most {MAX_FRACATLAS_RECALL_LOSS} allowed)"
+        )
+    summary = {
+        **fit,
+        "held_out_site_recall": site_pair,
+        "fracatlas_val_recall_at_0.4": {"base": val_recall[0], "adapted": val_recall[1]},
+        "adapted_shipped": not reasons,
+        "why_not": reasons,
+    }
+    passed = not reasons
+    return DetectorAdaptation(
+        summary,
+        passed,
+        onnx if passed else None,
+        sha,
+        site2 if passed else None,
+        val2 if passed else None,
+    )
+
+
 def adapt(
     folder: Path,
     out: Path,
@@ -219,52 +343,87 @@ def adapt(
     models_dir: Path = MODELS_DIR,
     mix_limit: int = FRACATLAS_MIX,
     val_limit: int | None = None,
+    detector_epochs: int = 0,
 ) -> dict[str, Any]:
     """Adapt, guard, write OUT; the summary a site's physicist signs."""
     deadline = time.monotonic() + 60 * minutes if minutes else None
     site: SiteImages = load_site(folder)
     name = site_name or Path(folder).name
     plan = served_plan(models_dir)
-    site_run = score(plan, site.records, f"site ({len(site.records)})", deadline)
+    # the detector's training pairs, one per site and FracAtlas mix image (None: unusable)
+    pairs: tuple[list[Any], list[Any]] = ([], [])
+
+    def keeper(into: list[Any]) -> Callable[[Record, ImageWork, np.ndarray], None] | None:
+        from training.site_detector import training_pair
+
+        def keep(rec: Record, w: ImageWork, truth: np.ndarray) -> None:
+            usable = len(truth) or not rec.fractured  # a fracture without boxes teaches nothing
+            into.append(training_pair(w, truth, plan.detector.spec) if usable else None)
+
+        return keep if detector_epochs else None
+
+    site_run = score(plan, site.records, f"site ({len(site.records)})", deadline, keeper(pairs[0]))
     tune_idx, check_idx = split_tune_check(site_run.labels, site_run.patients)
     tune, check = site_run.take(tune_idx), site_run.take(check_idx)
     records = load_records()
     rng = np.random.default_rng(0)
     train = [r for r in records if r.split == "train"]
     mix_records = [train[i] for i in sorted(rng.permutation(len(train))[:mix_limit])]
-    mix = score(plan, mix_records, "FracAtlas train mix", deadline)
+    mix = score(plan, mix_records, "FracAtlas train mix", deadline, keeper(pairs[1]))
     # FracAtlas val images the site folder holds too (a proxy site made of them) stay out of
     # the forgetting check: the head has seen them
     site_ids = {r.image_id for r in site.records}
     val_records = [r for r in records if r.split == "val" and r.image_id not in site_ids]
     val = score(plan, val_records[:val_limit], "FracAtlas val")
+    base_fusion = plan.scoring.fusion
+    # what the classifier is fitted and measured with: the fine-tuned detector's answers when
+    # it ships (its best box feeds the fused score), else the base's
+    detector = None
+    a_site, a_val, a_fusion = site_run, val, base_fusion
+    if detector_epochs:
+        detector = adapt_detector(
+            plan,
+            models_dir,
+            name,
+            (site.records, val_records[:val_limit]),
+            pairs,
+            (tune_idx, check_idx),
+            (site_run, val),
+            detector_epochs,
+            deadline,
+        )
+        if detector.passed and detector.site is not None and detector.val is not None:
+            a_site, a_val = detector.site, detector.val
+            if base_fusion is not None:
+                a_fusion = base_fusion.model_copy(update={"detector_sha256": detector.sha256})
+    a_tune, a_check = a_site.take(tune_idx), a_site.take(check_idx)
     head, head_fit = fit_head(tune, mix)
     source = f"{name}: {len(tune.labels)} tune images ({sum(tune.labels)} fractured)"
-    base_fusion = plan.scoring.fusion
 
     def adapted_raw(run: Scored) -> np.ndarray:
         return head.apply(np.asarray(run.raw), np.stack(run.features))
 
-    adapted_fields = recalibrate(adapted_raw(tune), tune, base_fusion, source)
-    base_fields = recalibrate(np.asarray(tune.raw), tune, base_fusion, source)
+    adapted_fields = recalibrate(adapted_raw(a_tune), a_tune, a_fusion, source)
+    base_fields = recalibrate(np.asarray(a_tune.raw), a_tune, a_fusion, source)
 
     def served(run: Scored, fields: dict[str, Any], raw: np.ndarray) -> np.ndarray:
         return served_probability(
             raw, np.asarray(run.max_box), fields["fusion"], fields["calibration"]
         )
 
+    # the base as served today against the adaptation, on the same held-out images
     site_pair = metrics.paired_auroc_difference(
-        check.labels, check.served, served(check, adapted_fields, adapted_raw(check))
+        check.labels, check.served, served(a_check, adapted_fields, adapted_raw(a_check))
     )
     val_pair = metrics.paired_auroc_difference(
-        val.labels, val.served, served(val, adapted_fields, adapted_raw(val))
+        val.labels, val.served, served(a_val, adapted_fields, adapted_raw(a_val))
     )
-    passed = site_pair["b_better"] >= 0.95 and val_pair["delta"] >= -MAX_FRACATLAS_LOSS
+    passed = site_pair["b_better"] >= SHIP_CERTAINTY and val_pair["delta"] >= -MAX_FRACATLAS_LOSS
     reasons = []
-    if site_pair["b_better"] < 0.95:
+    if site_pair["b_better"] < SHIP_CERTAINTY:
         reasons.append(
             f"on the held-out site images the adapted AUROC beats the base in "
-            f"{site_pair['b_better']:.0%} of paired resamples (needs 95%)"
+            f"{site_pair['b_better']:.0%} of paired resamples (needs {SHIP_CERTAINTY:.0%})"
         )
     if val_pair["delta"] < -MAX_FRACATLAS_LOSS:
         reasons.append(
@@ -273,16 +432,16 @@ def adapt(
         )
     at_check = {}
     for label, fields, raw in (
-        ("base_recalibrated", base_fields, np.asarray(check.raw)),
-        ("adapted", adapted_fields, adapted_raw(check)),
+        ("base_recalibrated", base_fields, np.asarray(a_check.raw)),
+        ("adapted", adapted_fields, adapted_raw(a_check)),
     ):
-        s = served(check, fields, raw)
+        s = served(a_check, fields, raw)
         threshold = (
             fields["fusion"].decision_threshold
             if fields["fusion"]
             else fields["decision_threshold"]
         )
-        at_check[label] = metrics.bootstrap_classification(check.labels, s, threshold)
+        at_check[label] = metrics.bootstrap_classification(a_check.labels, s, threshold)
     summary: dict[str, Any] = {
         "site": name,
         "images": len(site.records),
@@ -297,6 +456,8 @@ def adapt(
         "adapted_shipped": passed,
         "why_not": reasons,
     }
+    if detector is not None:
+        summary["detector"] = detector.summary
     write_models(
         out,
         models_dir,
@@ -305,8 +466,9 @@ def adapt(
         name,
         head if passed else None,
         adapted_fields if passed else base_fields,
-        tune,
+        a_tune,
         summary,
+        detector if detector is not None and detector.passed else None,
     )
     return summary
 
@@ -321,9 +483,11 @@ def write_models(
     fields: dict[str, Any],
     tune: Scored,
     summary: dict[str, Any],
+    detector: DetectorAdaptation | None = None,
 ) -> None:
     """OUT: a copy of the models folder with the classifier card adapted (the head when it
-    ships, the recalibration always) and the detector's FP/image table refitted."""
+    ships, the recalibration always), the fine-tuned detector when it passed its guard, and the
+    detector's FP/image table refitted."""
     out.mkdir(parents=True, exist_ok=True)
     for path in models_dir.iterdir():
         if path.is_file():
@@ -362,8 +526,22 @@ def write_models(
     card["site_adaptation"] = SiteAdaptation.model_validate(adaptation).model_dump(mode="json")
     card = {k: v for k, v in card.items() if v is not None}
     export.save_card(card_path, card)
+    det_path = out / f"{det.name}.json"
+    if detector is not None and detector.onnx is not None:
+        det_card = json.loads(det_path.read_text())
+        (out / det_card["file"]).write_bytes(detector.onnx)
+        det_card["sha256"] = detector.sha256
+        det_card["site_adaptation"] = SiteAdaptation.model_validate(
+            {
+                **{k: adaptation[k] for k in ("site", "created", "images", "fractured")},
+                "images_digest": site.digest,
+                "base": {"detector": adaptation["base"]["detector"]},
+                "method": detector.summary["method"],
+                "figures": detector.summary,
+            }
+        ).model_dump(mode="json", exclude_none=True)
+        export.save_card(det_path, det_card)
     if any(len(g) for g in tune.gts):  # boxes known: the site's own FP/image table
-        det_path = out / f"{det.name}.json"
         det_card = json.loads(det_path.read_text())
         froc = metrics.froc(tune.preds, tune.gts)
         det_card["operating_points"] = froc_operating_points({"froc_table": froc.table()})
@@ -388,6 +566,7 @@ def table(summary: dict[str, Any]) -> str:
         f"{'AUROC':<34} base    adapted  difference [95% CI]",
         row("held-out site images", s),
         row("FracAtlas val", v),
+        *_detector_lines(summary.get("detector")),
         "adapted models shipped"
         if summary["adapted_shipped"]
         else "adapted models NOT shipped: "
@@ -395,6 +574,24 @@ def table(summary: dict[str, Any]) -> str:
         + " (OUT holds the base models, recalibrated on the site)",
     ]
     return "\n".join(lines)
+
+
+def _detector_lines(detector: dict[str, Any] | None) -> list[str]:
+    if not detector:
+        return []
+    if "skipped" in detector:
+        return [f"detector not fine-tuned: {detector['skipped']}"]
+    r, v = detector["held_out_site_recall"], detector["fracatlas_val_recall_at_0.4"]
+    ci = r["delta_ci95"] or [float("nan")] * 2
+    return [
+        f"{'lesion recall @0.4 FP/image':<34} base    adapted  difference [95% CI]",
+        f"{'held-out site images':<34} {r['recall_a'] or 0:.3f}   {r['recall_b'] or 0:.3f}   "
+        f"{r['delta'] or 0:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]  lesions={r['lesions']}",
+        f"{'FracAtlas val (FROC)':<34} {v['base']:.3f}   {v['adapted']:.3f}",
+        "fine-tuned detector shipped"
+        if detector["adapted_shipped"]
+        else "fine-tuned detector NOT shipped: " + "; ".join(detector["why_not"]),
+    ]
 
 
 def main(argv: list[str]) -> int:
@@ -408,10 +605,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--site", help="the site's name in the cards (default: the folder's)")
     parser.add_argument("--minutes", type=float, help="give up when scoring takes longer")
     parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    parser.add_argument(
+        "--detector-epochs",
+        type=int,
+        default=0,
+        help="also fine-tune the detector (Faster R-CNN) this many epochs on the site's boxes",
+    )
     args = parser.parse_args(argv)
     if args.out.resolve() == args.models_dir.resolve():
         parser.error("--out must be another folder than the models it adapts")
-    summary = adapt(args.folder, args.out, args.site, args.minutes, args.models_dir)
+    if args.detector_epochs < 0:
+        parser.error("--detector-epochs must be 0 or more")
+    summary = adapt(
+        args.folder,
+        args.out,
+        args.site,
+        args.minutes,
+        args.models_dir,
+        detector_epochs=args.detector_epochs,
+    )
     (args.out / "adaptation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(table(summary), flush=True)
     return 0

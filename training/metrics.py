@@ -314,6 +314,40 @@ def detection_counts(
     return tuple(np.asarray(v, dtype=float) for v in (hits, lesions, fps))  # type: ignore[return-value]
 
 
+def paired_recall_difference(
+    ground_truth: Sequence[np.ndarray],
+    predictions_a: Sequence[tuple[np.ndarray, np.ndarray]],
+    threshold_a: float,
+    predictions_b: Sequence[tuple[np.ndarray, np.ndarray]],
+    threshold_b: float,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Lesion recall of two detectors on the same images, each at its own threshold, and a 95%
+    paired-bootstrap interval of b - a (images resampled, both counted on the same draw);
+    `b_better`: the share of resamples in which b finds more lesions. FP/image of each."""
+    ha, n, fa = detection_counts(predictions_a, ground_truth, threshold_a)
+    hb, _, fb = detection_counts(predictions_b, ground_truth, threshold_b)
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(n), len(n))
+        if n[idx].sum():
+            deltas.append((hb[idx].sum() - ha[idx].sum()) / n[idx].sum())
+    total = float(n.sum())
+    return {
+        "n": int(len(n)),
+        "lesions": int(total),
+        "recall_a": float(ha.sum() / total) if total else None,
+        "recall_b": float(hb.sum() / total) if total else None,
+        "delta": float((hb.sum() - ha.sum()) / total) if total else None,
+        "delta_ci95": [float(np.percentile(deltas, q)) for q in (2.5, 97.5)] if deltas else None,
+        "b_better": float(np.mean(np.asarray(deltas) > 0)) if deltas else 0.0,
+        "fp_per_image_a": float(fa.mean()) if len(fa) else 0.0,
+        "fp_per_image_b": float(fb.mean()) if len(fb) else 0.0,
+    }
+
+
 def bootstrap_detection_at(
     predictions: Sequence[tuple[np.ndarray, np.ndarray]],
     ground_truth: Sequence[np.ndarray],

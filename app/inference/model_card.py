@@ -194,9 +194,10 @@ class Familiarity(BaseModel):
 
 
 class SiteAdaptation(BaseModel):
-    """Where a classifier card was adapted (`python -m training adapt`): the site, its images
-    (count and a digest of their list), the base models, the paired figures, and the site's
-    last layer (app/inference/site_head.py) when it passed the guard."""
+    """Where a card was adapted (`python -m training adapt`): the site, its images (count and a
+    digest of their list), the base models, the paired figures, and for a classifier the site's
+    last layer (app/inference/site_head.py) when it passed the guard; a fine-tuned detector's
+    weights are its graph itself."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -254,17 +255,19 @@ class ModelCard(BaseModel):
     def _role_fields(self) -> ModelCard:
         if self.task == "classification" and self.decision_threshold is None:
             raise ValueError("a classifier card needs decision_threshold")
-        classifier_only = (
-            self.calibration,
-            self.fusion,
-            self.verdict,
-            self.familiarity,
-            self.site_adaptation,
-        )
+        classifier_only = (self.calibration, self.fusion, self.verdict, self.familiarity)
         if any(f is not None for f in classifier_only) and self.task != "classification":
             raise ValueError(
                 "only a classifier card carries a calibration, verdict, fusion or familiarity"
             )
+        if self.site_adaptation is not None and self.task not in ("classification", "detection"):
+            raise ValueError("only a classifier or detector card carries a site_adaptation")
+        if (
+            self.site_adaptation is not None
+            and self.site_adaptation.file
+            and self.task != ("classification")
+        ):
+            raise ValueError("only a classifier card carries a site head file")
         if self.task == "segmentation" and self.crop_margin is None:
             raise ValueError("a cropper card needs crop_margin")
         if self.task == "orientation" and self.min_confidence is None:

@@ -140,3 +140,35 @@ def test_adapt_writes_a_folder_the_service_serves_with_its_provenance(tmp_path):
     assert provenance.base["classifier"]["name"] == "classifier-mobilenetv2"
     assert (provenance.file is not None) == summary["adapted_shipped"]
     assert card.calibration is not None  # recalibrated on the site either way
+
+
+def test_adapt_fine_tunes_the_detector_on_the_crops_the_service_takes(tmp_path, monkeypatch):
+    """--detector-epochs: the served Faster R-CNN, warm-started from its own graph, trained on
+    the site's served crops and FracAtlas's, guarded and, past the guard (made to pass here, to
+    exercise what ships), written into OUT with the fused score following the new file."""
+    from tests.conftest import FRACATLAS, need
+
+    need(FRACATLAS)
+    import training.adapt as adapting
+    from app.inference.runtime import ModelRegistry, sha256_of
+    from research.site_proxy import write_site
+
+    monkeypatch.setattr(adapting, "SHIP_CERTAINTY", 0.0)
+    monkeypatch.setattr(adapting, "MAX_FRACATLAS_RECALL_LOSS", 1.0)
+    folder = write_site("all-rotate-512", tmp_path / "site", count=50)
+    out = tmp_path / "models-site"
+    summary = adapting.adapt(folder, out, "proxy", mix_limit=16, val_limit=12, detector_epochs=1)
+    detector = summary["detector"]
+    assert detector["site_crops"] > 0 and detector["fracatlas_crops"] > 0
+    assert len(detector["losses"]) == 1 and detector["adapted_shipped"]
+    recall = detector["held_out_site_recall"]
+    assert recall["lesions"] > 0 and 0 <= recall["recall_b"] <= 1
+    assert "lesion recall" in adapting.table(summary)
+    registry = ModelRegistry(out)
+    registry.load_all("cpu", 1)
+    card = registry.models["detector-frcnn-mobilenetv2-robust"].card
+    base = ModelRegistry(REPO / "models").models["detector-frcnn-mobilenetv2-robust"].card
+    assert card.sha256 == sha256_of(out / card.file) != base.sha256
+    assert card.site_adaptation.site == "proxy"
+    fusion = registry.models["classifier-mobilenetv2"].card.fusion
+    assert fusion is None or fusion.detector_sha256 == card.sha256

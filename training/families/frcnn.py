@@ -290,49 +290,15 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
     device = common.training_device(recipe)
     model.to(device)  # before the resume: the optimiser's state follows its parameters' device
     start = common.resume(ckpt_path, model=model, opt=opt, sched=sched)
-    strength = recipe.get("augment")
-    # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
-    tilt = {k: float(recipe[k]) for k in ("tilt_p", "tilt_degrees") if k in recipe}
-    shifts = {k: float(recipe[k]) for k in ("compound_p", "processing_p") if k in recipe}
     for epoch in progress(range(start, recipe["epochs"]), "epochs"):
-        model.train()
-        t0, losses = time.time(), []
-        rng = random.Random(recipe["seed"] * 1000 + epoch)  # the same draws after a resume
-        for idx in torch.randperm(len(data)).split(recipe["batch_size"]):
-            images, targets = [], []
-            for i in idx.tolist():
-                img, boxes = data[i]
-                if strength is None:  # the 1.0 recipes: a horizontal flip only
-                    if torch.rand(1) < 0.5:
-                        img = img.flip(-1)
-                        boxes = boxes.clone()
-                        boxes[:, [0, 2]] = img.shape[-1] - boxes[:, [2, 0]]
-                else:
-                    photometric = strength == "robust"
-                    rot90_p = float(recipe.get("rot90_p", 0.0))
-                    img, boxes = augment.detection_pair(
-                        img, boxes, rng, rot90_p, photometric, **tilt, **shifts
-                    )
-                img = img.float().div(255).expand(3, -1, -1)
-                images.append(img.to(device))
-                targets.append(
-                    {
-                        "boxes": boxes.to(device),
-                        "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
-                    }
-                )
-            loss = sum(model(images, targets).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        t0 = time.time()
+        loss = train_epoch(model, data, recipe, epoch, opt, sched, device)
         common.end_epoch(
             log,
             ckpt_path,
             epoch,
             t0,
-            {"loss": float(np.mean(losses))},
+            {"loss": loss},
             stateful={"model": model, "opt": opt, "sched": sched},
         )
 
@@ -358,6 +324,58 @@ def train(recipe: dict[str, Any], out_dir: Path = common.MODELS_DIR) -> dict[str
         licence="Proprietary model weights (torchvision code BSD-3); training data CC BY 4.0",
         metrics={"onnx_parity_max_abs_diff": parity},
     )
+
+
+def train_epoch(
+    model: Any,
+    data: list[tuple[Any, Any]],
+    recipe: dict[str, Any],
+    epoch: int,
+    opt: Any,
+    sched: Any,
+    device: Any = "cpu",
+) -> float:
+    """One pass over `data` ((uint8 HxW crop at the input size, boxes in its pixels) pairs),
+    augmented as the recipe says, in batches of `batch_size`; the mean loss."""
+    import torch
+
+    model.train()
+    strength = recipe.get("augment")
+    # any-angle turns: only the recipe keys given (detection_pair holds the defaults)
+    tilt = {k: float(recipe[k]) for k in ("tilt_p", "tilt_degrees") if k in recipe}
+    shifts = {k: float(recipe[k]) for k in ("compound_p", "processing_p") if k in recipe}
+    rng = random.Random(recipe["seed"] * 1000 + epoch)  # the same draws after a resume
+    losses = []
+    for idx in torch.randperm(len(data)).split(recipe["batch_size"]):
+        images, targets = [], []
+        for i in idx.tolist():
+            img, boxes = data[i]
+            if strength is None:  # the 1.0 recipes: a horizontal flip only
+                if torch.rand(1) < 0.5:
+                    img = img.flip(-1)
+                    boxes = boxes.clone()
+                    boxes[:, [0, 2]] = img.shape[-1] - boxes[:, [2, 0]]
+            else:
+                photometric = strength == "robust"
+                rot90_p = float(recipe.get("rot90_p", 0.0))
+                img, boxes = augment.detection_pair(
+                    img, boxes, rng, rot90_p, photometric, **tilt, **shifts
+                )
+            img = img.float().div(255).expand(3, -1, -1)
+            images.append(img.to(device))
+            targets.append(
+                {
+                    "boxes": boxes.to(device),
+                    "labels": torch.ones(len(boxes), dtype=torch.int64, device=device),
+                }
+            )
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
 
 
 def export_graph(model: Any, recipe: dict[str, Any], path: Path) -> Path:
