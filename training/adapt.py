@@ -1,6 +1,7 @@
 """Adapt the served models to a site from its own labelled images, and prove it.
 
     python -m training adapt --folder /data/site --out models-site [--site "St Elsewhere"]
+    python -m training adapt --folder /data/site --out models-site --detector-epochs 3
 
 SITE is the release layout or a folder of DICOM/PNG/JPEG files with a manifest (training/site.py).
 A seeded, stratified part of the site's images (HOLD_OUT, by patient where the DICOMs say) is kept
@@ -13,7 +14,14 @@ out; the rest ("tune") adapts:
 2. the probability's calibration, the decision threshold, the three-level verdict and the
    detector's FP/image table, refitted on the tune images (as `calibrate` does), at the base
    card's fusion weight;
-3. the familiarity reference's threshold, so that 95% of the site's tune images pass.
+3. the familiarity reference's threshold, so that 95% of the site's tune images pass;
+4. with `--detector-epochs N`, the detector (Faster R-CNN only): fine-tuned N epochs from the
+   served graph on the tune images' crops as the service takes them, mixed with as many
+   FracAtlas crops (training/site_detector.py); it ships only if its lesion recall at the
+   0.4 FP/image threshold fitted on the tune images beats the base's on the held-out site
+   images in SHIP_CERTAINTY of paired resamples and its FracAtlas val FROC recall falls at
+   most MAX_FRACATLAS_RECALL_LOSS; steps 1-3 are then fitted with its answers (the fused score
+   follows the new file).
 
 The guard: the adapted models ship in OUT only if, on the held-out site images, their served
 AUROC beats the base's in at least 95% of paired bootstrap resamples, and on FracAtlas val they

@@ -172,3 +172,44 @@ def test_adapt_fine_tunes_the_detector_on_the_crops_the_service_takes(tmp_path, 
     assert card.site_adaptation.site == "proxy"
     fusion = registry.models["classifier-mobilenetv2"].card.fusion
     assert fusion is None or fusion.detector_sha256 == card.sha256
+
+
+def test_truth_boxes_land_where_the_detector_looks():
+    """A frame box mapped into the served crop (frame_boxes_to_crop) and back by the detect
+    stage's own mapping is the same box; where the crop was turned upright, the box around it."""
+    from tests.conftest import FRACATLAS, need
+
+    need(FRACATLAS)
+    from app.inference.pipeline import ImageWork, run_study
+    from training.data import load_records
+    from training.evaluate import decode_record, served_plan
+    from training.site_detector import frame_boxes_to_crop
+
+    plan = served_plan(REPO / "models")
+    records = [r for r in load_records() if r.split == "val" and r.boxes][:12]
+    seen = {"turned": 0, "upright": 0}
+    for rec in records:
+        image, normalised = decode_record(rec, "none")
+        w = ImageWork(image=image, decode_ms=0.0)
+        run_study([w], plan)
+        frame = normalised * np.array([image.width, image.height] * 2, np.float32)
+        inside = frame_boxes_to_crop(w, frame)
+        if len(inside) != len(frame):
+            continue  # a box outside the crop is dropped, as training drops it
+        back = inside.copy()
+        x1, y1 = (w.turned_box if w.turn else w.working_box)[:2]
+        back[:, [0, 2]] += x1
+        back[:, [1, 3]] += y1
+        if w.turn:
+            back = w.turn.boxes_back(back)
+        back = image.to_frame(back)
+        sx, sy = image.scale
+        slack = 2 * max(sx, sy)  # the crop's whole working pixels
+        if w.turn:
+            seen["turned"] += 1
+            assert (back[:, :2] <= frame[:, :2] + slack).all()
+            assert (back[:, 2:] >= frame[:, 2:] - slack).all()
+        else:
+            seen["upright"] += 1
+            assert np.abs(back - frame).max() <= slack
+    assert seen["upright"] + seen["turned"] >= 6, seen
