@@ -57,10 +57,15 @@ def threshold_at(run: Scored, fp_rate: float) -> float:
 
 
 def point(
-    tune: Scored, test: Scored, mix: Scored, fusion: Fusion | None, base_threshold: float
+    tune: Scored,
+    test: Scored,
+    mix: Scored,
+    fusion: Fusion | None,
+    base_threshold: float,
+    logit_scale: float | None = None,
 ) -> dict[str, Any]:
     """Adapt's steps fitted on `tune`, measured on `test` against the base recalibrated alike."""
-    head, fit = fit_head(tune, mix)
+    head, fit = fit_head(tune, mix, logit_scale)
     source = f"curve draw of {len(tune.labels)}"
     base = recalibrate(np.asarray(tune.raw), tune, fusion, source)
     adapted_raw = head.apply(np.asarray(test.raw), np.stack(test.features))
@@ -92,6 +97,9 @@ def main() -> None:
     ap.add_argument("--shift", default="all-rotate-512")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--models-dir", type=Path, default=Path("models"))
+    ap.add_argument(
+        "--logit-scale", type=float, help="fit_head's logit_scale (default: adapt's LOGIT_SCALE)"
+    )
     args = ap.parse_args()
     site_dir = args.out / f"site-{args.shift}"
     if not (site_dir / "manifest.csv").is_file():
@@ -133,7 +141,7 @@ def main() -> None:
                 {
                     "size": size,
                     "repeat": repeat,
-                    **point(tune, test, mix, plan.scoring.fusion, base_threshold),
+                    **point(tune, test, mix, plan.scoring.fusion, base_threshold, args.logit_scale),
                 }
             )
             a = points[-1]["auroc"]
@@ -151,10 +159,12 @@ def main() -> None:
         "pool_images": len(pool_idx),
         "base_threshold_fp_0.4": base_threshold,
         "models": {m.role: f"{m.name} {m.version}" for m in (plan.classifier, plan.detector)},
+        "logit_scale": args.logit_scale,
         "points": points,
     }
-    (args.out / "site-curve.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    print(f"wrote {args.out / 'site-curve.json'}")
+    name = f"site-curve-x{args.logit_scale:g}.json" if args.logit_scale else "site-curve.json"
+    (args.out / name).write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    print(f"wrote {args.out / name}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ SHIP_CERTAINTY = 0.95  # share of paired resamples in which an adaptation must b
 MAX_FRACATLAS_RECALL_LOSS = 0.03  # the detector's: FROC recall at DETECTOR_FP_RATE on val
 DETECTOR_FP_RATE = 0.4
 C_GRID = (0.003, 0.01, 0.03, 0.1)
+LOGIT_SCALE = 1.0
 
 
 @dataclass
@@ -156,10 +157,15 @@ def split_tune_check(
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def fit_head(tune: Scored, mix: Scored) -> tuple[SiteHead, dict[str, Any]]:
+def fit_head(
+    tune: Scored, mix: Scored, logit_scale: float | None = None
+) -> tuple[SiteHead, dict[str, Any]]:
     """The site's last layer: L2 logistic regression on [logit of the base raw probability,
     standardised pooled features] over the tune images and the FracAtlas mix (equal total
-    weight), C chosen by 5-fold cross-validated AUROC on the tune images."""
+    weight), C chosen by 5-fold cross-validated AUROC on the tune images. The logit column is
+    multiplied by `logit_scale` (LOGIT_SCALE) while fitting, so the penalty that holds the
+    features back barely holds back the base's own judgement."""
+    scale_logit = LOGIT_SCALE if logit_scale is None else logit_scale
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
@@ -168,6 +174,8 @@ def fit_head(tune: Scored, mix: Scored) -> tuple[SiteHead, dict[str, Any]]:
     probe = SiteHead(mean, scale, np.zeros(feats.shape[1]), 1.0, 0.0)
     x_tune = probe.inputs(np.asarray(tune.raw), np.stack(tune.features))
     x_mix = probe.inputs(np.asarray(mix.raw), np.stack(mix.features))
+    x_tune[:, 0] *= scale_logit
+    x_mix[:, 0] *= scale_logit
     y_tune, y_mix = np.asarray(tune.labels), np.asarray(mix.labels)
     w_mix = len(y_tune) / max(len(y_mix), 1)
 
@@ -188,8 +196,12 @@ def fit_head(tune: Scored, mix: Scored) -> tuple[SiteHead, dict[str, Any]]:
     best = max(C_GRID, key=lambda c: cv[c])
     model = fitted(best, np.arange(len(y_tune)))
     coef = model.coef_[0]
-    head = SiteHead(mean, scale, coef[1:], float(coef[0]), float(model.intercept_[0]))
-    return head, {"C": best, "cv_auroc_by_C": {str(c): round(a, 4) for c, a in cv.items()}}
+    head = SiteHead(mean, scale, coef[1:], float(coef[0]) * scale_logit, float(model.intercept_[0]))
+    return head, {
+        "C": best,
+        "logit_scale": scale_logit,
+        "cv_auroc_by_C": {str(c): round(a, 4) for c, a in cv.items()},
+    }
 
 
 def served_probability(
