@@ -370,6 +370,12 @@ def adapt(
     site: SiteImages = load_site(folder)
     name = site_name or Path(folder).name
     plan = served_plan(models_dir)
+    family = plan.detector.card.recipe.get("family") if plan.detector.card else None
+    if detector_epochs and family != "frcnn":  # said before minutes of scoring, not after
+        raise SiteDataError(
+            f"--detector-epochs: {plan.detector.name} is a {family or 'unknown'} detector; "
+            "only a Faster R-CNN (frcnn) can be fine-tuned"
+        )
     # the detector's training pairs, one per site and FracAtlas mix image (None: unusable)
     pairs: tuple[list[Any], list[Any]] = ([], [])
 
