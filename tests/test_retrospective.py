@@ -43,12 +43,15 @@ def test_sr_sends_dicom_through_stow_and_keeps_each_analysis_results(
     folder.mkdir()
     shutil.copy(test_split_images[0], folder / "one.jpg")
     shutil.copy(dicom_dir / "RG3_UNC.dcm", folder / "wrist.dcm")
+    shutil.copy(dicom_dir / "CR-MONO1-10-chest.dcm", folder / "chest.dcm")
     sr_dir = tmp_path / "sr"
     out = tmp_path / "audit.csv"
     counts = run(folder, out, app_client, concurrency=1, sr_dir=sr_dir)
-    assert counts["analysed"] == 2 and counts["result_objects"] >= 1
+    assert counts["analysed"] == 2 and counts["refused"] == 1 and counts["result_objects"] >= 1
     with open(out, newline="") as fh:
         rows = {r["path"]: r for r in csv.DictReader(fh)}
+    # STOW-RS refuses the chest film with its reason, as /v1/predict would name it
+    assert rows["chest.dcm"]["status"] == "409" and rows["chest.dcm"]["error"] == "out_of_scope"
     source = pydicom.dcmread(dicom_dir / "RG3_UNC.dcm", stop_before_pixels=True)
     assert rows["wrist.dcm"]["verdict"] in ("fracture", "doubt", "no_fracture")
     saved = sorted((sr_dir / source.StudyInstanceUID).glob("*.dcm"))

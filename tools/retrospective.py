@@ -90,7 +90,11 @@ def row_of(rel: str, response: httpx.Response) -> dict[str, Any]:
     row: dict[str, Any] = {"path": rel, "status": response.status_code}
     if "studies" in body:  # a STOW-RS answer: this one instance's study
         if not body["studies"]:
-            return row | {"error": "stow_refused", "request_id": body.get("request_id")}
+            failures = body.get("failures") or [{}]
+            return row | {
+                "error": failures[0].get("error", "stow_refused"),
+                "request_id": body.get("request_id"),
+            }
         body = body["studies"][0]
     if response.status_code != 200:
         return row | {"error": body.get("error", "http_error")}

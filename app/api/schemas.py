@@ -107,12 +107,22 @@ class ModelList(BaseModel):
     models: list[ServedModel]
 
 
+class StowFailure(BaseModel):
+    """An instance STOW-RS refused: the DICOM failure reason and our error code and sentence."""
+
+    sop_instance_uid: str | None
+    failure_reason: int = Field(description="as in the DICOM answer's FailedSOPSequence")
+    error: str = Field(description="the error code /v1/predict would answer, e.g. out_of_scope")
+    detail: str
+
+
 class StowJson(BaseModel):
     """STOW-RS answer for `Accept: application/json` callers."""
 
     request_id: str
     studies: list[StoredStudyAnswer]
-    failed: int = Field(description="instances refused (see the DICOM answer for reasons)")
+    failed: int = Field(description="instances refused")
+    failures: list[StowFailure] = Field([], description="each refused instance and why")
 
 
 class Delivery(BaseModel):

@@ -49,11 +49,14 @@ MISSING_UID = 0xA900
 
 @dataclass(frozen=True)
 class Refused:
-    """An instance not taken: its UIDs (empty when unreadable) and the DICOM failure reason."""
+    """An instance not taken: its UIDs (empty when unreadable), the DICOM failure reason, and
+    the error code and sentence /v1/predict would answer for it."""
 
     sop_class: str
     sop_uid: str
     reason: int
+    error: str = "invalid_dicom"
+    detail: str = "not a DICOM instance this service can read"
 
 
 class Accepted:
@@ -78,9 +81,17 @@ def read_instance(
     except (ApiError, AttributeError):
         return Refused("", "", CANNOT_UNDERSTAND)
     if not sop_class or not sop_uid or not str(ds.get("StudyInstanceUID", "") or ""):
-        return Refused(sop_class, sop_uid, MISSING_UID)  # refused before any inference
+        return Refused(  # refused before any inference
+            sop_class, sop_uid, MISSING_UID, "missing_uid", "no SOP or study instance UID"
+        )
     if url_study and str(ds.get("StudyInstanceUID", "")) != url_study:
-        return Refused(sop_class, sop_uid, STUDY_UID_MISMATCH)
+        return Refused(
+            sop_class,
+            sop_uid,
+            STUDY_UID_MISMATCH,
+            "study_uid_mismatch",
+            "the instance belongs to another study than the URL names",
+        )
     try:
         image = decode_dicom_dataset(
             ds, service.settings.max_image_pixels, service.settings.allowed_modalities
@@ -92,7 +103,7 @@ def read_instance(
         out_of_scope = ("unsupported_modality", "out_of_scope")
         if exc.code in (*out_of_scope, "multi_frame_unsupported", "no_pixel_data"):
             reason = SOP_CLASS_NOT_SUPPORTED
-        return Refused(sop_class, sop_uid, reason)
+        return Refused(sop_class, sop_uid, reason, exc.code, exc.detail)
     service.metrics.stage_duration.labels("decode").observe(time.perf_counter() - t0)
     return Accepted(source_header(ds), image, round(1000 * (time.perf_counter() - t0), 2), data)
 

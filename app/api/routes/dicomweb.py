@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import FpPerImage, ScoreThreshold, ServiceDep, request_id_of
-from app.api.schemas import Delivery, Findings, StowJson, errors
+from app.api.schemas import Delivery, Findings, StowFailure, StowJson, errors
 from app.core.errors import ApiError
 from app.dicom.multipart import (
     MultipartError,
@@ -93,7 +93,8 @@ STOW_DOC = {
     "responses": {
         "200": {
             "description": "every instance stored and analysed; with Accept: application/json "
-            "our findings instead (request_id, studies: the answers, failed: a count)",
+            "our findings instead (request_id, studies: the answers, failed: a count, "
+            "failures: each refused instance with its error code)",
             "content": {**_STORE, "application/json": {}},
         },
         "202": {
@@ -191,9 +192,9 @@ async def _check_intake(service: FractureService, arriving: int) -> None:
 
 async def _accept(
     service: FractureService, parts: list[Any], url_study: str | None
-) -> tuple[OrderedDict[str, list[Accepted]], list[Dataset]]:
+) -> tuple[OrderedDict[str, list[Accepted]], list[tuple[Dataset, Refused]]]:
     """The accepted instances by study, and a FailedSOPSequence item for each refused one."""
-    failed: list[Dataset] = []
+    failed: list[tuple[Dataset, Refused]] = []
     studies: OrderedDict[str, list[Accepted]] = OrderedDict()
     for part in parts:
         ptype = media_params(part.content_type)[0] if part.content_type else "application/dicom"
@@ -207,7 +208,7 @@ async def _accept(
         else:
             item = _sop_item(outcome.sop_class, outcome.sop_uid)
             item.FailureReason = outcome.reason
-            failed.append(item)
+            failed.append((item, outcome))
             service.metrics.images.labels("rejected").inc()
     return studies, failed
 
@@ -217,7 +218,7 @@ def _stow_response(
     service: FractureService,
     url_study: str | None,
     studies: OrderedDict[str, list[Accepted]],
-    failed: list[Dataset],
+    failed: list[tuple[Dataset, Refused]],
     answers: list[Any],
     request_id: str,
 ) -> Response:
@@ -233,14 +234,27 @@ def _stow_response(
     status = 200 if not failed else (202 if referenced else 409)
     accept = request.headers.get("accept", "")
     if "application/json" in accept and "dicom+json" not in accept:
-        body = StowJson(request_id=request_id, studies=answers, failed=len(failed))
+        body = StowJson(
+            request_id=request_id,
+            studies=answers,
+            failed=len(failed),
+            failures=[
+                StowFailure(
+                    sop_instance_uid=r.sop_uid or None,
+                    failure_reason=r.reason,
+                    error=r.error,
+                    detail=r.detail,
+                )
+                for _, r in failed
+            ],
+        )
         return _json(body.model_dump(mode="json"), status)
     response = Dataset()
     if url_study or len(studies) == 1:
         base = (service.settings.public_url or _listening_url(request)).rstrip("/")
         response.RetrieveURL = f"{base}/dicomweb/studies/{url_study or next(iter(studies))}"
     if failed:
-        response.FailedSOPSequence = failed
+        response.FailedSOPSequence = [item for item, _ in failed]
     if referenced:
         response.ReferencedSOPSequence = referenced
     headers = (
