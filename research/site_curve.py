@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from app.inference.model_card import Fusion
+from app.inference.operating_point import from_fp_rate
 from research.site_proxy import write_site
 from training import metrics
 from training.adapt import (
@@ -33,6 +34,7 @@ from training.adapt import (
     recalibrate,
     score,
     served_probability,
+    tune_threshold,
 )
 from training.data import load_records
 from training.evaluate import served_plan
@@ -49,11 +51,6 @@ def stratified(labels: np.ndarray, count: int, rng: np.random.Generator) -> np.n
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     k = round(count * len(pos) / len(labels))
     return np.sort(np.concatenate([rng.permutation(pos)[:k], rng.permutation(neg)[: count - k]]))
-
-
-def threshold_at(run: Scored, fp_rate: float) -> float:
-    rows = metrics.froc(run.preds, run.gts).table([fp_rate])
-    return float(rows[0]["threshold"])
 
 
 def point(
@@ -77,7 +74,7 @@ def point(
     served_adapted = served_probability(
         adapted_raw, np.asarray(test.max_box), adapted["fusion"], adapted["calibration"]
     )
-    site_threshold = threshold_at(tune, FP_RATE)
+    site_threshold = tune_threshold(tune, FP_RATE)
     return {
         "tune_images": len(tune.labels),
         "tune_fractured": int(sum(tune.labels)),
@@ -124,13 +121,7 @@ def main() -> None:
     pool_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
     test = everything.take(test_idx)
     shipped = plan.detector.card
-    base_threshold = float(
-        np.interp(
-            FP_RATE,
-            [r.fp_per_image for r in shipped.operating_points or []],
-            [r.threshold for r in shipped.operating_points or []],
-        )
-    )
+    base_threshold = from_fp_rate(shipped, FP_RATE).detector_threshold
     points = []
     # the last point is the whole pool when it holds fewer than the largest size
     for size in sorted({min(size, len(pool_idx)) for size in SIZES}):

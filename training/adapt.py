@@ -231,18 +231,18 @@ def recalibrate(
         verdict = fit_verdict(np.asarray(run.labels), fit.served, source)
     except ValueError:  # fewer than 10 of a class: the base card's verdict is not carried over
         verdict = None
-    if fit.fusion is not None:
-        return {
-            "calibration": fit.calibration,
-            "decision_threshold": fit.decision_threshold,
-            "fusion": fit.fusion.model_copy(update={"verdict": verdict}),
-        }
+    fused = fit.fusion is not None  # the verdict then lives in the fusion, on its score
     return {
         "calibration": fit.calibration,
         "decision_threshold": fit.decision_threshold,
-        "fusion": None,
-        "verdict": verdict,
+        "fusion": fit.fusion.model_copy(update={"verdict": verdict}) if fit.fusion else None,
+        "verdict": None if fused else verdict,
     }
+
+
+def tune_threshold(run: Scored, fp_rate: float = DETECTOR_FP_RATE) -> float:
+    """The detector threshold holding `fp_rate` false positives per image on `run` (its FROC)."""
+    return float(metrics.froc(run.preds, run.gts).operating_point(fp_rate)["threshold"])
 
 
 @dataclass
@@ -316,10 +316,7 @@ def adapt_detector(
         onnx = (work / det.card.file).read_bytes()
     tune, check = site_run.take(tune_idx), site_run.take(check_idx)
     tune2, check2 = site2.take(tune_idx), site2.take(check_idx)
-    thresholds = [
-        metrics.froc(run.preds, run.gts).operating_point(DETECTOR_FP_RATE)["threshold"]
-        for run in (tune, tune2)
-    ]
+    thresholds = [tune_threshold(run) for run in (tune, tune2)]
     site_pair = metrics.paired_recall_difference(
         check.gts, check.preds, thresholds[0], check2.preds, thresholds[1]
     )

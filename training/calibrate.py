@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,8 @@ class ScoreFit:
     calibration: Calibration
     decision_threshold: float
     calibrated: np.ndarray  # the classifier's calibrated probability on the fitted images
+    served: np.ndarray  # what the service answers on them: `calibrated`, or the fused score's
     fusion: Fusion | None = None
-    served: np.ndarray = field(default_factory=lambda: np.zeros(0))  # what the service answers
 
 
 def fit_scores(
@@ -84,8 +84,8 @@ def fit_scores(
     score's calibration and threshold too. calibrate and adapt both fit through this."""
     platt = fit_platt(labels, list(raw), fitted_on)
     calibrated = np.array([platt.apply(p) for p in raw])
-    fit = ScoreFit(platt, metrics.youden_threshold(labels, list(calibrated)), calibrated)
-    fit.served = calibrated
+    threshold = metrics.youden_threshold(labels, list(calibrated))
+    fit = ScoreFit(platt, threshold, calibrated, served=calibrated)
     if weight is not None and weight < 1.0 and detector is not None:
         fused_raw = fused_score(np.asarray(raw), np.asarray(max_box), weight)
         fused_platt = fit_platt(labels, list(fused_raw), fitted_on)
@@ -168,15 +168,14 @@ def calibrate(
         fit.fusion,
     )
     if fusion is not None:
-        fused = fit.served
         fusion_summary = {
             "versus_classifier_alone": metrics.paired_auroc_difference(
-                run.labels, calibrated, fused
+                run.labels, calibrated, fit.served
             ),
-            "brier_calibrated": float(np.mean((np.asarray(fused) - run.labels) ** 2)),
+            "brier_calibrated": float(np.mean((fit.served - run.labels) ** 2)),
             "mean_auroc_by_weight": {str(w): a for w, a in aurocs.items()},
             "at_threshold": metrics.classification_metrics(
-                run.labels, fused, fusion.decision_threshold
+                run.labels, fit.served, fusion.decision_threshold
             ),
         }
     froc = metrics.froc(run.preds, run.gts)

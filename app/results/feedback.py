@@ -165,7 +165,7 @@ class FeedbackStore:
 
     def latest_per_image(self) -> list[StoredFeedback]:
         """Each image's latest reading that gives it a label (oldest image first)."""
-        latest: dict[str, StoredFeedback] = {}
+        latest: dict[str, str] = {}  # JSON kept, parsed once for the readings that count
         query = (
             select(feedback_table.c.image_key, feedback_table.c.reading)
             .where(feedback_table.c.label.is_not(None))
@@ -174,8 +174,8 @@ class FeedbackStore:
         with self.engine.connect() as db:
             for row in db.execute(query):
                 latest.pop(row.image_key, None)  # re-inserted: ordered by its latest reading
-                latest[row.image_key] = StoredFeedback.model_validate_json(row.reading)
-        return list(latest.values())
+                latest[row.image_key] = row.reading
+        return [StoredFeedback.model_validate_json(text) for text in latest.values()]
 
     def count(self) -> int:
         with self.engine.connect() as db:
