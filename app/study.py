@@ -74,16 +74,15 @@ def file_label(index: int, filename: str | None) -> str:
 def refuse_unreadable(
     works: list[ImageWork], plan: Plan
 ) -> tuple[list[ImageWork], list[NotAnalysed]]:
-    """Split off the images whose ood_score is beyond the classifier card's `refuse_above`: no
-    radiograph the models can read (a screenshot, a photograph, a document). 422 out_of_scope
-    when none is left."""
+    """Split off the images the classifier card's familiarity says are no radiograph the models
+    can read (a screenshot, a photograph, a document): ood_score beyond `refuse_above`, or
+    flagged with the radiograph probe beyond `probe_refuse_above`. 422 out_of_scope when none
+    is left."""
     kept, refused = [], []
     for i, w in enumerate(works):
-        if plan.scoring.unreadable(w.ood_score):
-            detail = (
-                f"the image does not look like a radiograph the models can read (ood_score "
-                f"{w.ood_score:.3g} above {plan.scoring.ood_refuse_above:.3g}): not analysed"
-            )
+        reason = plan.scoring.unreadable(w.ood_score, w.probe_logit)
+        if reason:
+            detail = f"{reason}: not analysed"
             index = i if w.index is None else w.index
             refused.append(
                 NotAnalysed(

@@ -2,6 +2,7 @@
 
     python -m training adapt --folder /data/site --out models-site [--site "St Elsewhere"]
     python -m training adapt --folder /data/site --out models-site --detector-epochs 3
+    python -m training adapt --folder /data/site --out models-site --classifier-epochs 4
 
 SITE is the release layout or a folder of DICOM/PNG/JPEG files with a manifest (training/site.py).
 A seeded, stratified part of the site's images (HOLD_OUT, by patient where the DICOMs say) is kept
@@ -22,6 +23,10 @@ out; the rest ("tune") adapts:
    images in SHIP_CERTAINTY of paired resamples and its FracAtlas val FROC recall falls at
    most MAX_FRACATLAS_RECALL_LOSS; steps 1-3 are then fitted with its answers (the fused score
    follows the new file).
+5. with `--classifier-epochs N`, in place of step 1: the ensemble's second member fine-tuned N
+   epochs from the served graph on the tune images' crops (box supervision where boxes are
+   known), mixed with as many FracAtlas crops (training/site_classifier.py); the first member,
+   whose features the familiarity reads, stays as served. Guarded as step 1 is.
 
 The guard: the adapted models ship in OUT only if, on the held-out site images, their served
 AUROC beats the base's in at least 95% of paired bootstrap resamples, and on FracAtlas val they
@@ -61,6 +66,7 @@ from training.common import MODELS_DIR
 from training.data import Record, load_records
 from training.detection import froc_operating_points
 from training.evaluate import decode_record, served_plan
+from training.familiarity import PROBE_MARGIN
 from training.progress import progress
 from training.site import SiteDataError, SiteImages, load_site
 from training.verdict import fit_verdict
@@ -352,6 +358,64 @@ def adapt_detector(
     )
 
 
+@dataclass
+class ClassifierAdaptation:
+    """The fine-tuned classifier graph (site_classifier.fine_tune), what it did, and the served
+    pipeline's answers with it on the site and FracAtlas val; guarded by the caller as the
+    last layer is."""
+
+    summary: dict[str, Any]
+    onnx: bytes
+    sha256: str
+    site: Scored
+    val: Scored
+
+
+def adapt_classifier(
+    plan: Plan,
+    models_dir: Path,
+    detector: DetectorAdaptation | None,
+    records: tuple[list[Record], list[Record]],
+    crops: tuple[list[Any], list[Any]],
+    tune_idx: np.ndarray,
+    epochs: int,
+    deadline: float | None,
+) -> ClassifierAdaptation:
+    """Fine-tune the served classifier on the tune images' crops (and FracAtlas's), then score
+    the site and FracAtlas val with it (and with the fine-tuned detector where it passed)."""
+    from training.site_classifier import CropSet, fine_tune
+
+    clf = plan.classifier
+    assert clf.card is not None
+
+    def crop_set(rows: list[Any]) -> CropSet:
+        return CropSet(*(list(column) for column in zip(*rows, strict=True)))
+
+    site_crops = crop_set([crops[0][i] for i in tune_idx])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for path in models_dir.iterdir():
+            if path.is_file():
+                shutil.copy2(path, work / path.name)
+        if detector is not None and detector.onnx is not None:  # the detector as it ships
+            det_card_path = work / f"{plan.detector.name}.json"
+            det_card = json.loads(det_card_path.read_text())
+            (work / det_card["file"]).write_bytes(detector.onnx)
+            export.save_card(det_card_path, {**det_card, "sha256": detector.sha256})
+        fit = fine_tune(clf, site_crops, crop_set(crops[1]), epochs, work / clf.card.file, deadline)
+        sha = sha256_of(work / clf.card.file)
+        card_path = work / f"{clf.name}.json"
+        card = json.loads(card_path.read_text())
+        if detector is not None and detector.onnx is not None and card.get("fusion"):
+            card["fusion"]["detector_sha256"] = detector.sha256
+        export.save_card(card_path, {**card, "sha256": sha})
+        tuned_plan = served_plan(work)
+        site2 = score(tuned_plan, records[0], "site, fine-tuned classifier", deadline)
+        val2 = score(tuned_plan, records[1], "FracAtlas val, fine-tuned classifier")
+        onnx = (work / clf.card.file).read_bytes()
+    return ClassifierAdaptation(fit, onnx, sha, site2, val2)
+
+
 def adapt(
     folder: Path,
     out: Path,
@@ -361,6 +425,7 @@ def adapt(
     mix_limit: int = FRACATLAS_MIX,
     val_limit: int | None = None,
     detector_epochs: int = 0,
+    classifier_epochs: int = 0,
 ) -> dict[str, Any]:
     """Adapt, guard, write OUT; the summary a site's physicist signs."""
     deadline = time.monotonic() + 60 * minutes if minutes else None
@@ -373,26 +438,43 @@ def adapt(
             f"--detector-epochs: {plan.detector.name} is a {family or 'unknown'} detector; "
             "only a Faster R-CNN (frcnn) can be fine-tuned"
         )
-    # the detector's training pairs, one per site and FracAtlas mix image (None: unusable)
+    clf_family = plan.classifier.card.recipe.get("family") if plan.classifier.card else None
+    if classifier_epochs and clf_family != "ensemble":
+        raise SiteDataError(
+            f"--classifier-epochs: {plan.classifier.name} is a {clf_family or 'unknown'} "
+            "classifier; only the MobileNetV2 ensemble can be fine-tuned"
+        )
+    # the detector's training pairs and the classifier's crops, one per site and FracAtlas mix
+    # image (None: unusable)
     pairs: tuple[list[Any], list[Any]] = ([], [])
+    crops: tuple[list[Any], list[Any]] = ([], [])
 
-    def keeper(into: list[Any]) -> Callable[[Record, ImageWork, np.ndarray], None] | None:
-        from training.site_detector import training_pair
+    def keeper(
+        into: list[Any], crops_into: list[Any]
+    ) -> Callable[[Record, ImageWork, np.ndarray], None] | None:
+        from training.site_classifier import training_crop
+        from training.site_detector import frame_boxes_to_crop, training_pair
 
         def keep(rec: Record, w: ImageWork, truth: np.ndarray) -> None:
-            usable = len(truth) or not rec.fractured  # a fracture without boxes teaches nothing
-            into.append(training_pair(w, truth, plan.detector.spec) if usable else None)
+            usable = len(truth) or not rec.fractured  # a fracture without boxes: no boxes taught
+            if detector_epochs:
+                into.append(training_pair(w, truth, plan.detector.spec) if usable else None)
+            if classifier_epochs:
+                plane, mask = training_crop(w, frame_boxes_to_crop(w, truth), plan.classifier.spec)
+                crops_into.append((plane, mask, int(rec.fractured), bool(usable)))
 
-        return keep if detector_epochs else None
+        return keep if detector_epochs or classifier_epochs else None
 
-    site_run = score(plan, site.records, f"site ({len(site.records)})", deadline, keeper(pairs[0]))
+    site_run = score(
+        plan, site.records, f"site ({len(site.records)})", deadline, keeper(pairs[0], crops[0])
+    )
     tune_idx, check_idx = split_tune_check(site_run.labels, site_run.patients)
     tune, check = site_run.take(tune_idx), site_run.take(check_idx)
     records = load_records()
     rng = np.random.default_rng(0)
     train = [r for r in records if r.split == "train"]
     mix_records = [train[i] for i in sorted(rng.permutation(len(train))[:mix_limit])]
-    mix = score(plan, mix_records, "FracAtlas train mix", deadline, keeper(pairs[1]))
+    mix = score(plan, mix_records, "FracAtlas train mix", deadline, keeper(pairs[1], crops[1]))
     # FracAtlas val images the site folder holds too (a proxy site made of them) stay out of
     # the forgetting check: the head has seen them
     site_ids = {r.image_id for r in site.records}
@@ -419,15 +501,36 @@ def adapt(
             a_site, a_val = detector.site, detector.val
             if base_fusion is not None:
                 a_fusion = base_fusion.model_copy(update={"detector_sha256": detector.sha256})
+    # the base classifier with the detector as it ships (recalibrated when nothing else passes)
+    d_tune, d_check = a_site.take(tune_idx), a_site.take(check_idx)
+    classifier = None
+    if classifier_epochs:
+        classifier = adapt_classifier(
+            plan,
+            models_dir,
+            detector if detector is not None and detector.passed else None,
+            (site.records, val_records[:val_limit]),
+            crops,
+            tune_idx,
+            classifier_epochs,
+            deadline,
+        )
+        a_site, a_val = classifier.site, classifier.val
     a_tune, a_check = a_site.take(tune_idx), a_site.take(check_idx)
-    head, head_fit = fit_head(tune, mix)
+    head: SiteHead | None = None
+    if classifier is None:
+        head, head_fit = fit_head(tune, mix)
+    else:
+        head_fit = {"skipped": "the classifier's second member was fine-tuned in its place"}
     source = f"{name}: {len(tune.labels)} tune images ({sum(tune.labels)} fractured)"
 
     def adapted_raw(run: Scored) -> np.ndarray:
+        if head is None:  # the fine-tuned classifier's own probability
+            return np.asarray(run.raw)
         return head.apply(np.asarray(run.raw), np.stack(run.features))
 
     adapted_fields = recalibrate(adapted_raw(a_tune), a_tune, a_fusion, source)
-    base_fields = recalibrate(np.asarray(a_tune.raw), a_tune, a_fusion, source)
+    base_fields = recalibrate(np.asarray(d_tune.raw), d_tune, a_fusion, source)
 
     def served(run: Scored, fields: dict[str, Any], raw: np.ndarray) -> np.ndarray:
         return served_probability(
@@ -454,17 +557,17 @@ def adapt(
             f"{MAX_FRACATLAS_LOSS} allowed)"
         )
     at_check = {}
-    for label, fields, raw in (
-        ("base_recalibrated", base_fields, np.asarray(a_check.raw)),
-        ("adapted", adapted_fields, adapted_raw(a_check)),
+    for label, fields, raw, run in (
+        ("base_recalibrated", base_fields, np.asarray(d_check.raw), d_check),
+        ("adapted", adapted_fields, adapted_raw(a_check), a_check),
     ):
-        s = served(a_check, fields, raw)
+        s = served(run, fields, raw)
         threshold = (
             fields["fusion"].decision_threshold
             if fields["fusion"]
             else fields["decision_threshold"]
         )
-        at_check[label] = metrics.bootstrap_classification(a_check.labels, s, threshold)
+        at_check[label] = metrics.bootstrap_classification(run.labels, s, threshold)
     summary: dict[str, Any] = {
         "site": name,
         "images": len(site.records),
@@ -481,6 +584,8 @@ def adapt(
     }
     if detector is not None:
         summary["detector"] = detector.summary
+    if classifier is not None:
+        summary["classifier_fine_tune"] = classifier.summary
     write_models(
         out,
         models_dir,
@@ -492,6 +597,7 @@ def adapt(
         a_tune,
         summary,
         detector if detector is not None and detector.passed else None,
+        classifier if passed else None,
     )
     return summary
 
@@ -507,10 +613,11 @@ def write_models(
     tune: Scored,
     summary: dict[str, Any],
     detector: DetectorAdaptation | None = None,
+    classifier: ClassifierAdaptation | None = None,
 ) -> None:
-    """OUT: a copy of the models folder with the classifier card adapted (the head when it
-    ships, the recalibration always), the fine-tuned detector when it passed its guard, and the
-    detector's FP/image table refitted."""
+    """OUT: a copy of the models folder with the classifier card adapted (the head or the
+    fine-tuned graph when it ships, the recalibration always), the fine-tuned detector when it
+    passed its guard, and the detector's FP/image table refitted."""
     out.mkdir(parents=True, exist_ok=True)
     for path in models_dir.iterdir():
         if path.is_file():
@@ -527,6 +634,12 @@ def write_models(
         scores = clf.reference.score(np.stack(tune.features))
         card["familiarity"]["threshold"] = round(float(np.quantile(scores, 0.95)), 6)
         card["familiarity"]["threshold_rule"] = f"95% quantile of {name}'s tune images"
+        limit = card["familiarity"].get("probe_refuse_above")
+        if limit is not None and clf.probe is not None:
+            # the site's own radiographs are never refused as no radiograph: the probe's limit
+            # stays PROBE_MARGIN above the highest of them, as above FracAtlas val's
+            highest = float(clf.probe.logit(np.stack(tune.features)).max()) + PROBE_MARGIN
+            card["familiarity"]["probe_refuse_above"] = round(max(limit, highest), 4)
     adaptation: dict[str, Any] = {
         "site": name,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -539,13 +652,18 @@ def write_models(
         },
         "method": "last-layer logistic regression on the base logit and pooled features"
         if head is not None
-        else "recalibration only (the adapted last layer did not pass the guard)",
+        else classifier.summary["method"]
+        if classifier is not None
+        else "recalibration only (the adapted classifier did not pass the guard)",
         "figures": summary,
     }
     if head is not None:
         head_file = f"{clf.name}.site-head.npz"
         head.save(out / head_file)
         adaptation |= {"file": head_file, "sha256": sha256_of(out / head_file)}
+    if classifier is not None:
+        (out / card["file"]).write_bytes(classifier.onnx)
+        card["sha256"] = classifier.sha256
     card["site_adaptation"] = SiteAdaptation.model_validate(adaptation).model_dump(mode="json")
     card = {k: v for k, v in card.items() if v is not None}
     export.save_card(card_path, card)
@@ -586,6 +704,8 @@ def table(summary: dict[str, Any]) -> str:
     lines = [
         f"site {summary['site']}: {summary['images']} images ({len(summary['skipped'])} skipped), "
         f"{summary['tune_images']} tune, {summary['held_out_images']} held out",
+        "adapted classifier: "
+        + (summary.get("classifier_fine_tune") or {}).get("method", "the last layer"),
         f"{'AUROC':<34} base    adapted  difference [95% CI]",
         row("held-out site images", s),
         row("FracAtlas val", v),
@@ -634,11 +754,18 @@ def main(argv: list[str]) -> int:
         default=0,
         help="also fine-tune the detector (Faster R-CNN) this many epochs on the site's boxes",
     )
+    parser.add_argument(
+        "--classifier-epochs",
+        type=int,
+        default=0,
+        help="fine-tune the classifier ensemble's second member this many epochs (in place of "
+        "the last layer)",
+    )
     args = parser.parse_args(argv)
     if args.out.resolve() == args.models_dir.resolve():
         parser.error("--out must be another folder than the models it adapts")
-    if args.detector_epochs < 0:
-        parser.error("--detector-epochs must be 0 or more")
+    if args.detector_epochs < 0 or args.classifier_epochs < 0:
+        parser.error("--detector-epochs and --classifier-epochs must be 0 or more")
     summary = adapt(
         args.folder,
         args.out,
@@ -646,6 +773,7 @@ def main(argv: list[str]) -> int:
         args.minutes,
         args.models_dir,
         detector_epochs=args.detector_epochs,
+        classifier_epochs=args.classifier_epochs,
     )
     (args.out / "adaptation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(table(summary), flush=True)

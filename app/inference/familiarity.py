@@ -73,3 +73,36 @@ class FeatureReference:
                 f["variances"].astype(np.float64),
                 float(f["residual_variance"]),
             )
+
+
+@dataclass(frozen=True)
+class RadiographProbe:
+    """A linear probe on the same pooled features: its logit is high for an image that is no
+    radiograph at all (a page of text, an editor, a window, a chart, a photograph) and low for
+    radiographs, shifted ones included (training/familiarity.py fits it). Stored in the
+    reference's file, beside the PCA."""
+
+    weights: np.ndarray
+    bias: float
+
+    def logit(self, features: np.ndarray) -> np.ndarray:
+        """Per row: the log-odds that the image is no radiograph."""
+        return np.asarray(features, dtype=np.float64) @ self.weights + self.bias
+
+    def save_with(self, reference: FeatureReference, path: Path) -> Path:
+        """The reference's file with this probe in it."""
+        reference.save(path)
+        with np.load(path) as f:
+            arrays = dict(f)
+        np.savez(
+            path, **arrays, probe_weights=self.weights.astype(np.float64), probe_bias=self.bias
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> RadiographProbe | None:
+        """The probe in a reference's file (None: a reference fitted without one)."""
+        with np.load(path) as f:
+            if "probe_weights" not in f:
+                return None
+            return cls(f["probe_weights"].astype(np.float64), float(f["probe_bias"]))

@@ -189,6 +189,11 @@ class Familiarity(BaseModel):
     refuse_above: float | None = Field(
         None, gt=0, description="ood_score above it: no radiograph the models can read, refused"
     )
+    probe_refuse_above: float | None = Field(
+        None,
+        description="the radiograph probe's logit above it (the reference file holds the probe), "
+        "with the image flagged: no radiograph at all, refused",
+    )
     fitted_on: str
     threshold_rule: str
 

@@ -60,6 +60,7 @@ class ImageWork:
     classifier_probability: float = 0.0  # uncalibrated, what a fusion mixes
     features: np.ndarray | None = None  # the classifier's pooled features, where it exposes them
     ood_score: float | None = None  # unlike the validated images (app/inference/familiarity.py)
+    probe_logit: float | None = None  # log-odds of no radiograph at all (the same module)
     max_box_score: float = 0.0  # under a fusion: the best box down to its floor
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
@@ -113,9 +114,11 @@ def run_study(works: list[ImageWork], plan: Plan, on_stage: StageTimer | None = 
             w.probability = calibration.apply(raw) if calibration else raw
         if features is not None:
             scores = classifier.reference.score(features) if classifier.reference else None
+            logits = classifier.probe.logit(features) if classifier.probe else None
             for i, w in enumerate(works):
                 w.features = features[i]
                 w.ood_score = None if scores is None else float(scores[i])
+                w.probe_logit = None if logits is None else float(logits[i])
     threshold = plan.point.detector_threshold
     with _timed("detect", works, on_stage):
         found = detect_crops(

@@ -23,12 +23,14 @@ def image_score_fusion(classifier: OnnxModel, detector: OnnxModel) -> Fusion | N
     return fusion if fusion is not None and fusion.applies_to(detector.card) else None
 
 
-def _ood_limits(classifier: OnnxModel) -> tuple[float | None, float | None]:
-    """The classifier card's familiarity thresholds: flag above, refuse above."""
+def _ood_limits(classifier: OnnxModel) -> tuple[float | None, float | None, float | None]:
+    """The classifier card's familiarity thresholds: flag above, refuse above, and refuse a
+    flagged image above the radiograph probe's logit."""
     card = classifier.card
     if card is None or card.familiarity is None:
-        return None, None
-    return card.familiarity.threshold, card.familiarity.refuse_above
+        return None, None, None
+    f = card.familiarity
+    return f.threshold, f.refuse_above, f.probe_refuse_above
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Scoring:
     verdict: Verdict | None = None
     ood_threshold: float | None = None  # the classifier card's familiarity threshold
     ood_refuse_above: float | None = None  # beyond it: no radiograph the models can read
+    probe_refuse_above: float | None = None  # a flagged image beyond it: no radiograph at all
 
     @classmethod
     def of(cls, classifier: OnnxModel, detector: OnnxModel) -> Scoring:
@@ -77,10 +80,23 @@ class Scoring:
             and ood_score > self.ood_threshold
         )
 
-    def unreadable(self, ood_score: float | None) -> bool:
-        """Whether an image scored this far is no radiograph the models can read (refused)."""
+    def unreadable(self, ood_score: float | None, probe_logit: float | None = None) -> str | None:
+        """Why an image is no radiograph the models can read (refused), or None: its ood_score
+        beyond every radiograph's, or flagged with the radiograph probe past its limit."""
         limit = self.ood_refuse_above
-        return ood_score is not None and limit is not None and ood_score > limit
+        if ood_score is not None and limit is not None and ood_score > limit:
+            return (
+                "the image does not look like a radiograph the models can read (ood_score "
+                f"{ood_score:.3g} above {limit:.3g})"
+            )
+        probe = self.probe_refuse_above
+        flagged = self.unfamiliar(ood_score)
+        if flagged and probe is not None and probe_logit is not None and probe_logit > probe:
+            return (
+                "the image looks like no radiograph (a page, a screen, a chart or a photograph: "
+                f"radiograph probe {probe_logit:.3g} above {probe:.3g}, ood_score {ood_score:.3g})"
+            )
+        return None
 
     def level(self, probability: float) -> VerdictLevel:
         """fracture, doubt or no_fracture for one image's fracture_probability."""

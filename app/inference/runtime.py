@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.inference.familiarity import FeatureReference
+from app.inference.familiarity import FeatureReference, RadiographProbe
 from app.inference.model_card import (
     REQUIRED_ROLES,
     CardError,
@@ -79,6 +79,8 @@ class OnnxModel:
     # it) and the reference its out-of-distribution score is measured against
     feature_output: str | None = None
     reference: FeatureReference | None = None
+    # the linear probe that tells grey non-radiographs (pages, windows, photographs) apart
+    probe: RadiographProbe | None = None
     site_head: SiteHead | None = None  # a site's last layer (card site_adaptation)
 
     @classmethod
@@ -155,6 +157,7 @@ class OnnxModel:
                     "(the features its card's familiarity names)"
                 )
             self.reference = _reference(self.path.parent, self.card.familiarity, self.name)
+            self.probe = _probe(self.path.parent, self.card.familiarity, self.name)
         adaptation = self.card.site_adaptation if self.card else None
         if adaptation is not None and adaptation.file:
             if self.features_at is None:
@@ -207,6 +210,18 @@ def _reference(folder: Path, familiarity: Familiarity, name: str) -> FeatureRefe
     if sha256_of(path) != familiarity.sha256:
         raise ModelLoadError(f"{name}: {familiarity.file} does not match its card's sha256")
     return FeatureReference.load(path)
+
+
+def _probe(folder: Path, familiarity: Familiarity, name: str) -> RadiographProbe | None:
+    """The reference file's radiograph probe, required where the card refuses by it."""
+    if familiarity.probe_refuse_above is None:
+        return None
+    probe = RadiographProbe.load(folder / familiarity.file)
+    if probe is None:
+        raise ModelLoadError(
+            f"{name}: its card refuses by a radiograph probe that {familiarity.file} lacks"
+        )
+    return probe
 
 
 class ModelRegistry:

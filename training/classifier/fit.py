@@ -94,6 +94,20 @@ def choose_fusion(
     return table
 
 
+def augment_args(cfg: dict[str, Any]) -> dict[str, Any]:
+    """training.augment.augment_batch's arguments from a recipe's fine-tune section."""
+    return {
+        "strength": cfg.get("augment", "light"),
+        "rotate_degrees": cfg.get("rotate_degrees", 15.0),
+        "rot90_p": cfg.get("rot90_p", 0.0),
+        "skip": frozenset(cfg.get("augment_skip") or ()),
+        "compound_p": float(cfg.get("compound_p", 0.0)),
+        "processing_p": float(cfg.get("processing_p", 0.0)),
+        "aspect_p": float(cfg.get("aspect_p", 0.0)),
+        "min_squeeze": float(cfg.get("min_squeeze", 0.6)),
+    }
+
+
 def fit(
     model: Any,
     data: CropData,
@@ -119,16 +133,7 @@ def fit(
     negatives = (len(y_train) - pos) if not balance else pos * balance
     device = torch.device(device)
     pos_weight = torch.tensor(negatives / max(pos, 1.0), device=device)
-    augment_args = {
-        "strength": cfg.get("augment", "light"),
-        "rotate_degrees": cfg.get("rotate_degrees", 15.0),
-        "rot90_p": cfg.get("rot90_p", 0.0),
-        "skip": frozenset(cfg.get("augment_skip") or ()),
-        "compound_p": float(cfg.get("compound_p", 0.0)),
-        "processing_p": float(cfg.get("processing_p", 0.0)),
-        "aspect_p": float(cfg.get("aspect_p", 0.0)),
-        "min_squeeze": float(cfg.get("min_squeeze", 0.6)),
-    }
+    augmentation = augment_args(cfg)
     channels_last = bool(cfg.get("channels_last", False))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     ckpt_path = log.run_dir / "finetune_last.pt"
@@ -148,7 +153,7 @@ def fit(
 
     def batch_loss(idx: Any) -> Any:
         if localising:
-            x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augment_args)
+            x_u8, masks = augment.augment_batch(x_train[idx], m_train[idx], **augmentation)
             return localisation_loss(
                 model,
                 to_input(x_u8, spec).to(device).contiguous(memory_format=memory_format),
@@ -157,7 +162,7 @@ def fit(
                 pos_weight,
                 cfg.get("cell_pos_weight", 10.0),
             )
-        x = to_input(augment.augment_batch(x_train[idx], **augment_args), spec).to(device)
+        x = to_input(augment.augment_batch(x_train[idx], **augmentation), spec).to(device)
         return F.binary_cross_entropy_with_logits(
             model.logits(x.contiguous(memory_format=memory_format))[:, 0],
             y_train[idx].to(device),

@@ -146,7 +146,7 @@ def cases() -> list[Case]:
         ("LA", "PNG", {200}),
         ("P", "PNG", {200}),
         ("I;16", "PNG", {200}),
-        ("1", "PNG", {200}),
+        ("1", "PNG", ANALYSED_OR_REFUSED),  # dithered to black and white: no radiograph left
         ("CMYK", "JPEG", {200}),
         ("L", "JPEG", {200}),
         ("L", "GIF", {415, 422}),

@@ -102,15 +102,19 @@ def test_the_pipeline_paints_only_when_asked_and_says_so(chain, markers):
         assert not any("painted out" in n for n in notes)
 
 
-def test_the_service_paints_only_when_configured_to():
-    """FRACTURE_PAINT_OUT_MARKERS reaches the served pipeline, and the answer says so."""
+def test_the_service_paints_only_when_configured_to(test_split_images):
+    """FRACTURE_PAINT_OUT_MARKERS reaches the served pipeline, and the answer says so: a real
+    radiograph with a side marker burned into its background corner (a drawing of one would be
+    refused as no radiograph)."""
     from fastapi.testclient import TestClient
 
     from app.core.config import Settings
     from app.main import create_app
 
+    grey = np.asarray(Image.open(test_split_images[0]).convert("L"))
+    height, width = grey.shape
     buf = BytesIO()
-    Image.fromarray(burn_text(radiograph(), "LT", (20, 300))).save(buf, format="PNG")
+    Image.fromarray(burn_text(grey, "LT", (8, height - 40))).save(buf, format="PNG")
     for paint in (True, False):
         with TestClient(create_app(Settings(paint_out_markers=paint))) as client:
             r = client.post(
@@ -118,5 +122,5 @@ def test_the_service_paints_only_when_configured_to():
             )
             assert r.status_code == 200, r.text
             image = r.json()["images"][0]
-            assert (image["width"], image["height"]) == (300, 400)
+            assert (image["width"], image["height"]) == (width, height)
             assert any("painted out" in n for n in image["notes"]) is paint
