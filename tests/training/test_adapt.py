@@ -91,21 +91,32 @@ def test_the_cli_answers_a_bad_folder_in_one_line(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "no such folder" in out.stderr
 
 
-def test_a_detector_that_cannot_be_fine_tuned_is_said_before_any_scoring(tmp_path):
+def refused_before_scoring(tmp_path, flag: str, env: dict[str, str], sentence: str) -> None:
+    """`adapt ... flag 1` with the served model that `env` names: one line, exit 2, nothing
+    written, before any image is scored."""
     import os
 
     folder = site(tmp_path, good_rows())
     out = subprocess.run(
         [sys.executable, "-m", "training", "adapt", "--folder", str(folder)]
-        + ["--out", str(tmp_path / "o"), "--detector-epochs", "1"],
+        + ["--out", str(tmp_path / "o"), flag, "1"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        env={**os.environ, "FRACTURE_DEFAULT_DETECTOR": "detector-yolov8n"},
+        env={**os.environ, **env},
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().count("\n") == 0 and "only a Faster R-CNN" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and sentence in out.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_detector_that_cannot_be_fine_tuned_is_said_before_any_scoring(tmp_path):
+    refused_before_scoring(
+        tmp_path,
+        "--detector-epochs",
+        {"FRACTURE_DEFAULT_DETECTOR": "detector-yolov8n"},
+        "only a Faster R-CNN",
+    )
 
 
 def test_the_hold_out_keeps_a_patient_on_one_side():

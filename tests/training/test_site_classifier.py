@@ -74,24 +74,14 @@ def test_a_graph_without_the_member_is_refused():
 
 
 def test_a_classifier_that_cannot_be_fine_tuned_is_said_before_any_scoring(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.training.test_adapt import refused_before_scoring
 
-    from tests.training.test_adapt import good_rows, site
-
-    folder = site(tmp_path, good_rows())
-    out = subprocess.run(
-        [sys.executable, "-m", "training", "adapt", "--folder", str(folder)]
-        + ["--out", str(tmp_path / "o"), "--classifier-epochs", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FRACTURE_DEFAULT_CLASSIFIER": "classifier-simclr-resnet18"},
+    refused_before_scoring(
+        tmp_path,
+        "--classifier-epochs",
+        {"FRACTURE_DEFAULT_CLASSIFIER": "classifier-simclr-resnet18"},
+        "only the MobileNetV2 ensemble",
     )
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().count("\n") == 0 and "only the MobileNetV2 ensemble" in out.stderr
-    assert not (tmp_path / "o").exists()
 
 
 def test_adapt_fine_tunes_the_classifier_on_the_crops_the_service_takes(tmp_path, monkeypatch):
