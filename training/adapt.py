@@ -69,6 +69,7 @@ from training.evaluate import decode_record, served_plan
 from training.familiarity import PROBE_MARGIN
 from training.progress import progress
 from training.site import SiteDataError, SiteImages, load_site
+from training.site_classifier import LR_FRACTION
 from training.verdict import fit_verdict
 
 HOLD_OUT = 0.3
@@ -380,6 +381,7 @@ def adapt_classifier(
     tune_idx: np.ndarray,
     epochs: int,
     deadline: float | None,
+    lr_fraction: float,
 ) -> ClassifierAdaptation:
     """Fine-tune the served classifier on the tune images' crops (and FracAtlas's), then score
     the site and FracAtlas val with it (and with the fine-tuned detector where it passed)."""
@@ -402,7 +404,9 @@ def adapt_classifier(
             det_card = json.loads(det_card_path.read_text())
             (work / det_card["file"]).write_bytes(detector.onnx)
             export.save_card(det_card_path, {**det_card, "sha256": detector.sha256})
-        fit = fine_tune(clf, site_crops, crop_set(crops[1]), epochs, work / clf.card.file, deadline)
+        fit = fine_tune(
+            clf, site_crops, crop_set(crops[1]), epochs, work / clf.card.file, deadline, lr_fraction
+        )
         sha = sha256_of(work / clf.card.file)
         card_path = work / f"{clf.name}.json"
         card = json.loads(card_path.read_text())
@@ -426,6 +430,7 @@ def adapt(
     val_limit: int | None = None,
     detector_epochs: int = 0,
     classifier_epochs: int = 0,
+    classifier_rate: float = LR_FRACTION,
 ) -> dict[str, Any]:
     """Adapt, guard, write OUT; the summary a site's physicist signs."""
     deadline = time.monotonic() + 60 * minutes if minutes else None
@@ -514,6 +519,7 @@ def adapt(
             tune_idx,
             classifier_epochs,
             deadline,
+            classifier_rate,
         )
         a_site, a_val = classifier.site, classifier.val
     a_tune, a_check = a_site.take(tune_idx), a_site.take(check_idx)
@@ -761,11 +767,19 @@ def main(argv: list[str]) -> int:
         help="fine-tune the classifier ensemble's second member this many epochs (in place of "
         "the last layer)",
     )
+    parser.add_argument(
+        "--classifier-rate",
+        type=float,
+        default=LR_FRACTION,
+        help="its learning rate, as a fraction of the member recipe's full fine-tune rate",
+    )
     args = parser.parse_args(argv)
     if args.out.resolve() == args.models_dir.resolve():
         parser.error("--out must be another folder than the models it adapts")
     if args.detector_epochs < 0 or args.classifier_epochs < 0:
         parser.error("--detector-epochs and --classifier-epochs must be 0 or more")
+    if not 0 < args.classifier_rate <= 10:
+        parser.error("--classifier-rate must be above 0 and at most 10")
     summary = adapt(
         args.folder,
         args.out,
@@ -774,6 +788,7 @@ def main(argv: list[str]) -> int:
         args.models_dir,
         detector_epochs=args.detector_epochs,
         classifier_epochs=args.classifier_epochs,
+        classifier_rate=args.classifier_rate,
     )
     (args.out / "adaptation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(table(summary), flush=True)

@@ -32,7 +32,7 @@ from training.site import SiteDataError
 
 FEATURE_DIM = 1280
 TUNED_MEMBER = "member1_"  # the member fine-tuned; member0's features stay as served
-LR_FRACTION = 0.1  # of the member recipe's full fine-tune rate
+LR_FRACTION = 0.1  # of the member recipe's full fine-tune rate (adapt --classifier-rate)
 BATCH = 16
 
 
@@ -237,6 +237,7 @@ def fine_tune(
     epochs: int,
     out_path: Path,
     deadline: float | None = None,
+    lr_fraction: float = LR_FRACTION,
 ) -> dict[str, Any]:
     """Fine-tune the served ensemble's second member on the site crops and as many FracAtlas
     crops (fractured first); write the graph with its new weights to `out_path`. What it did,
@@ -269,7 +270,7 @@ def fine_tune(
     pos_weight = torch.tensor((len(labels) - positives) / max(positives, 1.0))
     spec = classifier.spec
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = LR_FRACTION * float(cfg["full_lr"])
+    lr = lr_fraction * float(cfg["full_lr"])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg["weight_decay"]))
     steps = max(1, epochs * -(-len(labels) // BATCH))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
