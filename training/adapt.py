@@ -252,6 +252,27 @@ def tune_threshold(run: Scored, fp_rate: float = DETECTOR_FP_RATE) -> float:
     return float(metrics.froc(run.preds, run.gts).operating_point(fp_rate)["threshold"])
 
 
+def copy_models(models_dir: Path, into: Path) -> None:
+    """Every file of a models folder (cards, graphs, references) into `into`."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in models_dir.iterdir():
+        if path.is_file():
+            shutil.copy2(path, into / path.name)
+
+
+def serve_detector_file(folder: Path, plan: Plan, sha: str) -> None:
+    """Point the detector's card in `folder` at its graph file's new sha256, and the
+    classifier's fusion too where it fuses this detector's best box."""
+    det = plan.detector
+    card_path = folder / f"{det.name}.json"
+    export.save_card(card_path, {**json.loads(card_path.read_text()), "sha256": sha})
+    clf_path = folder / f"{plan.classifier.name}.json"
+    clf_card = json.loads(clf_path.read_text())
+    if (clf_card.get("fusion") or {}).get("detector") == det.name:  # its max box still counts
+        clf_card["fusion"]["detector_sha256"] = sha
+        export.save_card(clf_path, clf_card)
+
+
 @dataclass
 class DetectorAdaptation:
     """The fine-tuned detector (site_detector.fine_tune), its guard's figures, and the served
@@ -297,9 +318,7 @@ def adapt_detector(
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "site"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for path in models_dir.iterdir():
-            if path.is_file():
-                shutil.copy2(path, work / path.name)
+        copy_models(models_dir, work)
         fit = fine_tune(
             det,
             site_pairs,
@@ -310,13 +329,7 @@ def adapt_detector(
             deadline,
         )
         sha = sha256_of(work / det.card.file)
-        card_path = work / f"{det.name}.json"
-        export.save_card(card_path, {**json.loads(card_path.read_text()), "sha256": sha})
-        clf_path = work / f"{plan.classifier.name}.json"
-        clf_card = json.loads(clf_path.read_text())
-        if clf_card.get("fusion", {}).get("detector") == det.name:  # its max box still counts
-            clf_card["fusion"]["detector_sha256"] = sha
-            export.save_card(clf_path, clf_card)
+        serve_detector_file(work, plan, sha)
         tuned_plan = served_plan(work)
         site2 = score(tuned_plan, site_records, "site, fine-tuned detector", deadline)
         val2 = score(tuned_plan, val_records, "FracAtlas val, fine-tuned detector")
@@ -396,23 +409,17 @@ def adapt_classifier(
     site_crops = crop_set([crops[0][i] for i in tune_idx])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for path in models_dir.iterdir():
-            if path.is_file():
-                shutil.copy2(path, work / path.name)
+        copy_models(models_dir, work)
         if detector is not None and detector.onnx is not None:  # the detector as it ships
-            det_card_path = work / f"{plan.detector.name}.json"
-            det_card = json.loads(det_card_path.read_text())
-            (work / det_card["file"]).write_bytes(detector.onnx)
-            export.save_card(det_card_path, {**det_card, "sha256": detector.sha256})
+            assert plan.detector.card is not None
+            (work / plan.detector.card.file).write_bytes(detector.onnx)
+            serve_detector_file(work, plan, detector.sha256)
         fit = fine_tune(
             clf, site_crops, crop_set(crops[1]), epochs, work / clf.card.file, deadline, lr_fraction
         )
         sha = sha256_of(work / clf.card.file)
         card_path = work / f"{clf.name}.json"
-        card = json.loads(card_path.read_text())
-        if detector is not None and detector.onnx is not None and card.get("fusion"):
-            card["fusion"]["detector_sha256"] = detector.sha256
-        export.save_card(card_path, {**card, "sha256": sha})
+        export.save_card(card_path, {**json.loads(card_path.read_text()), "sha256": sha})
         tuned_plan = served_plan(work)
         site2 = score(tuned_plan, records[0], "site, fine-tuned classifier", deadline)
         val2 = score(tuned_plan, records[1], "FracAtlas val, fine-tuned classifier")
@@ -624,10 +631,7 @@ def write_models(
     """OUT: a copy of the models folder with the classifier card adapted (the head or the
     fine-tuned graph when it ships, the recalibration always), the fine-tuned detector when it
     passed its guard, and the detector's FP/image table refitted."""
-    out.mkdir(parents=True, exist_ok=True)
-    for path in models_dir.iterdir():
-        if path.is_file():
-            shutil.copy2(path, out / path.name)
+    copy_models(models_dir, out)
     clf, det = plan.classifier, plan.detector
     card_path = out / f"{clf.name}.json"
     card = json.loads(card_path.read_text())

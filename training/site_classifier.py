@@ -27,8 +27,10 @@ from app.inference.model_card import InputSpec
 from app.inference.pipeline import ImageWork
 from app.inference.preprocessing import model_input
 from app.inference.runtime import OnnxModel
+from training.classifier.inputs import box_mask
 from training.pretrained import TfliteLayer
 from training.site import SiteDataError
+from training.site_detector import crop_boxes_to_input
 
 FEATURE_DIM = 1280
 TUNED_MEMBER = "member1_"  # the member fine-tuned; member0's features stay as served
@@ -187,13 +189,7 @@ def training_crop(w: ImageWork, crop_boxes: np.ndarray, spec: InputSpec) -> tupl
     assert w.crop is not None
     x, placement = model_input(w.crop, spec, w.crop_levels)
     plane = np.asarray(x)[0] * float(np.ravel(spec.std)[0]) + float(np.ravel(spec.mean)[0])
-    mask = np.zeros(plane.shape, np.uint8)
-    for x1, y1, x2, y2 in np.asarray(crop_boxes, np.float64).reshape(-1, 4):
-        px = [x1 * placement.scale + placement.pad_x, x2 * placement.scale + placement.pad_x]  # type: ignore[attr-defined]
-        py = [y1 * placement.scale + placement.pad_y, y2 * placement.scale + placement.pad_y]  # type: ignore[attr-defined]
-        c1, c2 = int(np.floor(px[0])), int(np.ceil(px[1]))
-        r1, r2 = int(np.floor(py[0])), int(np.ceil(py[1]))
-        mask[max(0, r1) : max(r1 + 1, r2), max(0, c1) : max(c1 + 1, c2)] = 1
+    mask = box_mask(plane.shape, crop_boxes_to_input(crop_boxes, placement))
     pixels = (plane * 255).round().clip(0, 255).astype(np.uint8)
     return torch.from_numpy(pixels), torch.from_numpy(mask)
 

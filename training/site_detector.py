@@ -49,13 +49,18 @@ def training_pair(w: ImageWork, frame_boxes: np.ndarray, spec: InputSpec) -> tup
     import torch
 
     assert w.crop is not None
-    crop_boxes = frame_boxes_to_crop(w, frame_boxes)
     x, placement = model_input(w.crop, spec, w.crop_levels)
-    px = crop_boxes.copy()
-    px[:, [0, 2]] = px[:, [0, 2]] * placement.scale + placement.pad_x  # type: ignore[attr-defined]
-    px[:, [1, 3]] = px[:, [1, 3]] * placement.scale + placement.pad_y  # type: ignore[attr-defined]
+    px = crop_boxes_to_input(frame_boxes_to_crop(w, frame_boxes), placement)
     pixels = (np.asarray(x)[0] * 255).round().clip(0, 255).astype(np.uint8)
     return torch.from_numpy(pixels), torch.from_numpy(px.astype(np.float32))
+
+
+def crop_boxes_to_input(boxes: np.ndarray, placement: Any) -> np.ndarray:
+    """xyxy boxes in crop pixels -> pixels of the letterboxed model input."""
+    px = np.asarray(boxes, np.float64).reshape(-1, 4).copy()
+    px[:, [0, 2]] = px[:, [0, 2]] * placement.scale + placement.pad_x
+    px[:, [1, 3]] = px[:, [1, 3]] * placement.scale + placement.pad_y
+    return px
 
 
 def fine_tune(

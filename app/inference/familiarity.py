@@ -54,13 +54,15 @@ class FeatureReference:
         outside = np.maximum(residual, 0.0) / self.residual_variance
         return (inside + outside) / x.shape[1]
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: Path, **extra: np.ndarray | float) -> Path:
+        """The reference's file; `extra` arrays (a probe's) stored beside it."""
         np.savez(
             path,
             mean=self.mean.astype(np.float32),
             components=self.components.astype(np.float32),
             variances=self.variances.astype(np.float64),
             residual_variance=np.float64(self.residual_variance),
+            **extra,
         )
         return path
 
@@ -91,13 +93,9 @@ class RadiographProbe:
 
     def save_with(self, reference: FeatureReference, path: Path) -> Path:
         """The reference's file with this probe in it."""
-        reference.save(path)
-        with np.load(path) as f:
-            arrays = dict(f)
-        np.savez(
-            path, **arrays, probe_weights=self.weights.astype(np.float64), probe_bias=self.bias
+        return reference.save(
+            path, probe_weights=self.weights.astype(np.float64), probe_bias=np.float64(self.bias)
         )
-        return path
 
     @classmethod
     def load(cls, path: Path) -> RadiographProbe | None:

@@ -170,22 +170,33 @@ def test_adapt_writes_a_folder_the_service_serves_with_its_provenance(tmp_path):
     assert card.calibration is not None  # recalibrated on the site either way
 
 
-def test_adapt_fine_tunes_the_detector_on_the_crops_the_service_takes(tmp_path, monkeypatch):
-    """--detector-epochs: the served Faster R-CNN, warm-started from its own graph, trained on
-    the site's served crops and FracAtlas's, guarded and, past the guard (made to pass here, to
-    exercise what ships), written into OUT with the fused score following the new file."""
+def adapted_past_the_guard(tmp_path, monkeypatch, fracatlas_limit: str, **steps: int):
+    """A 50-image proxy site adapted with `steps` (e.g. detector_epochs=1), its guard made to
+    pass (SHIP_CERTAINTY 0, the FracAtlas limit named 1.0) to exercise what ships: the summary
+    and OUT."""
     from tests.conftest import FRACATLAS, need
 
     need(FRACATLAS)
     import training.adapt as adapting
-    from app.inference.runtime import ModelRegistry, sha256_of
     from research.site_proxy import write_site
 
     monkeypatch.setattr(adapting, "SHIP_CERTAINTY", 0.0)
-    monkeypatch.setattr(adapting, "MAX_FRACATLAS_RECALL_LOSS", 1.0)
+    monkeypatch.setattr(adapting, fracatlas_limit, 1.0)
     folder = write_site("all-rotate-512", tmp_path / "site", count=50)
     out = tmp_path / "models-site"
-    summary = adapting.adapt(folder, out, "proxy", mix_limit=16, val_limit=12, detector_epochs=1)
+    return adapting.adapt(folder, out, "proxy", mix_limit=16, val_limit=12, **steps), out
+
+
+def test_adapt_fine_tunes_the_detector_on_the_crops_the_service_takes(tmp_path, monkeypatch):
+    """--detector-epochs: the served Faster R-CNN, warm-started from its own graph, trained on
+    the site's served crops and FracAtlas's, guarded and, past the guard (made to pass here, to
+    exercise what ships), written into OUT with the fused score following the new file."""
+    import training.adapt as adapting
+    from app.inference.runtime import ModelRegistry, sha256_of
+
+    summary, out = adapted_past_the_guard(
+        tmp_path, monkeypatch, "MAX_FRACATLAS_RECALL_LOSS", detector_epochs=1
+    )
     detector = summary["detector"]
     assert detector["site_crops"] > 0 and detector["fracatlas_crops"] > 0
     assert len(detector["losses"]) == 1 and detector["adapted_shipped"]

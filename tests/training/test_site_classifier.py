@@ -88,18 +88,13 @@ def test_adapt_fine_tunes_the_classifier_on_the_crops_the_service_takes(tmp_path
     """--classifier-epochs: the second member trained on the site's served crops and
     FracAtlas's, guarded and, past the guard (made to pass here, to exercise what ships),
     written into OUT: the graph's sha256 in its card, no site head, the familiarity as it was."""
-    from tests.conftest import FRACATLAS, need
-
-    need(FRACATLAS)
     import training.adapt as adapting
     from app.inference.runtime import ModelRegistry, sha256_of
-    from research.site_proxy import write_site
+    from tests.training.test_adapt import adapted_past_the_guard
 
-    monkeypatch.setattr(adapting, "SHIP_CERTAINTY", 0.0)
-    monkeypatch.setattr(adapting, "MAX_FRACATLAS_LOSS", 1.0)
-    folder = write_site("all-rotate-512", tmp_path / "site", count=50)
-    out = tmp_path / "models-site"
-    summary = adapting.adapt(folder, out, "proxy", mix_limit=16, val_limit=12, classifier_epochs=1)
+    summary, out = adapted_past_the_guard(
+        tmp_path, monkeypatch, "MAX_FRACATLAS_LOSS", classifier_epochs=1
+    )
     tuned = summary["classifier_fine_tune"]
     assert tuned["site_crops"] > 0 and tuned["fracatlas_crops"] > 0 and len(tuned["losses"]) == 1
     assert summary["adapted_shipped"] and "second member" in adapting.table(summary)

@@ -46,11 +46,18 @@ def crops_and_box_masks(
     for i, it in enumerate(items):
         x, boxes = input_item(it, spec, use_boxes=use_boxes)
         out[i] = np.round(x[0] * 255).astype(np.uint8)
-        for bx1, by1, bx2, by2 in boxes:
-            x1, y1 = int(np.floor(bx1)), int(np.floor(by1))
-            x2, y2 = int(np.ceil(bx2)), int(np.ceil(by2))
-            masks[i, max(0, y1) : max(y1 + 1, y2), max(0, x1) : max(x1 + 1, x2)] = 1
+        masks[i] = box_mask((size, size), boxes)
     return out, masks
+
+
+def box_mask(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+    """uint8 mask, 1 on every pixel a box (xyxy, input pixels) touches (at least one)."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    for bx1, by1, bx2, by2 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        x1, y1 = int(np.floor(bx1)), int(np.floor(by1))
+        x2, y2 = int(np.ceil(bx2)), int(np.ceil(by2))
+        mask[max(0, y1) : max(y1 + 1, y2), max(0, x1) : max(x1 + 1, x2)] = 1
+    return mask
 
 
 def int8_calibration_inputs(
